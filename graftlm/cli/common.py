@@ -1,0 +1,116 @@
+"""Options shared by the generating subcommands (run, chat, ...) and the model loading they do."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    """MODEL (optional: the demo model), --rules, --device, --threads."""
+    parser.add_argument(
+        "model", nargs="?", metavar="MODEL", help="GGUF file or HF folder (default: the demo model)"
+    )
+    parser.add_argument("--rules", metavar="RULES", help="injection rules (a YAML file or a built-in name)")
+    parser.add_argument(
+        "--device", default="cpu", help="device for the model's inputs and dense layers (default: cpu)"
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        metavar="N",
+        help="torch CPU threads (default: the number of physical cores available)",
+    )
+
+
+def add_sampling_args(parser: argparse.ArgumentParser, max_new_tokens: int = 128) -> None:
+    """The SamplingParams flags."""
+    group = parser.add_argument_group("sampling")
+    group.add_argument("--max-new-tokens", type=int, default=max_new_tokens, metavar="N")
+    group.add_argument("--temperature", type=float, default=0.0, metavar="T", help="0 = greedy (default)")
+    group.add_argument("--top-k", type=int, default=0, metavar="K", help="0 = off (default)")
+    group.add_argument("--top-p", type=float, default=1.0, metavar="P")
+    group.add_argument("--seed", type=int, metavar="S", help="seed for sampling (default: random)")
+    group.add_argument(
+        "--stop", action="append", default=[], metavar="STR", help="stop string (repeatable; not printed)"
+    )
+    group.add_argument(
+        "--ignore-eos", action="store_true", help="keep generating past end-of-sequence tokens"
+    )
+
+
+def sampling_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The SamplingParams fields the sampling flags set."""
+    return {
+        "max_new_tokens": args.max_new_tokens,
+        "temperature": args.temperature,
+        "top_k": args.top_k,
+        "top_p": args.top_p,
+        "seed": args.seed,
+        "stop": list(args.stop),
+        "ignore_eos": args.ignore_eos,
+    }
+
+
+def physical_cores() -> int:
+    """Physical cores this process may run on (hyper-threads share a core's memory bandwidth)."""
+    try:
+        allowed = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        allowed = os.cpu_count() or 1
+    cores: set[tuple[str, str]] = set()
+    physical, core = "0", None
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            key, value = key.strip(), value.strip()
+            if key == "physical id":
+                physical = value
+            elif key == "core id":
+                core = value
+            elif not line.strip() and core is not None:
+                cores.add((physical, core))
+                core = None
+        if core is not None:
+            cores.add((physical, core))
+    except OSError:
+        pass
+    return max(1, min(len(cores) or allowed, allowed))
+
+
+def set_threads(threads: int | None) -> int:
+    """Set torch's intra-op threads: `threads`, or the physical core count."""
+    n = threads if threads and threads > 0 else physical_cores()
+    torch.set_num_threads(n)
+    log.debug("using %d threads", n)
+    return n
+
+
+def load_llm(args: argparse.Namespace) -> Any:
+    """Set threads, then load args.model (or the demo model) with graftlm.api.load."""
+    set_threads(args.threads)
+    if args.model:
+        path: Path | str = args.model
+    else:
+        from graftlm.models.demo import demo_model_path
+
+        path = demo_model_path()
+    # Looked up at call time, so tests can substitute graftlm.api.load.
+    api = importlib.import_module("graftlm.api")
+    return api.load(path, rules=args.rules, device=args.device)
+
+
+def summary(result: Any) -> str:
+    """One line of token counts and speeds for a GenerationResult."""
+    return (
+        f"prompt {result.prompt_tokens} tokens, generated {len(result.token_ids)} tokens ({result.finish_reason}) | "
+        f"prefill {result.prefill_tokens_per_second:.1f} tok/s, decode {result.decode_tokens_per_second:.1f} tok/s"
+    )
