@@ -1,0 +1,92 @@
+"""The public Python API: `graftlm.load(path) -> LLM`."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from graftlm.engine.generate import Engine, GenerationResult
+from graftlm.models.loader import load_module_params
+from graftlm.weights.open import ModelFiles, open_weights
+
+log = logging.getLogger(__name__)
+
+
+class LLM:
+    """A loaded model: `.model` (a torch module returning HF-style logits), `.tokenizer`, `.config`."""
+
+    def __init__(
+        self, model: nn.Module, tokenizer, config, *, files: ModelFiles | None = None, device: str = "cpu"
+    ):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = config
+        self.files = files
+        self.device = torch.device(device)
+        self.engine = Engine(model, tokenizer, device=self.device)
+
+    def generate(self, prompt: str | list[int], **kwargs: Any) -> GenerationResult:
+        """Generate from a prompt string or token ids; kwargs are SamplingParams fields and callbacks."""
+        return self.engine.generate(prompt, **kwargs)
+
+    def chat(self, messages: list[dict], **kwargs: Any) -> GenerationResult:
+        """One assistant turn for `messages`, with the model's chat template."""
+        return self.engine.generate(self.engine.encode_chat(messages), **kwargs)
+
+    def __repr__(self) -> str:
+        return f"LLM({type(self.model).__name__}, path={self.files.path if self.files else None!r}, device={self.device})"
+
+
+def load(
+    path: str | Path,
+    rules: Any = None,
+    device: str = "cpu",
+    *,
+    dtype: torch.dtype = torch.float32,
+    hf_dir: str | Path | None = None,
+    progress: bool = True,
+) -> LLM:
+    """Load a GGUF file or HF folder into its transformers architecture.
+
+    `rules=None` keeps every module a plain torch module on `device`; otherwise `rules` is
+    "auto", "builtin:NAME", a YAML path or a list of rule dicts (see docs/rules.md).
+    """
+    files = open_weights(path, hf_dir=hf_dir)
+    model = files.meta_model
+    if rules is None:
+        load_module_params(model, "", files.source, device=device, dtype=dtype, progress=progress)
+    else:
+        from graftlm import inject
+
+        ruleset = inject.load_rules(rules, arch=files.arch)
+        plan = inject.plan(model, ruleset, default_device=device)
+        model = inject.apply(model, plan, source=files.source, config=files.config, dtype=dtype)
+    _finish(model, files)
+    tokenizer = files.load_tokenizer()
+    return LLM(model, tokenizer, files.config, files=files, device=device)
+
+
+def _finish(model: nn.Module, files: ModelFiles) -> None:
+    """Re-tie shared weights and apply file-level hooks once every parameter is loaded."""
+    if getattr(files.config, "tie_word_embeddings", False):
+        model.tie_weights()
+    leftover = [n for n, p in model.named_parameters() if p.is_meta]
+    if leftover:
+        raise RuntimeError(f"parameters left on the meta device after loading: {leftover[:5]}")
+    if files.gguf is not None and "rope_freqs.weight" in files.gguf.tensors:
+        _apply_rope_freqs(model, files)
+
+
+def _apply_rope_freqs(model: nn.Module, files: ModelFiles) -> None:
+    """Llama-3-style RoPE scaling: llama.cpp divides each frequency by the file's `rope_freqs`."""
+    factors = files.source.dequantized("rope_freqs.weight")  # type: ignore[attr-defined]
+    for sub in model.modules():
+        inv = getattr(sub, "inv_freq", None)
+        if isinstance(inv, torch.Tensor) and inv.shape == factors.shape:
+            sub.inv_freq = inv / factors.to(inv)
+            if isinstance(getattr(sub, "original_inv_freq", None), torch.Tensor):
+                sub.original_inv_freq = sub.inv_freq.clone()

@@ -1,0 +1,61 @@
+"""Tokenizers from GGUF metadata (converted by transformers) or from an HF folder."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+from graftlm.errors import GraftError
+
+log = logging.getLogger(__name__)
+
+# Chat templates for model families whose GGUF files often ship without one (base models).
+_FAMILY_TEMPLATES = {
+    "gemma3": (
+        "{{ bos_token }}"
+        "{% set sys = messages[0]['content'] | trim + '\\n\\n' if messages and messages[0]['role'] == 'system' else '' %}"
+        "{% for m in (messages[1:] if sys else messages) %}"
+        "{% set role = 'model' if m['role'] == 'assistant' else m['role'] %}"
+        "{{ '<start_of_turn>' + role + '\\n' + (sys if loop.first else '') + m['content'] | trim + '<end_of_turn>\\n' }}"
+        "{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<start_of_turn>model\\n' }}{% endif %}"
+    ),
+}
+
+
+def tokenizer_from_gguf(path: str, arch: str, chat_template: str | None) -> PreTrainedTokenizerBase:
+    p = Path(path)
+    try:
+        # AutoTokenizer picks the model's own tokenizer class, but only for architectures whose
+        # config transformers can read from GGUF; the vocabulary converter itself works for all.
+        tok = AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
+    except ValueError as exc:
+        if "is not supported" not in str(exc):
+            raise GraftError(f"{path}: cannot build a tokenizer from the GGUF vocabulary ({exc})") from None
+        try:
+            tok = PreTrainedTokenizerFast.from_pretrained(str(p.parent), gguf_file=p.name)
+        except (ValueError, KeyError, OSError, TypeError) as exc2:
+            raise GraftError(f"{path}: cannot build a tokenizer from the GGUF vocabulary ({exc2})") from None
+    except (KeyError, OSError, TypeError) as exc:
+        raise GraftError(f"{path}: cannot build a tokenizer from the GGUF vocabulary ({exc})") from None
+    _set_chat_template(tok, chat_template, arch, path)
+    return tok
+
+
+def tokenizer_from_folder(folder: str, arch: str) -> PreTrainedTokenizerBase:
+    try:
+        tok = AutoTokenizer.from_pretrained(folder)
+    except (ValueError, KeyError, OSError, TypeError) as exc:
+        raise GraftError(f"{folder}: cannot load the tokenizer ({exc})") from None
+    _set_chat_template(tok, tok.chat_template, arch, folder)
+    return tok
+
+
+def _set_chat_template(tok: PreTrainedTokenizerBase, template: str | None, arch: str, where: str) -> None:
+    if template:
+        tok.chat_template = template
+    elif arch in _FAMILY_TEMPLATES:
+        log.info("%s has no chat template; using graftlm's built-in %s template", where, arch)
+        tok.chat_template = _FAMILY_TEMPLATES[arch]
