@@ -1,0 +1,88 @@
+"""`experts.torch`: routed experts in plain torch, grouped per expert.
+
+It replaces the HF experts module (`mlp.experts`, fused 3-D parameters `gate_up_proj` [E, 2I, H]
+and `down_proj` [E, H, I]) and keeps its forward signature `(hidden, top_k_index, top_k_weights)`.
+The (token, expert) pairs are sorted by expert once; each expert that received tokens then runs
+one matmul over its rows. Experts nobody picked cost nothing, and there is no per-token loop.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from graftlm.ops.base import InjectedModule
+
+
+def grouped_experts(
+    x: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+    gate_up_proj: torch.Tensor,
+    down_proj: torch.Tensor,
+    act_fn,
+) -> torch.Tensor:
+    """sum_k w[t, k] * down[e] (act(gate[e] x[t]) * up[e] x[t]) with e = top_k_index[t, k].
+
+    Indices equal to the number of experts (HF's padding value) are skipped.
+    """
+    num_experts = gate_up_proj.shape[0]
+    tokens, k = top_k_index.shape
+    flat = top_k_index.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=num_experts + 1)
+    ends = counts.cumsum(0).tolist()
+    rows = order // k  # token of each (token, expert) pair, grouped by expert
+    xs = x[rows]
+    out = torch.zeros_like(xs)
+    for e in counts[:num_experts].nonzero().flatten().tolist():
+        start, end = ends[e] - int(counts[e]), ends[e]
+        gate, up = F.linear(xs[start:end], gate_up_proj[e]).chunk(2, dim=-1)
+        out[start:end] = F.linear(act_fn(gate) * up, down_proj[e])
+    weights = top_k_weights.reshape(-1)[order, None]
+    result = torch.zeros_like(x)
+    valid = ends[num_experts - 1]  # pairs with a real expert come first after sorting
+    result.index_add_(0, rows[:valid], (out[:valid] * weights[:valid]).to(x.dtype))
+    return result
+
+
+class ExpertsTorch(InjectedModule, name="experts.torch"):
+    """Routed experts with weights dequantized to `dtype`; HF names `gate_up_proj`, `down_proj`."""
+
+    gate_up_proj: nn.Parameter | None
+    down_proj: nn.Parameter | None
+
+    def __init__(self, key, source, config, orig_module, **kwargs) -> None:
+        super().__init__(key, source, config, orig_module, **kwargs)
+        self.num_experts, two_i, self.hidden_dim = orig_module.gate_up_proj.shape
+        self.intermediate_dim = two_i // 2
+        self.act_fn = orig_module.act_fn
+        self.register_parameter("gate_up_proj", None)
+        self.register_parameter("down_proj", None)
+
+    def load(self) -> None:
+        e, h, i = self.num_experts, self.hidden_dim, self.intermediate_dim
+        self.gate_up_proj = nn.Parameter(self.load_tensor("gate_up_proj", (e, 2 * i, h)), requires_grad=False)
+        self.down_proj = nn.Parameter(self.load_tensor("down_proj", (e, h, i)), requires_grad=False)
+
+    def unload(self) -> None:
+        self.gate_up_proj = None
+        self.down_proj = None
+
+    def forward(
+        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    ) -> torch.Tensor:
+        x = hidden_states.to(device=self.device, dtype=self.dtype)
+        y = grouped_experts(
+            x,
+            top_k_index.to(self.device),
+            top_k_weights.to(self.device),
+            self.gate_up_proj,
+            self.down_proj,
+            self.act_fn,
+        )
+        return self.to_out(y, hidden_states)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, experts={self.num_experts}, hidden={self.hidden_dim}, inter={self.intermediate_dim}"

@@ -1,0 +1,82 @@
+import pytest
+import torch
+
+from graftlm.ops.rope import RotaryEmbedding
+from tests.inject.helpers import meta_model, random_model, tiny_config
+
+YARN = {
+    "rope_type": "yarn",
+    "rope_theta": 10000.0,
+    "factor": 4.0,
+    "original_max_position_embeddings": 64,
+}
+LLAMA3 = {
+    "rope_type": "llama3",
+    "rope_theta": 500000.0,
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 64,
+}
+CASES = {
+    "llama_default": ("llama", {}),
+    "llama_llama3": ("llama", {"rope_parameters": LLAMA3}),
+    "llama_linear": (
+        "llama",
+        {"rope_parameters": {"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0}},
+    ),
+    "qwen3_yarn": ("qwen3", {"rope_parameters": YARN}),
+    "deepseek_v2_yarn_complex": ("deepseek_v2_lite", {}),
+    "deepseek_v3": ("deepseek_v3", {}),
+    "gemma3_per_layer_type": ("gemma3", {}),
+}
+
+
+def _pair(name, overrides):
+    config = tiny_config(name, **overrides)
+    hf = random_model(config).model.rotary_emb
+    op = RotaryEmbedding("model.rotary_emb", None, config, meta_model(config).model.rotary_emb)
+    return config, hf, op
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_rope_matches_hf(case):
+    config, hf, op = _pair(*CASES[case])
+    for layer_type in op.layer_types:  # nothing computed before load()
+        assert getattr(op, op._buffer_name(layer_type)) is None
+    op.load()
+    x = torch.randn(2, 5, 8)
+    positions = torch.arange(3, 8).unsqueeze(0).expand(2, -1)
+    for layer_type in op.layer_types:
+        kwargs = {} if layer_type is None else {"layer_type": layer_type}
+        got, want = op(x, positions, **kwargs), hf(x, positions, **kwargs)
+        if isinstance(want, tuple):
+            for g, w in zip(got, want, strict=True):
+                torch.testing.assert_close(g, w, rtol=0, atol=0)
+        else:
+            assert want.is_complex() and got.is_complex()
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_gemma3_has_both_layer_types():
+    _, _, op = _pair("gemma3", {})
+    assert op.layer_types == ["full_attention", "sliding_attention"]
+    op.load()
+    assert not torch.equal(op.full_attention_inv_freq, op.sliding_attention_inv_freq)
+
+
+def test_unload_then_load():
+    _, hf, op = _pair("llama", {})
+    op.load()
+    op.unload()
+    assert op.inv_freq is None
+    op.load()
+    torch.testing.assert_close(op.inv_freq, hf.inv_freq, rtol=0, atol=0)
+
+
+def test_dynamic_rope_is_not_yet_supported():
+    config = tiny_config(
+        "llama", rope_parameters={"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0}
+    )
+    with pytest.raises(NotImplementedError, match="'dynamic' is not yet supported"):
+        RotaryEmbedding("model.rotary_emb", None, config, meta_model(config).model.rotary_emb)
