@@ -1,0 +1,178 @@
+"""Carry out an injection plan: replace modules by operators, then load every weight.
+
+Order: operators are constructed top-down (an operator that adopts its original's children
+keeps them at the same paths, so rules below it still apply); then every plain module is
+materialized from the source on its device; then operators load, deepest first, so an operator
+finds its children loaded. At the end no tensor may be left on the meta device.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from graftlm.errors import RuleError, WeightMappingError
+from graftlm.inject.walk import InjectionPlan, PlanEntry
+from graftlm.ops.base import InjectedModule
+from graftlm.weights.memory import AliasedSource
+from graftlm.weights.source import WeightSource
+
+log = logging.getLogger(__name__)
+
+
+def _join(path: str, name: str) -> str:
+    return f"{path}.{name}" if path else name
+
+
+def _tied_aliases(model: nn.Module, config) -> dict[str, str]:
+    """{tied name: name holding the data} when the model ties weights (lm_head to the embedding)."""
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    keys = getattr(model, "_tied_weights_keys", None)
+    if not getattr(text_config, "tie_word_embeddings", False) or not isinstance(keys, dict):
+        return {}
+    return dict(keys)
+
+
+def _submodule(root: nn.Module, path: str, plan: InjectionPlan) -> nn.Module:
+    try:
+        return root.get_submodule(path)
+    except AttributeError:
+        owners = [e for e in plan.entries if e.replaced and (not e.path or path.startswith(e.path + "."))]
+        owner = max(owners, key=lambda e: len(e.path), default=None)
+        blame = f"; operator {owner.op!r} at {owner.path!r} does not keep it" if owner else ""
+        raise RuleError(
+            f"{path!r} is gone from the injected model{blame}: give that operator's rule `recursive: false`"
+        ) from None
+
+
+def _replace(root: nn.Module, path: str, op: nn.Module) -> nn.Module:
+    if not path:
+        return op
+    parent, _, leaf = path.rpartition(".")
+    root.get_submodule(parent).add_module(leaf, op)
+    return root
+
+
+def _construct(
+    entry: PlanEntry, plan: InjectionPlan, orig: nn.Module, source, config, dtype
+) -> InjectedModule:
+    rule = plan.rules[entry.rule]
+    kwargs = dict(rule.kwargs)
+    kwargs.setdefault("generate_device", entry.device)
+    kwargs.setdefault("dtype", dtype)
+    try:
+        return rule.op_cls(key=entry.path, source=source, config=config, orig_module=orig, **kwargs)
+    except (ValueError, NotImplementedError) as exc:
+        raise RuleError(f"{rule.origin}: {rule.op} at {entry.path!r}: {exc}") from exc
+
+
+def _load_buffers(module: nn.Module, path: str, source: WeightSource, device: str, recurse: bool) -> None:
+    """Persistent buffers hold file data (DeepSeek-V3's e_score_correction_bias): read those the source has.
+
+    A buffer keeps the dtype its module gave it. One still on meta that the source lacks is an error.
+    """
+    subs = module.named_modules(prefix=path) if recurse else [(path, module)]
+    for sub_path, sub in subs:
+        for name, buf in list(sub._buffers.items()):
+            if buf is None or name in sub._non_persistent_buffers_set:
+                continue
+            full = _join(sub_path, name)
+            if source.has(full):
+                sub._buffers[name] = source.get(full, dtype=buf.dtype, device=device)
+            elif buf.is_meta:
+                raise WeightMappingError(f"{source.path}: no tensor for HF buffer {full!r}")
+            else:
+                sub._buffers[name] = buf.to(device)
+
+
+def _load_own(module: nn.Module, path: str, source: WeightSource, device: str, dtype: torch.dtype) -> None:
+    """Materialize the module's direct parameters and buffers (not its children's)."""
+    for name, param in list(module._parameters.items()):
+        if param is not None:
+            data = source.get(
+                _join(path, name), dtype=dtype if param.is_floating_point() else param.dtype, device=device
+            )
+            module._parameters[name] = nn.Parameter(data, requires_grad=False)
+    _load_buffers(module, path, source, device, recurse=False)
+    for name, buf in module._buffers.items():
+        if buf is not None and buf.is_meta:
+            raise WeightMappingError(
+                f"{_join(path, name)!r}: a computed buffer in a module whose children sit on other "
+                "devices or are operators; graftlm cannot recompute it there"
+            )
+
+
+def _materialize(root: nn.Module, plan: InjectionPlan, source: WeightSource, dtype: torch.dtype) -> None:
+    from graftlm.models.loader import load_module_params
+
+    devices = plan.devices()
+
+    def uniform(module: nn.Module, path: str, device: str) -> bool:
+        for sub_path, sub in module.named_modules(prefix=path, remove_duplicate=False):
+            if isinstance(sub, InjectedModule) or devices.get(sub_path, device) != device:
+                return False
+        return True
+
+    def visit(module: nn.Module, path: str, device: str) -> None:
+        if isinstance(module, InjectedModule):
+            # An operator loads its own tensors; its children from the original model are plain
+            # modules with plan entries (or operators), anything else it made itself.
+            for name, child in module.named_children():
+                child_path = _join(path, name)
+                if child_path in devices:
+                    visit(child, child_path, devices[child_path])
+            return
+        if uniform(module, path, device):
+            load_module_params(module, path, source, device=device, dtype=dtype)
+            _load_buffers(module, path, source, device, recurse=True)
+            return
+        _load_own(module, path, source, device, dtype)
+        for name, child in module.named_children():
+            child_path = _join(path, name)
+            visit(child, child_path, devices.get(child_path, device))
+
+    visit(root, "", devices.get("", plan.default_device))
+
+
+def _check_loaded(root: nn.Module) -> None:
+    left = [n for n, t in [*root.named_parameters(), *root.named_buffers()] if t.is_meta]
+    if left:
+        shown = ", ".join(left[:8]) + (f" and {len(left) - 8} more" if len(left) > 8 else "")
+        raise WeightMappingError(f"{len(left)} tensor(s) were never loaded: {shown}")
+
+
+def apply(
+    model: nn.Module,
+    plan: InjectionPlan,
+    *,
+    source: WeightSource,
+    config,
+    dtype: torch.dtype = torch.float32,
+) -> nn.Module:
+    """Replace the planned modules by operators and load every weight; returns the (new) root.
+
+    The model is changed in place; the root itself is returned replaced only when a rule
+    matched the root.
+    """
+    aliases = _tied_aliases(model, config)
+    if aliases:
+        source = AliasedSource(source, aliases)
+    root = model
+    ops: list[InjectedModule] = []
+    for entry in plan.entries:
+        if not entry.replaced:
+            continue
+        orig = _submodule(root, entry.path, plan)
+        op = _construct(entry, plan, orig, source, config, dtype)
+        root = _replace(root, entry.path, op)
+        ops.append(op)
+        log.debug("injected %s at %r on %s", entry.op, entry.path, entry.device)
+    _materialize(root, plan, source, dtype)
+    for op in reversed(ops):
+        op.load()
+    _check_loaded(root)
+    root.eval()
+    log.info("injected %d operator(s); %d module(s) kept", len(ops), len(plan.entries) - len(ops))
+    return root
