@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
 from pathlib import Path
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
@@ -25,8 +27,44 @@ _FAMILY_TEMPLATES = {
 }
 
 
+def _cache_dir(path: Path) -> Path:
+    """Where the converted tokenizer of this exact file is kept (name, size and mtime decide)."""
+    st = path.stat()
+    key = hashlib.sha1(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    root = Path(
+        os.environ.get(
+            "GRAFTLM_CACHE", Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "graftlm"
+        )
+    )
+    return root / "tokenizers" / key
+
+
 def tokenizer_from_gguf(path: str, arch: str, chat_template: str | None) -> PreTrainedTokenizerBase:
+    """The GGUF's vocabulary as an HF tokenizer, converted once and then read from a cache.
+
+    Converting a large SentencePiece vocabulary (Gemma's 262K tokens) takes transformers tens of
+    seconds; the converted tokenizer loads in about one.
+    """
     p = Path(path)
+    cache = _cache_dir(p)
+    if (cache / "tokenizer_config.json").is_file():
+        try:
+            tok = AutoTokenizer.from_pretrained(str(cache))
+            _set_chat_template(tok, chat_template, arch, path)
+            return tok
+        except (ValueError, KeyError, OSError, TypeError) as exc:
+            log.warning("ignoring unreadable tokenizer cache %s (%s)", cache, exc)
+    tok = _convert_gguf_tokenizer(p)
+    try:
+        tok.save_pretrained(str(cache))
+    except OSError as exc:
+        log.info("could not cache the tokenizer in %s (%s)", cache, exc)
+    _set_chat_template(tok, chat_template, arch, path)
+    return tok
+
+
+def _convert_gguf_tokenizer(p: Path) -> PreTrainedTokenizerBase:
+    path = str(p)
     try:
         # AutoTokenizer picks the model's own tokenizer class, but only for architectures whose
         # config transformers can read from GGUF; the vocabulary converter itself works for all.
@@ -40,7 +78,6 @@ def tokenizer_from_gguf(path: str, arch: str, chat_template: str | None) -> PreT
             raise GraftError(f"{path}: cannot build a tokenizer from the GGUF vocabulary ({exc2})") from None
     except (KeyError, OSError, TypeError) as exc:
         raise GraftError(f"{path}: cannot build a tokenizer from the GGUF vocabulary ({exc})") from None
-    _set_chat_template(tok, chat_template, arch, path)
     return tok
 
 
