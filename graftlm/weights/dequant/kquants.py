@@ -1,0 +1,88 @@
+"""The K-quants: 256-element super-blocks with 6- or 8-bit sub-block scales (Q2_K .. Q6_K).
+
+Field offsets and the float32 operation order follow gguf-py's `quants.py`, so results match
+`gguf.quants.dequantize` bit for bit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from gguf import GGMLQuantizationType as T
+
+from .bits import f16_field, split_bits
+
+
+def _q2_k(blocks: torch.Tensor, out: torch.Tensor) -> None:
+    n = blocks.shape[0]
+    scales = blocks[:, 0:16]
+    dl = f16_field(blocks, 80) * (scales & 0x0F).to(torch.float32)
+    ml = f16_field(blocks, 82) * (scales >> 4).to(torch.float32)
+    q = split_bits(blocks[:, 16:80].reshape(n, 2, 32), 2)
+    out.view(n, 16, 16).copy_(q.view(n, 16, 16)).mul_(dl.view(n, 16, 1)).sub_(ml.view(n, 16, 1))
+
+
+def _q3_k(blocks: torch.Tensor, out: torch.Tensor) -> None:
+    n = blocks.shape[0]
+    packed = blocks[:, 96:108]
+    low = split_bits(packed[:, 0:8], 4).view(n, 16)
+    high = split_bits(packed[:, 8:12], 2).view(n, 16)
+    scales = (low | (high << 4)).to(torch.float32) - 32.0
+    dl = (f16_field(blocks, 108) * scales).view(n, 16, 1)
+    low_bits = split_bits(blocks[:, 32:96].reshape(n, 2, 32), 2).view(n, 16, 16)
+    high_bit = split_bits(blocks[:, 0:32], 1).view(n, 16, 16)
+    # A clear high bit means "minus 4": q = low - 4 * (1 - high) = (low | high << 2) - 4.
+    q = (low_bits | (high_bit << 2)).sub_(4).view(torch.int8)
+    out.view(n, 16, 16).copy_(q).mul_(dl)
+
+
+def _scale_min_k4(packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The eight 6-bit scales and eight 6-bit mins packed in 12 bytes (Q4_K, Q5_K), as float32 [n, 8]."""
+    d, m, md = packed[:, 0:4], packed[:, 4:8], packed[:, 8:12]
+    sc = torch.cat((d & 0x3F, (md & 0x0F) | ((d >> 2) & 0x30)), dim=1)
+    mn = torch.cat((m & 0x3F, (md >> 4) | ((m >> 2) & 0x30)), dim=1)
+    return sc.to(torch.float32), mn.to(torch.float32)
+
+
+def _k4_scales(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-32-element scale d * sc and offset dmin * m, as float32 [n, 8, 1]."""
+    n = blocks.shape[0]
+    sc, mn = _scale_min_k4(blocks[:, 4:16])
+    dl = f16_field(blocks, 0) * sc
+    ml = f16_field(blocks, 2) * mn
+    return dl.view(n, 8, 1), ml.view(n, 8, 1)
+
+
+def _q4_k(blocks: torch.Tensor, out: torch.Tensor) -> None:
+    n = blocks.shape[0]
+    dl, ml = _k4_scales(blocks)
+    q = split_bits(blocks[:, 16:144].reshape(n, 4, 32), 4).view(n, 8, 32)
+    out.view(n, 8, 32).copy_(q).mul_(dl).sub_(ml)
+
+
+def _q5_k(blocks: torch.Tensor, out: torch.Tensor) -> None:
+    n = blocks.shape[0]
+    dl, ml = _k4_scales(blocks)
+    low = split_bits(blocks[:, 48:176].reshape(n, 4, 32), 4).view(n, 8, 32)
+    high = split_bits(blocks[:, 16:48], 1).view(n, 8, 32)
+    out.view(n, 8, 32).copy_(low | (high << 4)).mul_(dl).sub_(ml)
+
+
+def _q6_k(blocks: torch.Tensor, out: torch.Tensor) -> None:
+    n = blocks.shape[0]
+    scales = blocks[:, 192:208].view(torch.int8).to(torch.float32)
+    dl = (f16_field(blocks, 208) * scales).view(n, 16, 1)
+    low = split_bits(blocks[:, 0:128].reshape(n, 2, 64), 4).view(n, 8, 32)
+    high = split_bits(blocks[:, 128:192].reshape(n, 2, 32), 2).view(n, 8, 32)
+    q = (low | (high << 4)).sub_(32).view(torch.int8)
+    out.view(n, 16, 16).copy_(q.view(n, 16, 16)).mul_(dl)
+
+
+KERNELS: dict[T, Callable[[torch.Tensor, torch.Tensor], None]] = {
+    T.Q2_K: _q2_k,
+    T.Q3_K: _q3_k,
+    T.Q4_K: _q4_k,
+    T.Q5_K: _q5_k,
+    T.Q6_K: _q6_k,
+}
