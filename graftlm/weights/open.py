@@ -58,14 +58,16 @@ def open_weights(path: str | Path, *, hf_dir: str | Path | None = None) -> Model
     if not p.exists():
         raise GraftError(f"{p}: no such file or folder")
     if p.is_dir():
-        ggufs = sorted(p.glob("*.gguf"))
-        if (p / "config.json").is_file() and not ggufs:
+        has_config = (p / "config.json").is_file()
+        if has_config and any(p.glob("*.safetensors")):
             return _open_safetensors(p)
+        ggufs = sorted(p.glob("*.gguf"))
         if len(ggufs) != 1:
             raise GraftError(
-                f"{p}: expected one .gguf file or config.json with safetensors, found {len(ggufs)} .gguf files"
+                f"{p}: a model folder needs config.json with *.safetensors, or exactly one .gguf "
+                f"(found {len(ggufs)}: {', '.join(g.name for g in ggufs[:4])}); pass the file itself"
             )
-        hf_dir = hf_dir or (p if (p / "config.json").is_file() else None)
+        hf_dir = hf_dir or (p if has_config else None)
         p = ggufs[0]
 
     file = GGUFFile(p)
