@@ -39,20 +39,46 @@ def _numpy_nans(raw: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     return torch.where(nan, numpy_nan.view(torch.float32), values)
 
 
+_WORDS = ((8, torch.int64), (4, torch.int32), (2, torch.int16), (1, torch.uint8))
+
+
+def _viewable(packed: torch.Tensor, size: int) -> bool:
+    """Whether uint8 `packed` can be reinterpreted as `size`-byte words without a copy."""
+    return (
+        packed.shape[-1] % size == 0
+        and packed.stride(-1) == 1
+        and packed.storage_offset() % size == 0
+        and all(stride % size == 0 for stride in packed.stride()[:-1])
+    )
+
+
 def as_words(packed: torch.Tensor, word: torch.dtype) -> torch.Tensor:
-    """Bytes [n, k] reinterpreted as [n, k / word size] words, copied first unless already laid out so."""
-    size = torch.empty((), dtype=word).element_size()
-    if not packed.is_contiguous() or packed.storage_offset() % size:
+    """Bytes [..., k] reinterpreted as [..., k / word size] words, copied first if they must be."""
+    if not _viewable(packed, word.itemsize):
         packed = packed.clone(memory_format=torch.contiguous_format)
     return packed.view(word)
 
 
+def widest_words(packed: torch.Tensor) -> torch.Tensor:
+    """Bytes [..., k] as the widest words they can be viewed as in place (a copy only if none)."""
+    for size, word in _WORDS[:-1]:
+        if _viewable(packed, size):
+            return packed.view(word)
+    size, word = next((s, w) for s, w in _WORDS if packed.shape[-1] % s == 0)
+    return as_words(packed, word)
+
+
+def column(blocks: torch.Tensor, start: int, word: torch.dtype) -> torch.Tensor:
+    """The `word` at byte `start` of every block [n, type_size], as a 1-D (strided) tensor [n]."""
+    size = word.itemsize
+    if start % size == 0 and _viewable(blocks, size):
+        return blocks.view(word)[:, start // size]
+    return as_words(blocks[:, start : start + size], word)[:, 0]
+
+
 def f16_field(blocks: torch.Tensor, start: int) -> torch.Tensor:
     """The little-endian float16 at byte `start` of each block, as float32 of shape [n, 1]."""
-    return f16_to_f32(as_words(blocks[:, start : start + 2], torch.int16))
-
-
-_WORDS = ((8, torch.int64), (4, torch.int32), (2, torch.int16), (1, torch.uint8))
+    return f16_to_f32(column(blocks, start, torch.int16)).unsqueeze(1)
 
 
 def _repeat_byte(byte: int, size: int) -> int:
@@ -66,33 +92,37 @@ def split_bits(packed: torch.Tensor, width: int) -> torch.Tensor:
     then all high nibbles, which is how ggml lays out its quants.
     """
     *lead, k = packed.shape
-    size, word = next((s, w) for s, w in _WORDS if k % s == 0)
-    words = as_words(packed.reshape(-1, k), word)
-    mask = _repeat_byte((1 << width) - 1, size)
+    words = widest_words(packed)
+    mask = _repeat_byte((1 << width) - 1, words.dtype.itemsize)
     planes = 8 // width
-    out = torch.empty((words.shape[0], planes, words.shape[1]), dtype=word)
+    out = torch.empty((*lead, planes, words.shape[-1]), dtype=words.dtype)
+    # Shifting is cheap; the one strided write per plane is the masking.
     for p in range(planes):
-        plane = out[:, p]
-        torch.bitwise_right_shift(words, p * width, out=plane)
-        plane.bitwise_and_(mask)
+        shifted = words >> (p * width) if p else words
+        torch.bitwise_and(shifted, mask, out=out[..., p, :])
     return out.view(torch.uint8).view(*lead, planes, k)
 
 
 @cache
-def _spread_table() -> torch.Tensor:
-    """For each byte value, eight bytes holding its bits 0..7 (as 0 or 1), packed in an int64."""
+def _spread_table(one: int, zero: int) -> torch.Tensor:
+    """For each byte value, eight bytes: `one` where its bit 0..7 is set, `zero` where clear."""
     b = torch.arange(256, dtype=torch.int64)
     table = torch.zeros(256, dtype=torch.int64)
     for bit in range(8):
-        table |= ((b >> bit) & 1) << (8 * bit)
+        byte = torch.where(((b >> bit) & 1) == 1, one, zero)
+        table |= byte << (8 * bit)
     return table
 
 
-def spread_bits(packed: torch.Tensor) -> torch.Tensor:
-    """Bytes [..., k] to their bits [..., 8 * k] (uint8 0/1), bit i of byte j at position 8 * j + i."""
+def spread_bits(packed: torch.Tensor, one: int = 1, zero: int = 0) -> torch.Tensor:
+    """Bytes [..., k] to one byte per bit [..., 8 * k]: bit i of byte j at position 8 * j + i.
+
+    The byte is `one` for a set bit and `zero` for a clear one, so a shift or an offset can be
+    folded into the lookup.
+    """
     *lead, k = packed.shape
     index = packed.reshape(-1).to(torch.int32)
-    return torch.index_select(_spread_table(), 0, index).view(torch.uint8).view(*lead, 8 * k)
+    return torch.index_select(_spread_table(one, zero), 0, index).view(torch.uint8).view(*lead, 8 * k)
 
 
 def lookup_into(table: torch.Tensor, codes: torch.Tensor, out: torch.Tensor) -> None:

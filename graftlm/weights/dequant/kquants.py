@@ -11,7 +11,7 @@ from collections.abc import Callable
 import torch
 from gguf import GGMLQuantizationType as T
 
-from .bits import f16_field, split_bits
+from .bits import column, f16_field, split_bits
 
 
 def _q2_k(blocks: torch.Tensor, out: torch.Tensor) -> None:
@@ -37,36 +37,38 @@ def _q3_k(blocks: torch.Tensor, out: torch.Tensor) -> None:
     out.view(n, 16, 16).copy_(q).mul_(dl)
 
 
-def _scale_min_k4(packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The eight 6-bit scales and eight 6-bit mins packed in 12 bytes (Q4_K, Q5_K), as float32 [n, 8]."""
-    d, m, md = packed[:, 0:4], packed[:, 4:8], packed[:, 8:12]
-    sc = torch.cat((d & 0x3F, (md & 0x0F) | ((d >> 2) & 0x30)), dim=1)
-    mn = torch.cat((m & 0x3F, (md >> 4) | ((m >> 2) & 0x30)), dim=1)
-    return sc.to(torch.float32), mn.to(torch.float32)
-
-
 def _k4_scales(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-32-element scale d * sc and offset dmin * m, as float32 [n, 8, 1]."""
+    """Per-32-element scale d * sc and offset dmin * m (Q4_K, Q5_K), as float32 views [n, 2, 4, 1].
+
+    Twelve bytes pack eight 6-bit scales and eight 6-bit mins: bytes 0-3 hold scales 0-3, bytes 4-7
+    mins 0-3, bytes 8-11 the low nibbles of scales and mins 4-7, whose top 2 bits are the top bits of
+    bytes 0-7. Unpacked four bytes at a time from int32 columns, laid out [2, n, 4] so no operation
+    runs over short rows.
+    """
     n = blocks.shape[0]
-    sc, mn = _scale_min_k4(blocks[:, 4:16])
-    dl = f16_field(blocks, 0) * sc
-    ml = f16_field(blocks, 2) * mn
-    return dl.view(n, 8, 1), ml.view(n, 8, 1)
+    d, m, md = (column(blocks, start, torch.int32) for start in (4, 8, 12))
+    sc = torch.stack((d & 0x3F3F3F3F, (md & 0x0F0F0F0F) | ((d >> 2) & 0x30303030)))
+    mn = torch.stack((m & 0x3F3F3F3F, ((md >> 4) & 0x0F0F0F0F) | ((m >> 2) & 0x30303030)))
+    sc = sc.view(torch.uint8).view(2, n, 4).to(torch.float32)
+    mn = mn.view(torch.uint8).view(2, n, 4).to(torch.float32)
+    dl = f16_field(blocks, 0).view(1, n, 1) * sc
+    ml = f16_field(blocks, 2).view(1, n, 1) * mn
+    return dl.permute(1, 0, 2).unsqueeze(-1), ml.permute(1, 0, 2).unsqueeze(-1)
 
 
 def _q4_k(blocks: torch.Tensor, out: torch.Tensor) -> None:
     n = blocks.shape[0]
     dl, ml = _k4_scales(blocks)
-    q = split_bits(blocks[:, 16:144].reshape(n, 4, 32), 4).view(n, 8, 32)
-    out.view(n, 8, 32).copy_(q).mul_(dl).sub_(ml)
+    q = split_bits(blocks[:, 16:144].reshape(n, 4, 32), 4).view(n, 2, 4, 32)
+    out.view(n, 2, 4, 32).copy_(q).mul_(dl).sub_(ml)
 
 
 def _q5_k(blocks: torch.Tensor, out: torch.Tensor) -> None:
     n = blocks.shape[0]
     dl, ml = _k4_scales(blocks)
-    low = split_bits(blocks[:, 48:176].reshape(n, 4, 32), 4).view(n, 8, 32)
-    high = split_bits(blocks[:, 16:48], 1).view(n, 8, 32)
-    out.view(n, 8, 32).copy_(low | (high << 4)).mul_(dl).sub_(ml)
+    low = split_bits(blocks[:, 48:176].reshape(n, 4, 32), 4).view(n, 2, 4, 32)
+    high = split_bits(blocks[:, 16:48], 1).view(n, 2, 4, 32)
+    out.view(n, 2, 4, 32).copy_(low.bitwise_or_(high << 4)).mul_(dl).sub_(ml)
 
 
 def _q6_k(blocks: torch.Tensor, out: torch.Tensor) -> None:

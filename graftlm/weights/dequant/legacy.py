@@ -18,9 +18,9 @@ def _nibbles(qs: torch.Tensor) -> torch.Tensor:
     return split_bits(qs, 4).view(qs.shape[0], 32)
 
 
-def _five_bits(qh: torch.Tensor, qs: torch.Tensor) -> torch.Tensor:
-    """Low nibbles from `qs` [n, 16], fifth bits from the little-endian uint32 `qh` [n, 4 bytes]."""
-    return _nibbles(qs) | (spread_bits(qh) << 4)
+def _five_bits(qh: torch.Tensor, qs: torch.Tensor, one: int, zero: int) -> torch.Tensor:
+    """Low nibbles from `qs` [n, 16] OR-ed with a byte per bit of the little-endian uint32 `qh`."""
+    return _nibbles(qs).bitwise_or_(spread_bits(qh, one, zero))
 
 
 def _q4_0(blocks: torch.Tensor, out: torch.Tensor) -> None:
@@ -33,12 +33,13 @@ def _q4_1(blocks: torch.Tensor, out: torch.Tensor) -> None:
 
 
 def _q5_0(blocks: torch.Tensor, out: torch.Tensor) -> None:
-    q = _five_bits(blocks[:, 2:6], blocks[:, 6:22]).sub_(16).view(torch.int8)
+    # q - 16 as int8: a set fifth bit adds 16 - 16 = 0, a clear one -16, which is 0xF0 OR-ed in.
+    q = _five_bits(blocks[:, 2:6], blocks[:, 6:22], 0x00, 0xF0).view(torch.int8)
     out.copy_(q).mul_(f16_field(blocks, 0))
 
 
 def _q5_1(blocks: torch.Tensor, out: torch.Tensor) -> None:
-    q = _five_bits(blocks[:, 4:8], blocks[:, 8:24])
+    q = _five_bits(blocks[:, 4:8], blocks[:, 8:24], 0x10, 0x00)
     out.copy_(q).mul_(f16_field(blocks, 0)).add_(f16_field(blocks, 2))
 
 
