@@ -76,6 +76,16 @@ def column(blocks: torch.Tensor, start: int, word: torch.dtype) -> torch.Tensor:
     return as_words(blocks[:, start : start + size], word)[:, 0]
 
 
+def byte_columns(blocks: torch.Tensor, start: int, count: int) -> torch.Tensor:
+    """Bytes [start, start + count) of every block, transposed to a contiguous [count, n].
+
+    Small per-block fields (sub-block scales) are unpacked in this layout, where every operation
+    runs along n instead of over millions of few-byte rows.
+    """
+    columns = torch.empty((count, blocks.shape[0]), dtype=torch.uint8)
+    return columns.copy_(blocks[:, start : start + count].t())
+
+
 def f16_field(blocks: torch.Tensor, start: int) -> torch.Tensor:
     """The little-endian float16 at byte `start` of each block, as float32 of shape [n, 1]."""
     return f16_to_f32(column(blocks, start, torch.int16)).unsqueeze(1)

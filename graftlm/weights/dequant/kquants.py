@@ -11,30 +11,30 @@ from collections.abc import Callable
 import torch
 from gguf import GGMLQuantizationType as T
 
-from .bits import column, f16_field, split_bits
+from .bits import byte_columns, column, f16_field, split_bits
 
 
 def _q2_k(blocks: torch.Tensor, out: torch.Tensor) -> None:
     n = blocks.shape[0]
-    scales = blocks[:, 0:16]
-    dl = f16_field(blocks, 80) * (scales & 0x0F).to(torch.float32)
-    ml = f16_field(blocks, 82) * (scales >> 4).to(torch.float32)
-    q = split_bits(blocks[:, 16:80].reshape(n, 2, 32), 2)
-    out.view(n, 16, 16).copy_(q.view(n, 16, 16)).mul_(dl.view(n, 16, 1)).sub_(ml.view(n, 16, 1))
+    scales = byte_columns(blocks, 0, 16)
+    dl = f16_field(blocks, 80).view(1, n) * (scales & 0x0F).to(torch.float32)
+    ml = f16_field(blocks, 82).view(1, n) * (scales >> 4).to(torch.float32)
+    q = split_bits(blocks[:, 16:80].reshape(n, 2, 32), 2).view(n, 16, 16)
+    out.view(n, 16, 16).copy_(q).mul_(dl.t().unsqueeze(-1)).sub_(ml.t().unsqueeze(-1))
 
 
 def _q3_k(blocks: torch.Tensor, out: torch.Tensor) -> None:
     n = blocks.shape[0]
-    packed = blocks[:, 96:108]
-    low = split_bits(packed[:, 0:8], 4).view(n, 16)
-    high = split_bits(packed[:, 8:12], 2).view(n, 16)
-    scales = (low | (high << 4)).to(torch.float32) - 32.0
-    dl = (f16_field(blocks, 108) * scales).view(n, 16, 1)
+    packed = byte_columns(blocks, 96, 12)
+    low = torch.cat((packed[0:8] & 0x0F, packed[0:8] >> 4))
+    high = torch.cat([(packed[8:12] >> shift) & 3 for shift in (0, 2, 4, 6)])
+    scales = low.bitwise_or_(high << 4).to(torch.float32) - 32.0
+    dl = f16_field(blocks, 108).view(1, n) * scales
     low_bits = split_bits(blocks[:, 32:96].reshape(n, 2, 32), 2).view(n, 16, 16)
     high_bit = split_bits(blocks[:, 0:32], 1).view(n, 16, 16)
     # A clear high bit means "minus 4": q = low - 4 * (1 - high) = (low | high << 2) - 4.
-    q = (low_bits | (high_bit << 2)).sub_(4).view(torch.int8)
-    out.view(n, 16, 16).copy_(q).mul_(dl)
+    q = low_bits.bitwise_or_(high_bit.bitwise_left_shift_(2)).sub_(4).view(torch.int8)
+    out.view(n, 16, 16).copy_(q).mul_(dl.t().unsqueeze(-1))
 
 
 def _k4_scales(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,17 +68,17 @@ def _q5_k(blocks: torch.Tensor, out: torch.Tensor) -> None:
     dl, ml = _k4_scales(blocks)
     low = split_bits(blocks[:, 48:176].reshape(n, 4, 32), 4).view(n, 2, 4, 32)
     high = split_bits(blocks[:, 16:48], 1).view(n, 2, 4, 32)
-    out.view(n, 2, 4, 32).copy_(low.bitwise_or_(high << 4)).mul_(dl).sub_(ml)
+    out.view(n, 2, 4, 32).copy_(low.bitwise_or_(high.bitwise_left_shift_(4))).mul_(dl).sub_(ml)
 
 
 def _q6_k(blocks: torch.Tensor, out: torch.Tensor) -> None:
     n = blocks.shape[0]
-    scales = blocks[:, 192:208].view(torch.int8).to(torch.float32)
-    dl = (f16_field(blocks, 208) * scales).view(n, 16, 1)
-    low = split_bits(blocks[:, 0:128].reshape(n, 2, 64), 4).view(n, 8, 32)
-    high = split_bits(blocks[:, 128:192].reshape(n, 2, 32), 2).view(n, 8, 32)
-    q = (low | (high << 4)).sub_(32).view(torch.int8)
-    out.view(n, 16, 16).copy_(q.view(n, 16, 16)).mul_(dl)
+    scales = byte_columns(blocks, 192, 16).view(torch.int8).to(torch.float32)
+    dl = f16_field(blocks, 208).view(1, n) * scales
+    low = split_bits(blocks[:, 0:128].reshape(n, 2, 64), 4).view(n, 16, 16)
+    high = split_bits(blocks[:, 128:192].reshape(n, 2, 32), 2).view(n, 16, 16)
+    q = low.bitwise_or_(high.bitwise_left_shift_(4)).sub_(32).view(torch.int8)
+    out.view(n, 16, 16).copy_(q).mul_(dl.t().unsqueeze(-1))
 
 
 KERNELS: dict[T, Callable[[torch.Tensor, torch.Tensor], None]] = {
