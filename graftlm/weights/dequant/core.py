@@ -34,6 +34,9 @@ TORCH_KERNELS: dict[GGMLQuantizationType, Kernel] = {
     **codebook.KERNELS,
 }
 
+# What `dequantize` accepts as a tensor's stored bytes.
+TensorBytes = np.ndarray | torch.Tensor | bytes | bytearray | memoryview
+
 # Output elements decoded at once. Each chunk's temporaries are a few times this in float32.
 CHUNK_ELEMENTS = 1 << 22
 
@@ -76,7 +79,7 @@ def _qtype_name(qtype: Any) -> str:
         return f"unknown ggml type {qtype!r}"
 
 
-def _flat_bytes(data: Any, name: str) -> np.ndarray | torch.Tensor:
+def _flat_bytes(data: TensorBytes, name: str) -> np.ndarray | torch.Tensor:
     """The raw bytes of `data` as a flat uint8 array or tensor, without copying where possible."""
     if isinstance(data, torch.Tensor):
         return data.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
@@ -146,7 +149,7 @@ def _check_layout(name: str, qtype: GGMLQuantizationType, shape: tuple[int, ...]
 
 
 def dequantize(
-    data: Any,
+    data: TensorBytes,
     qtype: GGMLQuantizationType,
     shape: Sequence[int],
     dtype: torch.dtype = torch.float32,
