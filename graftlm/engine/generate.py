@@ -54,6 +54,12 @@ class GenerationResult:
         return steps / self.decode_seconds if self.decode_seconds > 0 else 0.0
 
 
+# Special tokens that end a turn in common chat formats. Like llama.cpp's end-of-generation list,
+# they stop generation when the tokenizer has them as special tokens, since a GGUF's config often
+# names only <eos> (Gemma's <end_of_turn>, ChatML's <|im_end|>, Llama 3's <|eot_id|>).
+END_OF_TURN_TOKENS = ("<end_of_turn>", "<|im_end|>", "<|eot_id|>", "<|end|>", "<|endoftext|>", "<EOT>")
+
+
 def _as_id_list(value: Any) -> list[int]:
     if value is None:
         return []
@@ -98,7 +104,24 @@ class Engine:
         generation_config = getattr(self.model, "generation_config", None)
         if generation_config is not None:
             ids += _as_id_list(getattr(generation_config, "eos_token_id", None))
+        ids += self._end_of_turn_ids()
         return sorted(set(ids))
+
+    def _end_of_turn_ids(self) -> list[int]:
+        """Ids of END_OF_TURN_TOKENS that the tokenizer has as special (control) tokens."""
+        special_ids = set(getattr(self.tokenizer, "all_special_ids", []))
+        added = getattr(self.tokenizer, "added_tokens_decoder", {})
+        special_ids |= {i for i, token in added.items() if getattr(token, "special", False)}
+        ids = []
+        for name in END_OF_TURN_TOKENS:
+            token_id = self.tokenizer.convert_tokens_to_ids(name)
+            if (
+                isinstance(token_id, int)
+                and token_id in special_ids
+                and token_id != self.tokenizer.unk_token_id
+            ):
+                ids.append(token_id)
+        return ids
 
     # -- prompts ---------------------------------------------------------------------------
 

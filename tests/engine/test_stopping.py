@@ -129,3 +129,13 @@ def test_zero_new_tokens_runs_nothing(tok):
     result = engine.generate(prompt, max_new_tokens=0)
     assert (result.token_ids, result.text, result.finish_reason) == ([], "", "length")
     assert engine.model.calls == []
+
+
+def test_chat_end_of_turn_tokens_stop_by_default(tok):
+    tok = byte_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_end|>"]})
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    engine, prompt, script = scripted(tok, "hello", " world", extra=[im_end, 5])
+    assert engine.eos_token_ids == [EOS, im_end]
+    result = engine.generate(prompt, max_new_tokens=20)
+    assert (result.text, result.finish_reason, result.token_ids[-1]) == (" world", "stop", im_end)
