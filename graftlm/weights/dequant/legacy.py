@@ -33,7 +33,8 @@ def _q4_1(blocks: torch.Tensor, out: torch.Tensor) -> None:
 
 
 def _q5_0(blocks: torch.Tensor, out: torch.Tensor) -> None:
-    # q - 16 as int8: a set fifth bit adds 16 - 16 = 0, a clear one -16, which is 0xF0 OR-ed in.
+    # q - 16 = nibble + (16 if the fifth bit is set else 0) - 16: OR-ing 0x00 or 0xF0 (-16 as int8)
+    # into the nibble gives it as int8 directly.
     q = _five_bits(blocks[:, 2:6], blocks[:, 6:22], 0x00, 0xF0).view(torch.int8)
     out.copy_(q).mul_(f16_field(blocks, 0))
 
