@@ -25,8 +25,6 @@ DEFAULT_KWARGS = frozenset({"generate_device", "prefill_device"})
 DEVICE_KWARGS = frozenset({"generate_device", "prefill_device", "out_device"})
 
 PLANNED: dict[str, str] = {
-    "experts.cpu": "fast CPU experts kernels",
-    "linear.cpu": "fast CPU linear kernels",
     "experts.marlin": "GPU Marlin experts",
     "linear.marlin": "GPU Marlin linear",
     "attention.mla": "the MLA attention operator",

@@ -8,6 +8,8 @@ one matmul over its rows. Experts nobody picked cost nothing, and there is no pe
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -15,19 +17,18 @@ from torch import nn
 from graftlm.ops.base import InjectedModule
 
 
-def grouped_experts(
+def grouped_apply(
     x: torch.Tensor,
     top_k_index: torch.Tensor,
     top_k_weights: torch.Tensor,
-    gate_up_proj: torch.Tensor,
-    down_proj: torch.Tensor,
-    act_fn,
+    num_experts: int,
+    expert_fn: Callable[[int, torch.Tensor], torch.Tensor],
 ) -> torch.Tensor:
-    """sum_k w[t, k] * down[e] (act(gate[e] x[t]) * up[e] x[t]) with e = top_k_index[t, k].
+    """sum_k w[t, k] * expert_fn(e, x[t]) with e = top_k_index[t, k], one call per expert used.
 
-    Indices equal to the number of experts (HF's padding value) are skipped.
+    Indices equal to `num_experts` (HF's padding value) are skipped. `expert_fn(e, rows)` maps the
+    rows routed to expert e to its outputs, of x's width.
     """
-    num_experts = gate_up_proj.shape[0]
     tokens, k = top_k_index.shape
     flat = top_k_index.reshape(-1)
     order = torch.argsort(flat, stable=True)
@@ -38,13 +39,29 @@ def grouped_experts(
     out = torch.zeros_like(xs)
     for e in counts[:num_experts].nonzero().flatten().tolist():
         start, end = ends[e] - int(counts[e]), ends[e]
-        gate, up = F.linear(xs[start:end], gate_up_proj[e]).chunk(2, dim=-1)
-        out[start:end] = F.linear(act_fn(gate) * up, down_proj[e])
+        out[start:end] = expert_fn(e, xs[start:end])
     weights = top_k_weights.reshape(-1)[order, None]
     result = torch.zeros_like(x)
     valid = ends[num_experts - 1]  # pairs with a real expert come first after sorting
     result.index_add_(0, rows[:valid], (out[:valid] * weights[:valid]).to(x.dtype))
     return result
+
+
+def grouped_experts(
+    x: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+    gate_up_proj: torch.Tensor,
+    down_proj: torch.Tensor,
+    act_fn,
+) -> torch.Tensor:
+    """sum_k w[t, k] * down[e] (act(gate[e] x[t]) * up[e] x[t]) with e = top_k_index[t, k]."""
+
+    def expert(e: int, rows: torch.Tensor) -> torch.Tensor:
+        gate, up = F.linear(rows, gate_up_proj[e]).chunk(2, dim=-1)
+        return F.linear(act_fn(gate) * up, down_proj[e])
+
+    return grouped_apply(x, top_k_index, top_k_weights, gate_up_proj.shape[0], expert)
 
 
 class ExpertsTorch(InjectedModule, name="experts.torch"):

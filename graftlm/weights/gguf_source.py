@@ -50,6 +50,16 @@ class GGUFSource:
         tm = self._map(hf_name)
         return [self.file_tensor(g) for g in tm.gguf_names]
 
+    def raw_hf(self, hf_name: str) -> QuantizedTensor | None:
+        """The parameter as quantized blocks in HF row order, when its layout only moves whole rows
+        and its file tensors share one type; None otherwise (then use `get`)."""
+        tm = self._map(hf_name)
+        parts = self.raw(hf_name)
+        if tm.raw_to_hf is None or len({p.qtype for p in parts}) != 1:
+            return None
+        data = tm.raw_to_hf([p.data for p in parts])  # zero-copy for the identity map
+        return QuantizedTensor(hf_name, parts[0].qtype, self.shape(hf_name), data)
+
     def file_tensor(self, gguf_name: str) -> QuantizedTensor:
         t = self.file.tensors[gguf_name]
         return QuantizedTensor(gguf_name, self.file.qtype(gguf_name), self.file.shape(gguf_name), t.data)

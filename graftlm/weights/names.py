@@ -18,6 +18,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import gguf
+import numpy as np
 import torch
 
 from graftlm.errors import UnsupportedArchitecture, WeightMappingError
@@ -43,6 +44,9 @@ class TensorMap:
     from_hf: Callable[[torch.Tensor], list[torch.Tensor]] = _single
     # The file tensors' shapes (torch order) given the HF shape; used by convert and shape checks.
     file_shapes: Callable[[Shape], list[Shape]] = lambda s: [s]
+    # How the file tensors' raw rows ([..., rows, bytes_per_row] uint8) become the HF parameter's
+    # rows, for layouts that only move whole rows; None when the HF layout needs decoded values.
+    raw_to_hf: Callable[[list[np.ndarray]], np.ndarray] | None = _identity
 
 
 def _gguf_arch(arch: str) -> gguf.MODEL_ARCH:
@@ -64,7 +68,8 @@ def _llama_permute(t: torch.Tensor, n_head: int) -> torch.Tensor:
     return t.reshape(n_head, 2, t.shape[0] // n_head // 2, *t.shape[1:]).swapaxes(1, 2).reshape(t.shape)
 
 
-def _llama_unpermute(t: torch.Tensor, n_head: int) -> torch.Tensor:
+def _llama_unpermute(t, n_head: int):
+    """The inverse of `_llama_permute`; works on torch tensors and numpy arrays of rows alike."""
     return t.reshape(n_head, t.shape[0] // n_head // 2, 2, *t.shape[1:]).swapaxes(1, 2).reshape(t.shape)
 
 
@@ -115,6 +120,7 @@ class NameTable:
                 to_hf=lambda p: torch.cat(p, dim=1),
                 from_hf=lambda t: list(t.chunk(2, dim=1)),
                 file_shapes=lambda s: [(s[0], s[1] // 2, s[2])] * 2,
+                raw_to_hf=lambda p: np.concatenate(p, axis=1),
             )
         if name.endswith("mlp.experts.down_proj"):
             return TensorMap(name, (_block_tensor(name, gguf.MODEL_TENSOR.FFN_DOWN_EXP),))
@@ -128,9 +134,12 @@ class NameTable:
                 (gguf_name,),
                 to_hf=lambda p, h=heads: _llama_unpermute(p[0], h),
                 from_hf=lambda t, h=heads: [_llama_permute(t, h)],
+                raw_to_hf=lambda p, h=heads: _llama_unpermute(p[0], h),  # whole rows move
             )
         if self.arch == "gemma3" and name.endswith("norm.weight"):
-            return TensorMap(name, (gguf_name,), to_hf=lambda p: p[0] - 1.0, from_hf=lambda t: [t + 1.0])
+            return TensorMap(
+                name, (gguf_name,), to_hf=lambda p: p[0] - 1.0, from_hf=lambda t: [t + 1.0], raw_to_hf=None
+            )
         if len(shape) == 2 and shape[0] == 1:  # e.g. Qwen2-MoE's shared_expert_gate [1, H], stored as [H]
             return TensorMap(
                 name,
@@ -138,6 +147,7 @@ class NameTable:
                 to_hf=lambda p, s=shape: p[0].reshape(s),
                 from_hf=lambda t: [t.reshape(-1)],
                 file_shapes=lambda s: [(s[1],)],
+                raw_to_hf=None,
             )
         return TensorMap(name, (gguf_name,))
 
@@ -163,6 +173,7 @@ class NameTable:
             to_hf=to_hf,
             from_hf=from_hf,
             file_shapes=lambda s: [(heads, s[1], nope), (heads, v, s[1])],
+            raw_to_hf=None,  # k_b is stored transposed: its rows are not kv_b's rows
         )
 
     # -- checks ---------------------------------------------------------------------------------

@@ -1,0 +1,157 @@
+"""GGUF weight matrices repacked, once at load, into layouts torch has fast CPU kernels for.
+
+| GGUF type            | layout            | decode kernel (few rows)         | prefill kernel (many rows)        |
+|----------------------|-------------------|----------------------------------|-----------------------------------|
+| Q4_0, Q4_1, Q4_K     | `int4` group 32   | `_weight_int4pack_mm_for_cpu`    | the same                          |
+| other quantized types| `int8` per row    | `_weight_int8pack_mm`            | `torch._int_mm` (AMX/VNNI), int8 activations per row |
+| F32, F16, BF16       | `bf16`            | `F.linear`                       | `F.linear`                        |
+
+Error bounds against dequantize-then-fp32 (tested in tests/kernels/test_packed.py):
+- `int4`: lossless in the 4-bit values; each group's scale and zero are rounded to bf16, a relative
+  error of at most 2^-9 on each, and activations are rounded to bf16 (2^-9 relative).
+- `int8`: each row is requantized to int8 with scale max|w|/127: an absolute error of at most half
+  that scale per weight (Q8_0's own step is d/2 per block: about the same when block scales are even).
+- `_int_mm` prefill also rounds activations to int8 per row (scale max|x|/127), as llama.cpp's q8.
+All kernels take bf16 activations: fp32 activations make the weight-only kernels 6-36x slower here.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import gguf
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from graftlm.weights.dequant import dequantize
+from graftlm.weights.source import QuantizedTensor
+
+log = logging.getLogger(__name__)
+
+Q = gguf.GGMLQuantizationType
+GROUP = 32
+# Above this many rows, int8 matrices use the int8 x int8 GEMM instead of the weight-only kernel.
+PREFILL_ROWS = 16
+
+INT4_TYPES = frozenset({Q.Q4_0, Q.Q4_1, Q.Q4_K})
+FLOAT_TYPES = frozenset({Q.F32, Q.F16, Q.BF16})
+
+
+def _f16(raw: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(raw).view(np.float16).astype(np.float32))
+
+
+def _q4_groups(q: QuantizedTensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """4-bit values [N, K] (0..15) and per-group-of-32 scale and zero [N, K/32] so that
+    w = (v - 8) * scale + zero exactly (in fp32)."""
+    n, k = q.shape
+    blocks = np.ascontiguousarray(q.data).reshape(n, -1)
+    if q.qtype == Q.Q4_K:
+        b = blocks.reshape(n, k // 256, 144)
+        d = _f16(b[..., 0:2])[..., 0]
+        dmin = _f16(b[..., 2:4])[..., 0]
+        s = torch.from_numpy(b[..., 4:16].astype(np.int32))  # 12 bytes of 6-bit scales and mins
+        sc = torch.empty(n, k // 256, 8, dtype=torch.int32)
+        mn = torch.empty_like(sc)
+        sc[..., :4] = s[..., 0:4] & 63
+        mn[..., :4] = s[..., 4:8] & 63
+        sc[..., 4:] = (s[..., 8:12] & 15) | ((s[..., 0:4] >> 6) << 4)
+        mn[..., 4:] = (s[..., 8:12] >> 4) | ((s[..., 4:8] >> 6) << 4)
+        qs = torch.from_numpy(b[..., 16:].astype(np.int32)).reshape(n, k // 256, 4, 32)
+        # Each 32 bytes hold two sub-blocks: low nibbles first, then high nibbles.
+        vals = torch.stack([qs & 15, qs >> 4], dim=3).reshape(n, k)
+        scale = (d[..., None] * sc.float()).reshape(n, k // GROUP)
+        minus = (dmin[..., None] * mn.float()).reshape(n, k // GROUP)
+        return vals, scale, scale * 8 - minus
+    b = blocks.reshape(n, k // 32, -1)
+    d = _f16(b[..., 0:2])[..., 0]
+    if q.qtype == Q.Q4_0:
+        qs = torch.from_numpy(b[..., 2:18].astype(np.int32))
+        vals = torch.cat([qs & 15, qs >> 4], dim=-1).reshape(n, k)
+        return vals, d, torch.zeros_like(d)
+    if q.qtype == Q.Q4_1:
+        m = _f16(b[..., 2:4])[..., 0]
+        qs = torch.from_numpy(b[..., 4:20].astype(np.int32))
+        vals = torch.cat([qs & 15, qs >> 4], dim=-1).reshape(n, k)
+        return vals, d, d * 8 + m
+    raise ValueError(f"{q.name}: {q.qtype.name} is not a 4-bit type")
+
+
+@dataclass
+class PackedMatrix:
+    """One weight matrix [N, K] in a fast layout; `matmul(x)` computes x @ W^T."""
+
+    layout: str  # "int4" | "int8" | "bf16"
+    n: int
+    k: int
+    weight: torch.Tensor  # int4: packed uint8; int8: int8 [N, K]; bf16: [N, K]
+    scales: torch.Tensor | None = None  # int4: bf16 [K/32, N, 2]; int8: fp32 [N]
+    source_type: str = ""
+
+    @property
+    def nbytes(self) -> int:
+        return self.weight.nbytes + (self.scales.nbytes if self.scales is not None else 0)
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """x [M, K] (any float dtype) -> [M, N] in bf16."""
+        xb = x.to(torch.bfloat16)
+        if self.layout == "int4":
+            return torch.ops.aten._weight_int4pack_mm_for_cpu(xb, self.weight, GROUP, self.scales)
+        if self.layout == "int8":
+            if x.shape[0] > PREFILL_ROWS:
+                return _int8_gemm(x, self.weight, self.scales)
+            return torch.ops.aten._weight_int8pack_mm(xb, self.weight, self.scales.to(torch.bfloat16))
+        return F.linear(xb, self.weight)
+
+    def dequantized(self) -> torch.Tensor:
+        """The weights this layout computes with, in fp32 (for tests and error bounds)."""
+        if self.layout == "int8":
+            return self.weight.float() * self.scales[:, None]
+        if self.layout == "bf16":
+            return self.weight.float()
+        eye = torch.eye(self.k, dtype=torch.bfloat16)
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.weight, GROUP, self.scales).float().t()
+
+
+def _int8_gemm(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
+    """x @ (w * w_scale)^T with x quantized to int8 per row; int32 accumulation via torch._int_mm."""
+    xf = x.float()
+    x_scale = xf.abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / 127.0
+    xq = torch.round(xf / x_scale).to(torch.int8)
+    acc = torch._int_mm(xq, w.t())
+    return (acc.float() * x_scale * w_scale[None, :]).to(torch.bfloat16)
+
+
+def pack(q: QuantizedTensor, layout: str = "auto") -> PackedMatrix:
+    """Repack one GGUF matrix [N, K]. `layout`: auto, int4, int8 or bf16."""
+    if len(q.shape) != 2:
+        raise ValueError(f"{q.name}: expected a matrix, got shape {q.shape}")
+    n, k = q.shape
+    int4_ok = q.qtype in INT4_TYPES and k % GROUP == 0 and n % 16 == 0  # torch's packer needs N % 16
+    if layout == "auto":
+        if int4_ok:
+            layout = "int4"
+        elif q.qtype in FLOAT_TYPES:
+            layout = "bf16"
+        else:
+            layout = "int8"
+    if layout == "int4":
+        if not int4_ok:
+            raise ValueError(
+                f"{q.name}: the int4 layout needs a Q4_0, Q4_1 or Q4_K matrix with rows a multiple of 16 "
+                f"and columns of 32; this one is {q.qtype.name} {q.shape}"
+            )
+        vals, scale, zero = _q4_groups(q)
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(vals.contiguous(), 1)
+        sz = torch.stack([scale.t(), zero.t()], dim=-1).to(torch.bfloat16).contiguous()
+        return PackedMatrix("int4", n, k, packed, sz, q.qtype.name)
+    w = dequantize(q.data, q.qtype, q.shape, torch.float32, name=q.name)
+    if layout == "bf16":
+        return PackedMatrix("bf16", n, k, w.to(torch.bfloat16), None, q.qtype.name)
+    if layout == "int8":
+        scale = w.abs().amax(dim=1).clamp_min(1e-12) / 127.0
+        w8 = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+        return PackedMatrix("int8", n, k, w8.contiguous(), scale, q.qtype.name)
+    raise ValueError(f"unknown layout {layout!r}; expected auto, int4, int8 or bf16")

@@ -1,0 +1,97 @@
+"""Repacked GGUF matrices against dequantize-then-fp32, with the error bounds packed.py states."""
+
+from __future__ import annotations
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+from graftlm.kernels.cpu.packed import PREFILL_ROWS, pack
+from graftlm.weights.dequant import dequantize
+from graftlm.weights.source import QuantizedTensor
+
+Q = gguf.GGMLQuantizationType
+N, K = 48, 512
+
+
+def _blocks(qtype: Q, rng: np.random.Generator) -> np.ndarray:
+    """Realistic blocks: gguf-py's quantizer where it has one, else random bytes with sane scales."""
+    if qtype in (Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0):
+        return gguf.quants.quantize(rng.standard_normal((N, K)).astype(np.float32), qtype)
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    raw = rng.integers(0, 256, size=(N, K // block, size), dtype=np.uint8)
+    halves = lambda count: (
+        rng.uniform(1e-3, 1e-2, size=(N, K // block, count)).astype(np.float16).view(np.uint8)
+    )  # noqa: E731
+    if qtype in (Q.Q4_K, Q.Q5_K):
+        raw[..., 0:4] = halves(2)  # d, dmin
+    elif qtype in (Q.Q6_K,):
+        raw[..., -2:] = halves(1)  # d
+    elif qtype in (Q.Q2_K,):
+        raw[..., -4:] = halves(2)
+    elif qtype in (Q.Q3_K,):
+        raw[..., -2:] = halves(1)
+    return raw.reshape(N, -1)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    torch.set_num_threads(1)
+
+
+@pytest.mark.parametrize(
+    "qtype,layout",
+    [
+        (Q.Q4_0, "int4"),
+        (Q.Q4_1, "int4"),
+        (Q.Q4_K, "int4"),
+        (Q.Q5_0, "int8"),
+        (Q.Q5_1, "int8"),
+        (Q.Q8_0, "int8"),
+        (Q.Q6_K, "int8"),
+        (Q.Q5_K, "int8"),
+        (Q.Q3_K, "int8"),
+        (Q.Q2_K, "int8"),
+    ],
+)
+@pytest.mark.parametrize("rows", [1, 3, PREFILL_ROWS + 9])
+def test_packed_matmul_within_bound(qtype, layout, rows):
+    rng = np.random.default_rng(int(qtype) * 7 + rows)
+    data = _blocks(qtype, rng)
+    p = pack(QuantizedTensor("w", qtype, (N, K), data))
+    assert p.layout == layout and (p.n, p.k) == (N, K)
+    ref_w = dequantize(data, qtype, (N, K))
+    x = torch.from_numpy(rng.standard_normal((rows, K)).astype(np.float32))
+    ref = x @ ref_w.t()
+    got = p.matmul(x).float()
+    assert got.shape == (rows, N)
+    w = p.dequantized()
+    if layout == "int4":
+        # Values exact; scale and zero rounded to bf16: |dw| <= 2^-8 (8 |scale| + |zero|) per group.
+        assert (w - ref_w).abs().max() <= 2**-8 * (ref_w.abs().max() + 1e-6) * 9
+        bound = 2e-2  # bf16 activations and bf16 output on top
+    else:
+        # Per-row int8: |dw| <= max|w_row| / 254 (half a step).
+        step = ref_w.abs().amax(dim=1, keepdim=True) / 127
+        assert ((w - ref_w).abs() <= step / 2 + 1e-6).all()
+        bound = 4e-2  # plus int8 (prefill) or bf16 (decode) activations
+    assert ((got - ref).norm() / ref.norm()).item() < bound
+
+
+def test_float_types_stay_bf16():
+    w = torch.randn(N, K)
+    p = pack(QuantizedTensor("w", Q.F32, (N, K), w.numpy()))
+    assert p.layout == "bf16"
+    x = torch.randn(2, K)
+    ref = x @ w.t()
+    assert ((p.matmul(x).float() - ref).norm() / ref.norm()).item() < 1e-2  # bf16 weights, inputs, output
+
+
+def test_int4_needs_rows_multiple_of_16():
+    rng = np.random.default_rng(0)
+    data = gguf.quants.quantize(rng.standard_normal((8, K)).astype(np.float32), Q.Q4_0)
+    q = QuantizedTensor("w", Q.Q4_0, (8, K), data)
+    assert pack(q).layout == "int8"  # auto falls back
+    with pytest.raises(ValueError, match="multiple of 16"):
+        pack(q, "int4")

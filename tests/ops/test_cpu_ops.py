@@ -1,0 +1,82 @@
+"""`linear.cpu` and `experts.cpu` against the torch operators they replace, on quantized GGUFs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import graftlm
+from graftlm.ops.experts_cpu import ExpertsCPU
+from graftlm.ops.linear_cpu import LinearCPU
+from graftlm.weights.convert import convert
+from tests.models.tiny import make_model
+
+CPU_RULES = [
+    {
+        "match": {"name": r"^model\.layers\.\d+\.mlp\.experts$"},
+        "replace": {"class": "experts.cpu"},
+        "recursive": False,
+        "optional": True,
+    },
+    {
+        "match": {"name": r"^(model\.layers\.|lm_head$)", "class": "torch.nn.Linear"},
+        "replace": {"class": "linear.cpu"},
+    },
+]
+TORCH_RULES = [
+    {
+        "match": {"name": r"^model\.layers\.\d+\.mlp\.experts$"},
+        "replace": {"class": "experts.torch"},
+        "recursive": False,
+        "optional": True,
+    },
+    {
+        "match": {"name": r"^(model\.layers\.|lm_head$)", "class": "torch.nn.Linear"},
+        "replace": {"class": "linear.torch"},
+    },
+]
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2_moe", "deepseek_v2", "mixtral"])
+def quantized(request, tmp_path_factory):
+    torch.set_num_threads(1)
+    folder = tmp_path_factory.mktemp(request.param)
+    make_model(request.param, folder)
+    # Q4_0 exercises the int4 layout (and the Llama Q/K row permutation on raw blocks); Q8_0 int8.
+    return request.param, {t: convert(folder, folder / f"{t}.gguf", t) for t in ("q4_0", "q8_0")}
+
+
+@pytest.mark.parametrize("qtype,bound", [("q4_0", 0.01), ("q8_0", 0.03)])
+def test_cpu_operators_match_torch_operators(quantized, qtype, bound):
+    name, paths = quantized
+    ref = graftlm.load(paths[qtype], rules=TORCH_RULES, progress=False)
+    fast = graftlm.load(paths[qtype], rules=CPU_RULES, progress=False)
+    assert any(isinstance(m, LinearCPU) for m in fast.model.modules())
+    if name != "llama":
+        assert any(isinstance(m, ExpertsCPU) for m in fast.model.modules())
+    for length in (1, 7, 40):  # decode-sized and prefill-sized (int8 GEMM) inputs
+        ids = torch.randint(3, 320, (1, length), generator=torch.Generator().manual_seed(length))
+        with torch.inference_mode():
+            a, b = ref.model(ids).logits, fast.model(ids).logits
+        rel = ((a - b).norm() / a.norm()).item()
+        assert rel < bound, (name, qtype, length, rel)
+
+
+def test_linear_cpu_uses_the_quantized_blocks(quantized):
+    name, paths = quantized
+    fast = graftlm.load(paths["q4_0"], rules=CPU_RULES, progress=False)
+    layouts = {m.packed.layout for m in fast.model.modules() if isinstance(m, LinearCPU)}
+    assert "int4" in layouts  # tensors with 16-multiple rows go int4; the rest int8
+    for m in fast.model.modules():
+        if isinstance(m, LinearCPU) and m.packed.layout == "int4":
+            assert m.packed.nbytes < m.out_features * m.in_features  # under a byte per weight
+
+
+def test_cpu_linear_from_safetensors_packs_values(tmp_path):
+    make_model("qwen3", tmp_path)
+    fast = graftlm.load(tmp_path, rules=CPU_RULES, progress=False)
+    ref = graftlm.load(tmp_path, progress=False)
+    ids = torch.randint(3, 320, (1, 9), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        a, b = ref.model(ids).logits, fast.model(ids).logits
+    assert ((a - b).norm() / a.norm()).item() < 1e-2  # bf16 layout from fp32 values
