@@ -11,6 +11,7 @@ file, or `builtin:NAME`).
 from __future__ import annotations
 
 import difflib
+import logging
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -25,6 +26,8 @@ from torch import nn
 from graftlm.errors import RuleError
 from graftlm.inject.classes import ClassMatcher, resolve_class
 from graftlm.inject.registry import DEVICE_KWARGS, ResolveError, resolve_operator
+
+log = logging.getLogger(__name__)
 
 BUILTIN_DIR = Path(__file__).parent / "builtin"
 # Architecture names (GGUF and HF model_type spellings) -> built-in rule file.
@@ -175,6 +178,8 @@ def _schema_errors(exc: ValidationError, origin: Origin, node: yaml.Node | None)
             out.append(f"{where}: unknown key {loc[-1]!r}{scope} (allowed: {', '.join(allowed)}){hint}")
         elif err["type"] == "missing":
             out.append(f"{where}: missing key {'.'.join(map(str, loc))!r}")
+        elif err["type"] == "value_error":
+            out.append(f"{where}: {err['ctx']['error']}")
         elif loc:
             out.append(f"{where}: {'.'.join(map(str, loc))}: {err['msg']}")
         else:
@@ -200,9 +205,17 @@ def _resolve(spec: RuleSpec, index: int, origin: Origin) -> Rule:
         try:
             name = re.compile(spec.match.name)
         except re.error as exc:
-            raise ResolveError(f"bad regex in match.name {spec.match.name!r}: {exc}") from None
+            raise ResolveError(f"bad regex in match.name '{spec.match.name}': {exc}") from None
     cls = resolve_class(spec.match.class_) if spec.match.class_ is not None else None
     resolved = resolve_operator(spec.replace.class_, spec.replace.kwargs or {})
+    if resolved.prefill is not None:
+        log.warning(
+            "%s: %s names %s for prefill; graftlm runs %s for prefill too",
+            origin,
+            resolved.alias,
+            resolved.prefill,
+            resolved.name,
+        )
     try:
         _check_values(resolved.kwargs)
     except ValueError as exc:

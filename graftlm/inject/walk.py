@@ -80,6 +80,7 @@ class InjectionPlan:
                     "rule": r.origin.index,
                     "line": r.origin.line,
                     "op": r.op,
+                    "optional": r.optional,
                 }
                 for r in self.unmatched
             ],

@@ -1,0 +1,118 @@
+"""`graftlm inspect`: which rule, operator and device every module gets, without loading a weight.
+
+The model is built on the meta device and the rules are matched against it, so this is instant
+even for a 600B model. Byte counts are the parameters at `--dtype` (what loading at that dtype
+holds); a module whose rule says `recursive: false` counts its whole subtree.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+import torch
+
+from graftlm.errors import GraftError
+from graftlm.inject import InjectionPlan, load_rules, plan
+from graftlm.ops.base import as_dtype
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "inspect",
+        help="show each module's rule, operator, device and size (reads no weights)",
+        description=__doc__.splitlines()[0],
+    )
+    parser.add_argument(
+        "model", nargs="?", metavar="MODEL", help="GGUF file or HF folder (default: the demo model)"
+    )
+    parser.add_argument(
+        "--rules",
+        default="auto",
+        metavar="RULES",
+        help="a YAML rule file, builtin:NAME, 'auto' (the built-in rules for the architecture; default) or 'none'",
+    )
+    parser.add_argument("--device", default="cpu", help="device of modules no rule places (default: cpu)")
+    parser.add_argument("--dtype", default="float32", help="dtype the byte counts assume (default: float32)")
+    parser.add_argument("--hf-dir", metavar="DIR", help="HF folder whose config overrides the GGUF's")
+    parser.add_argument("--json", action="store_true", help="print the plan as JSON")
+    parser.add_argument("--strict", action="store_true", help="a rule that matches no module is an error")
+    parser.set_defaults(func=main)
+
+
+def human_bytes(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} GiB"
+
+
+def report(p: InjectionPlan, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+    """The plan as plain data, byte counts at `dtype`."""
+    itemsize = torch.empty(0, dtype=dtype).element_size()
+    data = p.to_dict()
+    totals: dict[str, int] = {}
+    for module in data["modules"]:
+        del module["param_bytes"]  # at the meta model's dtype; report at `dtype` instead
+        module["bytes"] = module["numel"] * itemsize
+        totals[module["device"]] = totals.get(module["device"], 0) + module["bytes"]
+    data["totals"] = totals
+    data["dtype"] = str(dtype).removeprefix("torch.")
+    return data
+
+
+def format_report(data: dict[str, Any]) -> str:
+    rows = [("MODULE", "CLASS", "RULE", "OPERATOR", "DEVICE", "BYTES")]
+    for m in data["modules"]:
+        rule = "-" if m["rule"] is None else str(m["rule"])
+        op = m["op"] or "-"
+        if m["stops"]:
+            op += " (whole subtree)"
+        rows.append((m["path"] or "(root)", m["cls"], rule, op, m["device"], human_bytes(m["bytes"])))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    lines.append("")
+    lines.append(
+        f"rules: {data['rules']}; default device: {data['default_device']}; bytes at {data['dtype']}"
+    )
+    lines.append("totals per device:")
+    for device, n in sorted(data["totals"].items()):
+        lines.append(f"  {device}: {human_bytes(n)}")
+    if data["unmatched_rules"]:
+        lines.append("rules that matched no module:")
+        for r in data["unmatched_rules"]:
+            where = f"{r['file']}: rule {r['rule']}" + (f" (line {r['line']})" if r["line"] else "")
+            optional = " (optional)" if r["optional"] else ""
+            lines.append(f"  rule {r['index']} -> {r['op']}{optional}  [{where}]")
+    else:
+        lines.append("every rule matched at least one module")
+    return "\n".join(lines)
+
+
+def main(args: argparse.Namespace) -> int:
+    from graftlm.weights.open import open_weights
+
+    if args.model:
+        path = args.model
+    else:
+        from graftlm.models.demo import demo_model_path
+
+        path = demo_model_path()
+    try:
+        dtype = as_dtype(args.dtype)
+    except ValueError as exc:
+        raise GraftError(str(exc)) from None
+    files = open_weights(path, hf_dir=args.hf_dir)
+    rules = load_rules(None if args.rules == "none" else args.rules, arch=files.arch)
+    p = plan(files.meta_model, rules, default_device=args.device, strict=args.strict)
+    data = report(p, dtype)
+    if args.json:
+        json.dump(data, sys.stdout, indent=1)
+        sys.stdout.write("\n")
+    else:
+        print(format_report(data))
+    return 0

@@ -1,0 +1,88 @@
+"""`graftlm inspect`: the plan of a real model folder, without reading a weight."""
+
+import json
+
+import pytest
+
+from graftlm.cli import main
+from graftlm.weights import safetensors_source
+from tests.inject.helpers import random_model, tiny_config
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    path = tmp_path_factory.mktemp("deepseek_v3")
+    random_model(tiny_config("deepseek_v3")).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(autouse=True)
+def no_weight_reads(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("inspect read a weight")
+
+    monkeypatch.setattr(safetensors_source.SafetensorsSource, "get", refuse)
+    monkeypatch.setattr(safetensors_source.SafetensorsSource, "raw", refuse)
+
+
+def run(capsys, *argv):
+    code = main(["inspect", *map(str, argv)])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_json_plan(folder, capsys):
+    code, out, _ = run(capsys, folder, "--json")
+    assert code == 0
+    data = json.loads(out)
+    assert data["rules"] == "builtin:deepseek2" and data["dtype"] == "float32"
+    modules = {m["path"]: m for m in data["modules"]}
+    assert modules["model.layers.1.mlp"]["op"] == "moe" and modules["model.layers.1.mlp"]["rule"] == 1
+    experts = modules["model.layers.1.mlp.experts"]
+    assert experts["op"] == "experts.torch" and experts["stops"] and experts["device"] == "cpu"
+    e, h, i = 8, 64, 32
+    assert experts["bytes"] == 4 * e * (2 * i * h + h * i)
+    assert modules["lm_head"]["op"] == "linear.torch" and modules["model.rotary_emb"]["op"] == "rope"
+    assert modules["model.layers.0.mlp"]["op"] is None  # the dense first layer's MLP stays HF's
+    assert modules["model.embed_tokens"]["rule"] is None
+    assert data["totals"] == {"cpu": sum(m["bytes"] for m in data["modules"])}
+    assert data["totals"]["cpu"] == 4 * sum(m["numel"] for m in data["modules"])
+    # the V2 block rule is optional and finds nothing in a V3 model
+    assert [(r["index"], r["optional"]) for r in data["unmatched_rules"]] == [(0, True)]
+
+
+def test_text_table_and_dtype(folder, capsys):
+    code, out, _ = run(capsys, folder, "--dtype", "bfloat16", "--device", "cuda:0")
+    assert code == 0
+    lines = out.splitlines()
+    assert lines[0].split() == ["MODULE", "CLASS", "RULE", "OPERATOR", "DEVICE", "BYTES"]
+    experts = next(line for line in lines if line.startswith("model.layers.1.mlp.experts "))
+    assert experts.split()[1:6] == ["DeepseekV3Experts", "2", "experts.torch", "(whole", "subtree)"]
+    assert experts.split()[6:] == ["cuda:0", "96.0", "KiB"]  # 8 x 96 x 64 weights at 2 bytes
+    assert "totals per device:" in lines and "rules that matched no module:" in lines
+    assert any("rule 0 -> moe (optional)  [builtin:deepseek2: rule 0 (line 4)]" in line for line in lines)
+
+
+def test_strict_fails_on_a_rule_that_matches_nothing(folder, tmp_path, capsys):
+    rules = tmp_path / "r.yaml"
+    rules.write_text(
+        '- match: {class: torch.nn.Linear}\n  replace: {class: linear.torch}\n- match: {name: "^nothing$"}\n  replace: {class: default}\n'
+    )
+    code, out, _ = run(capsys, folder, "--rules", rules)
+    assert code == 0 and f"rule 1 -> default  [{rules}: rule 1 (line 3)]" in out
+    code, _, err = run(capsys, folder, "--rules", rules, "--strict")
+    assert code == 2
+    assert f"{rules}: rule 1 (line 3): rule matches no module (name '^nothing$' -> default)" in err
+
+
+def test_no_rules(folder, capsys):
+    code, out, _ = run(capsys, folder, "--rules", "none", "--json")
+    data = json.loads(out)
+    assert code == 0 and all(m["rule"] is None for m in data["modules"]) and data["unmatched_rules"] == []
+
+
+def test_bad_rules_and_dtype_are_clean_errors(folder, tmp_path, capsys):
+    code, _, err = run(capsys, folder, "--rules", "builtin:nope")
+    assert code == 2 and "no built-in rules named 'nope'" in err
+    code, _, err = run(capsys, folder, "--dtype", "float8")
+    assert code == 2 and "unknown dtype 'float8'" in err
