@@ -1,0 +1,119 @@
+"""Prefill and decode speed of a loaded model, with the bytes of weights a decoded token reads.
+
+A decoded token reads every weight once, except: an embedding table (one row), and routed
+experts (only the top-k of E: the expected share k/E of their bytes). Achieved GB/s is those bytes
+times decode tokens/s. Medians over repeats; peak RSS from the kernel's high-water mark.
+"""
+
+from __future__ import annotations
+
+import platform
+import resource
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from graftlm.engine.generate import Engine
+
+
+@dataclass
+class BenchResult:
+    prompt_tokens: int
+    gen_tokens: int
+    threads: int
+    repeat: int
+    prefill_tok_s: float
+    decode_tok_s: float
+    prefill_runs: list[float] = field(default_factory=list)
+    decode_runs: list[float] = field(default_factory=list)
+    bytes_per_token: int = 0
+    decode_gb_s: float = 0.0
+    peak_rss_mib: float = 0.0
+    load_seconds: float = 0.0
+    machine: str = ""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _tensor_bytes(t: torch.Tensor | None) -> int:
+    return 0 if t is None or t.is_meta else t.numel() * t.element_size()
+
+
+def _own_bytes(module: nn.Module) -> int:
+    """Bytes of a module's own weights: its parameters and buffers, or its packed matrices."""
+    own = list(module.parameters(recurse=False)) + [b for b in module.buffers(recurse=False) if b is not None]
+    total = sum(_tensor_bytes(t) for t in own if t.numel() > 1)
+    packed = getattr(module, "packed", None)  # linear.cpu
+    total += packed.nbytes if packed is not None else 0
+    total += sum(
+        p.nbytes for p in getattr(module, "gate_up", []) + getattr(module, "down", [])
+    )  # experts.cpu
+    return total
+
+
+def weight_bytes_per_token(model: nn.Module) -> int:
+    """Bytes of weights one decoded token reads (see the module docstring)."""
+    k = getattr(getattr(model, "config", None), "num_experts_per_tok", None)
+    total = 0
+    for module in model.modules():
+        n_experts = getattr(module, "num_experts", None)
+        if isinstance(module, nn.Embedding):
+            total += module.embedding_dim * module.weight.element_size()
+        elif n_experts and k and (hasattr(module, "gate_up_proj") or hasattr(module, "gate_up")):
+            total += _own_bytes(module) * k // n_experts
+        else:
+            total += _own_bytes(module)
+    return total
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def machine_description() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}; torch {torch.__version__}; {torch.backends.cpu.get_cpu_capability()}"
+
+
+def run_bench(
+    engine: Engine, prompt_tokens: int = 512, gen_tokens: int = 128, repeat: int = 3, seed: int = 0
+) -> BenchResult:
+    """Median prefill and decode tok/s over `repeat` runs of a random prompt (after one warm-up)."""
+    vocab = engine.vocab_size or 1000
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(10, vocab - 1, (prompt_tokens,), generator=gen).tolist()
+    engine.generate(ids[: min(16, prompt_tokens)], max_new_tokens=2, ignore_eos=True)  # warm-up
+    prefill, decode = [], []
+    for _ in range(repeat):
+        r = engine.generate(ids, max_new_tokens=gen_tokens, ignore_eos=True, stop_token_ids=[])
+        prefill.append(prompt_tokens / r.prefill_seconds)
+        # The first new token comes from the prefill's logits; the rest each cost one decode step.
+        decode.append((len(r.token_ids) - 1) / r.decode_seconds if len(r.token_ids) > 1 else 0.0)
+        time.sleep(0)
+    bpt = weight_bytes_per_token(engine.model)
+    dec = statistics.median(decode)
+    return BenchResult(
+        prompt_tokens=prompt_tokens,
+        gen_tokens=gen_tokens,
+        threads=torch.get_num_threads(),
+        repeat=repeat,
+        prefill_tok_s=statistics.median(prefill),
+        decode_tok_s=dec,
+        prefill_runs=prefill,
+        decode_runs=decode,
+        bytes_per_token=bpt,
+        decode_gb_s=bpt * dec / 1e9,
+        peak_rss_mib=peak_rss_mib(),
+        machine=machine_description(),
+    )
