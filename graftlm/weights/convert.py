@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -177,48 +178,93 @@ def _tokenizer_metadata(w: gguf.GGUFWriter, folder: Path) -> None:
         w.add_chat_template(tok_cfg["chat_template"])
 
 
-def _quantize(t: torch.Tensor, qtype: Q) -> tuple[np.ndarray, Q]:
+def _out_type(shape: tuple[int, ...], qtype: Q) -> Q:
     """Tensors that cannot take `qtype` (1-D, or rows not a multiple of its block) stay F32."""
+    if qtype == Q.F32 or len(shape) < 2 or shape[-1] % gguf.GGML_QUANT_SIZES[qtype][0]:
+        return Q.F32
+    return qtype
+
+
+def _encode(t: torch.Tensor, qtype: Q) -> np.ndarray:
     arr = t.detach().to(torch.float32).contiguous().numpy()
-    block = gguf.GGML_QUANT_SIZES[qtype][0]
-    if qtype == Q.F32 or arr.ndim < 2 or arr.shape[-1] % block:
-        return arr, Q.F32
+    if qtype == Q.F32:
+        return arr
     if qtype == Q.F16:
-        return arr.astype(np.float16), Q.F16
-    return gguf.quants.quantize(arr, qtype), qtype
+        return arr.astype(np.float16)
+    return gguf.quants.quantize(arr, qtype)
 
 
-def convert(hf_dir: str | Path, out_path: str | Path, out_type: str = "f16") -> Path:
-    """Write the HF safetensors model in `hf_dir` to `out_path` as GGUF of `out_type`."""
+def write_gguf(
+    out_path: str | Path,
+    config,
+    hf_shapes: dict[str, tuple[int, ...]],
+    tensor_fn: Callable[[str], torch.Tensor],
+    out_type: str = "f16",
+    *,
+    name: str = "model",
+    vocab: Callable[[gguf.GGUFWriter], None] | None = None,
+) -> Path:
+    """Write a GGUF of `config`'s architecture, one tensor at a time.
+
+    `tensor_fn(hf_name)` gives each HF parameter (fp32 or any float dtype), in the order of
+    `hf_shapes`; `vocab(writer)` adds the tokenizer metadata. Memory stays at one tensor.
+    """
     if out_type not in OUT_TYPES:
         raise GraftError(f"unknown output type '{out_type}'; choose from {', '.join(OUT_TYPES)}")
-    hf_dir, out_path = Path(hf_dir), Path(out_path)
-    files = open_weights(hf_dir)
-    config = files.config
     arch = GGUF_ARCH.get(config.model_type)
     if arch is None:
         raise UnsupportedArchitecture(
-            f"{hf_dir}: cannot convert model_type '{config.model_type}'; supported: {', '.join(sorted(GGUF_ARCH))}"
+            f"cannot write model_type '{config.model_type}' to GGUF; supported: {', '.join(sorted(GGUF_ARCH))}"
         )
-    shapes = {n: tuple(p.shape) for n, p in files.meta_model.named_parameters()}
-    table = NameTable(arch, config, shapes)
+    out_path = Path(out_path)
+    table = NameTable(arch, config, hf_shapes)
+    qtype = OUT_TYPES[out_type]
     w = gguf.GGUFWriter(str(out_path), arch)
-    w.add_name(hf_dir.name)
+    w.add_name(name)
     w.add_file_type(FILE_TYPES[out_type])
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     _metadata(w, arch, config)
-    _tokenizer_metadata(w, hf_dir)
-    qtype = OUT_TYPES[out_type]
-    for name in tqdm(shapes, desc="converting", unit="tensor", leave=False):
-        tm = table.maps[name]
-        for gname, part in zip(tm.gguf_names, tm.from_hf(files.source.get(name))):
-            data, used = _quantize(part, qtype)
-            w.add_tensor(gname, data, raw_dtype=used)
+    if vocab is not None:
+        vocab(w)
+    for hf_name, shape in hf_shapes.items():
+        tm = table.maps[hf_name]
+        for gname, fshape in zip(tm.gguf_names, tm.file_shapes(tuple(shape))):
+            t = _out_type(tuple(fshape), qtype)
+            if t in (Q.F32, Q.F16):
+                dtype = np.float32 if t == Q.F32 else np.float16
+                w.add_tensor_info(
+                    gname, fshape, np.dtype(dtype), int(np.prod(fshape)) * np.dtype(dtype).itemsize
+                )
+            else:
+                byte_shape = gguf.quant_shape_to_byte_shape(fshape, t)
+                w.add_tensor_info(
+                    gname, byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape)), raw_dtype=t
+                )
     w.write_header_to_file()
     w.write_kv_data_to_file()
-    w.write_tensors_to_file(progress=False)
+    w.write_ti_data_to_file()
+    for hf_name in tqdm(hf_shapes, desc="writing", unit="tensor", leave=False):
+        tm = table.maps[hf_name]
+        for part in tm.from_hf(tensor_fn(hf_name)):
+            w.write_tensor_data(_encode(part, _out_type(tuple(part.shape), qtype)))
     w.close()
     log.info(
         "wrote %s (%s, %d tensors)", out_path, out_type, sum(len(m.gguf_names) for m in table.maps.values())
     )
     return out_path
+
+
+def convert(hf_dir: str | Path, out_path: str | Path, out_type: str = "f16") -> Path:
+    """Write the HF safetensors model in `hf_dir` to `out_path` as GGUF of `out_type`."""
+    hf_dir = Path(hf_dir)
+    files = open_weights(hf_dir)
+    shapes = {n: tuple(p.shape) for n, p in files.meta_model.named_parameters()}
+    return write_gguf(
+        out_path,
+        files.config,
+        shapes,
+        files.source.get,
+        out_type,
+        name=hf_dir.name,
+        vocab=lambda w: _tokenizer_metadata(w, hf_dir),
+    )
