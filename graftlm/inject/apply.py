@@ -12,6 +12,7 @@ import logging
 
 import torch
 from torch import nn
+from transformers import PretrainedConfig
 
 from graftlm.errors import RuleError, WeightMappingError
 from graftlm.inject.walk import InjectionPlan, PlanEntry
@@ -148,7 +149,7 @@ def apply(
     plan: InjectionPlan,
     *,
     source: WeightSource,
-    config,
+    config: PretrainedConfig | None,
     dtype: torch.dtype = torch.float32,
 ) -> nn.Module:
     """Replace the planned modules by operators and load every weight; returns the (new) root.

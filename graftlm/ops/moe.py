@@ -6,10 +6,13 @@ names: `gate` (the router, whose `weight` and `e_score_correction_bias` the hook
 `experts` (usually replaced in turn by an experts operator), and the shared experts, DeepSeek's
 `shared_experts` or Qwen2-MoE's sigmoid-gated `shared_expert` with `shared_expert_gate`.
 
-A routing hook maps (router, tokens [T, H]) to (weights [T, k], expert indices [T, k]). Each
-reproduces its HF router exactly, dtype handling included:
-- softmax_topk: softmax, top-k, renormalised when `norm_topk_prob` (Qwen2/3-MoE; Mixtral always).
-- deepseek_v2: softmax in fp32, `greedy` or `group_limited_greedy` top-k, times `routed_scaling_factor`.
+A routing hook maps (router, tokens [T, H], settings) to (weights [T, k], expert indices [T, k]).
+Each reproduces its HF router exactly, dtype handling included; ARCH_ROUTING picks one from
+`config.model_type`, and the rule kwarg `routing` overrides it:
+- mixtral: softmax, top-k, always renormalised, weights kept in fp32.
+- qwen_moe (Qwen2-MoE, Qwen3-MoE): softmax, top-k, renormalised when `norm_topk_prob`.
+- deepseek_v2: softmax in fp32, `greedy` or `group_limited_greedy` top-k, times
+  `routed_scaling_factor`.
 - deepseek_v3: sigmoid scores, `e_score_correction_bias` for the choice only, top-k among the
   `topk_group` best groups (a group scores the sum of its two best experts), renormalised when
   `norm_topk_prob`, times `routed_scaling_factor`.

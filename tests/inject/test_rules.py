@@ -149,7 +149,7 @@ def test_class_that_does_not_exist(tmp_path, cls, expected):
         ),
     ],
 )
-def test_operator_and_kwargs_errors(tmp_path, replace, expected):
+def test_operator_and_kwargs_errors(tmp_path, replace, expected, torch_only_registry):
     path = write(tmp_path, f'- match: {{name: "^lm_head$"}}\n  replace: {replace}\n')
     assert error(path).startswith(f"{path}: rule 0 (line 1): {expected}")
 
