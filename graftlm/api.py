@@ -59,6 +59,8 @@ def load(
     model = files.meta_model
     if rules is None:
         load_module_params(model, "", files.source, device=device, dtype=dtype, progress=progress)
+        if getattr(files.config, "tie_word_embeddings", False):
+            model.tie_weights()  # loading replaced the shared Parameter; point the head at it again
     else:
         from graftlm import inject
 
@@ -71,9 +73,7 @@ def load(
 
 
 def _finish(model: nn.Module, files: ModelFiles) -> None:
-    """Re-tie shared weights and apply file-level hooks once every parameter is loaded."""
-    if getattr(files.config, "tie_word_embeddings", False):
-        model.tie_weights()
+    """Check that every parameter is loaded and apply file-level hooks."""
     leftover = [n for n, p in model.named_parameters() if p.is_meta]
     if leftover:
         raise RuntimeError(f"parameters left on the meta device after loading: {leftover[:5]}")

@@ -14,10 +14,31 @@ from graftlm.weights.source import WeightSource
 log = logging.getLogger(__name__)
 
 
-def _set_param(root: nn.Module, dotted: str, value: torch.Tensor) -> None:
+def weight_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
+    """What a checkpoint stores for `module`: its parameters and persistent buffers (such as
+    DeepSeek-V3's `e_score_correction_bias`), each tied tensor once, by dotted name."""
+    out = dict(module.named_parameters())
+    seen = {id(t) for t in out.values()}
+    for prefix, sub in module.named_modules():
+        for name, buf in sub._buffers.items():
+            if buf is None or name in sub._non_persistent_buffers_set or id(buf) in seen:
+                continue
+            seen.add(id(buf))
+            out[f"{prefix}.{name}" if prefix else name] = buf
+    return out
+
+
+def weight_shapes(module: nn.Module) -> dict[str, tuple[int, ...]]:
+    return {n: tuple(t.shape) for n, t in weight_tensors(module).items()}
+
+
+def _set_tensor(root: nn.Module, dotted: str, value: torch.Tensor) -> None:
     owner_path, _, leaf = dotted.rpartition(".")
     owner = root.get_submodule(owner_path) if owner_path else root
-    setattr(owner, leaf, nn.Parameter(value, requires_grad=False))
+    if leaf in owner._buffers:
+        owner._buffers[leaf] = value
+    else:
+        setattr(owner, leaf, nn.Parameter(value, requires_grad=False))
 
 
 def load_module_params(
@@ -29,14 +50,19 @@ def load_module_params(
     dtype: torch.dtype = torch.float32,
     progress: bool = False,
 ) -> list[str]:
-    """Load every parameter of `module` (dotted path `prefix`, "" for the root) from `source`.
+    """Load every parameter and persistent buffer of `module` (dotted path `prefix`, "" for the
+    root) from `source`.
 
-    Tied parameters are loaded once (named_parameters de-duplicates them) and re-tied by the
-    caller. Buffers move to `device`; rotary buffers left on meta are recomputed there.
-    Returns the HF names loaded.
+    Tied parameters are loaded once and re-tied by the caller. Persistent buffers the source has
+    (DeepSeek-V3's router bias) are loaded like parameters; other buffers move to `device`, and
+    rotary buffers left on meta are recomputed there. Returns the HF names loaded.
     """
     loaded: list[str] = []
-    params = [(n, p) for n, p in module.named_parameters() if p.is_meta]
+    params = [
+        (n, p)
+        for n, p in weight_tensors(module).items()
+        if p.is_meta or (not isinstance(p, nn.Parameter) and source.has(f"{prefix}.{n}" if prefix else n))
+    ]
     for name, param in tqdm(params, desc="loading weights", unit="tensor", disable=not progress, leave=False):
         full = f"{prefix}.{name}" if prefix else name
         if not source.has(full):
@@ -46,7 +72,7 @@ def load_module_params(
             raise WeightMappingError(
                 f"{source.path}: tensor for '{full}' has shape {tuple(value.shape)}, the model expects {tuple(param.shape)}"
             )
-        _set_param(module, name, value)
+        _set_tensor(module, name, value)
         loaded.append(full)
     for sub in module.modules():
         for bname, buf in list(sub.named_buffers(recurse=False)):

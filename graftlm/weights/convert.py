@@ -19,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from graftlm.errors import GraftError, UnsupportedArchitecture
+from graftlm.models.loader import weight_shapes
 from graftlm.weights.names import NameTable
 from graftlm.weights.open import open_weights
 
@@ -155,27 +156,42 @@ def _tokenizer_metadata(w: gguf.GGUFWriter, folder: Path) -> None:
     tokens = [""] * (max(vocab.values()) + 1)
     for tok, i in vocab.items():
         tokens[i] = tok
-    types = [gguf.TokenType.CONTROL if t in special else gguf.TokenType.NORMAL for t in tokens]
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("default")
-    w.add_token_list(tokens)
-    w.add_token_types(types)
-    w.add_token_merges(merges or ["a b"])  # llama.cpp refuses a gpt2 vocabulary without merges
     cfg_path = folder / "tokenizer_config.json"
     tok_cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
-    for key, add in (
-        ("bos_token", w.add_bos_token_id),
-        ("eos_token", w.add_eos_token_id),
-        ("pad_token", w.add_pad_token_id),
-    ):
+    ids = {}
+    for key in ("bos_token", "eos_token", "pad_token"):
         tok = tok_cfg.get(key)
         tok = tok.get("content") if isinstance(tok, dict) else tok
         if tok in vocab:
-            add(vocab[tok])
-    w.add_add_bos_token(bool(tok_cfg.get("add_bos_token", False)))
+            ids[key] = vocab[tok]
+    write_gpt2_vocab(w, tokens, set(special), merges, ids, bool(tok_cfg.get("add_bos_token", False)))
     if tok_cfg.get("chat_template"):
         w.add_chat_template(tok_cfg["chat_template"])
+
+
+def write_gpt2_vocab(
+    w: gguf.GGUFWriter,
+    tokens: list[str],
+    special: set[str],
+    merges: list[str],
+    ids: dict[str, int],
+    add_bos: bool,
+) -> None:
+    """A byte-level BPE vocabulary in llama.cpp's `gpt2` form; `ids` maps bos/eos/pad_token to ids."""
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_types([gguf.TokenType.CONTROL if t in special else gguf.TokenType.NORMAL for t in tokens])
+    w.add_token_merges(merges or ["a b"])  # llama.cpp refuses a gpt2 vocabulary without merges
+    adders = {
+        "bos_token": w.add_bos_token_id,
+        "eos_token": w.add_eos_token_id,
+        "pad_token": w.add_pad_token_id,
+    }
+    for key, token_id in ids.items():
+        adders[key](token_id)
+    w.add_add_bos_token(add_bos)
 
 
 def _out_type(shape: tuple[int, ...], qtype: Q) -> Q:
@@ -258,7 +274,7 @@ def convert(hf_dir: str | Path, out_path: str | Path, out_type: str = "f16") -> 
     """Write the HF safetensors model in `hf_dir` to `out_path` as GGUF of `out_type`."""
     hf_dir = Path(hf_dir)
     files = open_weights(hf_dir)
-    shapes = {n: tuple(p.shape) for n, p in files.meta_model.named_parameters()}
+    shapes = weight_shapes(files.meta_model)
     return write_gguf(
         out_path,
         files.config,

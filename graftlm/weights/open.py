@@ -13,6 +13,7 @@ from torch import nn
 from graftlm.errors import GraftError
 from graftlm.models.build import build_meta_model
 from graftlm.models.config import config_from_gguf
+from graftlm.models.loader import weight_shapes
 from graftlm.weights.gguf_file import GGUFFile
 from graftlm.weights.gguf_source import GGUFSource
 from graftlm.weights.names import NameTable
@@ -33,10 +34,6 @@ class ModelFiles:
     meta_model: nn.Module  # the architecture on the meta device, already checked against the source
     load_tokenizer: Callable[[], transformers.PreTrainedTokenizerBase]
     gguf: GGUFFile | None = None
-
-
-def _hf_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
-    return {n: tuple(p.shape) for n, p in model.named_parameters()}
 
 
 def _check_vocab(config, file: GGUFFile) -> None:
@@ -77,7 +74,7 @@ def open_weights(path: str | Path, *, hf_dir: str | Path | None = None) -> Model
         config = config_from_gguf(file.arch, file.metadata, frozenset(file.tensors), path=str(p))
         _check_vocab(config, file)
     model = build_meta_model(config)
-    shapes = _hf_shapes(model)
+    shapes = weight_shapes(model)
     source = GGUFSource(file, NameTable(file.arch, config, shapes, set(file.tensors)))
     source.check_shapes(shapes)
     template = file.metadata.get("tokenizer.chat_template")
@@ -97,7 +94,7 @@ def _open_safetensors(folder: Path) -> ModelFiles:
     config = transformers.AutoConfig.from_pretrained(str(folder))
     model = build_meta_model(config)
     source = SafetensorsSource(folder)
-    source.check_shapes(_hf_shapes(model))
+    source.check_shapes(weight_shapes(model))
     arch = config.model_type
     return ModelFiles(
         str(folder), source, config, arch, model, lambda: tokenizer_from_folder(str(folder), arch)

@@ -167,6 +167,9 @@ def make_model(
         for pname, p in model.named_parameters():
             if p.ndim == 1 or "bias" in pname:
                 p.add_(torch.randn_like(p) * 0.1)
+        for bname, b in model.named_buffers():  # persistent ones, e.g. DeepSeek-V3's router bias
+            if bname.endswith("e_score_correction_bias"):
+                b.copy_(torch.randn_like(b))
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder)
     make_tokenizer(folder)
