@@ -178,7 +178,10 @@ class _CheckedReader(gguf.GGUFReader):
     def _build_fields(self, offs: int, count: int) -> int:
         count = int(count)
         if count * _MIN_KV_BYTES > self._room(offs):
-            raise _Damaged(f"the header claims {count} metadata entries, more than the file can hold")
+            raise _Damaged(
+                f"the header claims {count} metadata entries, more than the rest of the file "
+                f"({self._room(offs)} bytes) can hold: truncated or damaged"
+            )
         for _ in range(count):
             orig_offs = offs
             kv_klen, kv_kdata = self._get_str(offs)
@@ -219,8 +222,8 @@ class _CheckedReader(gguf.GGUFReader):
         item_bytes = _MIN_ITEM_BYTES.get(itype) or np.dtype(self.gguf_scalar_to_np[itype]).itemsize
         if count * item_bytes > self._room(start):
             raise _Damaged(
-                f"an array of {count} {itype.name} values at byte {orig_offs} is longer than the rest "
-                f"of the file ({self._room(start)} bytes)"
+                f"an array of {count} {itype.name.lower()} values at byte {orig_offs} runs past the end "
+                f"of the file ({len(self.data)} bytes): truncated or damaged"
             )
         if itype == GGUFValueType.ARRAY:  # nested: gguf-py's loop, its count now bounded by the file
             return super()._get_field_parts(orig_offs, raw_type)
@@ -257,7 +260,10 @@ class _CheckedReader(gguf.GGUFReader):
     def _build_tensor_info(self, offs: int, count: int):
         count = int(count)
         if count * _MIN_TENSOR_INFO_BYTES > self._room(offs):
-            raise _Damaged(f"the header claims {count} tensors, more than the file can hold")
+            raise _Damaged(
+                f"the header claims {count} tensors, more than the rest of the file "
+                f"({self._room(offs)} bytes) can hold: truncated or damaged"
+            )
         return super()._build_tensor_info(offs, count)
 
     def _get_tensor_info_field(self, orig_offs: int) -> gguf.ReaderField:
@@ -294,8 +300,9 @@ class _CheckedReader(gguf.GGUFReader):
         except ValueError:
             raise _Damaged(f"{where} has unknown ggml type {int(raw_dtype[0])}") from None
         ne = [int(x) for x in dims]
+        shape = tuple(reversed(ne))  # torch order, as every other message gives shapes
         if any(n <= 0 for n in ne):
-            raise _Damaged(f"{where} has invalid shape {ne}")
+            raise _Damaged(f"{where} has invalid shape {shape}")
         block, type_size = gguf.GGML_QUANT_SIZES[qtype]
         if ne[0] % block:
             raise _Damaged(
@@ -312,7 +319,7 @@ class _CheckedReader(gguf.GGUFReader):
             )
         if start + nbytes > len(self.data):
             raise _Damaged(
-                f"{where} ({qtype.name}, shape {ne}) needs {nbytes} bytes at byte {start}, but the file "
+                f"{where} ({qtype.name}, shape {shape}) needs {nbytes} bytes at byte {start}, but the file "
                 f"has {len(self.data)} bytes: truncated or damaged"
             )
         return start, start + nbytes, field.name
