@@ -11,6 +11,8 @@ from typing import Any
 
 import torch
 
+from graftlm import userconfig
+
 log = logging.getLogger(__name__)
 
 
@@ -21,7 +23,7 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--rules", metavar="RULES", help="injection rules (a YAML file or a built-in name)")
     parser.add_argument(
-        "--device", default="cpu", help="device for the model's inputs and dense layers (default: cpu)"
+        "--device", default=None, help="device for the model's inputs and dense layers (default: cpu)"
     )
     parser.add_argument(
         "--threads",
@@ -96,6 +98,8 @@ def set_threads(threads: int | None) -> int:
 
 def load_llm(args: argparse.Namespace) -> Any:
     """Set threads, then load args.model (or the demo model) with graftlm.api.load."""
+    # Flags left unset take their defaults from GRAFTLM_* variables, the user config, built-ins.
+    userconfig.apply_defaults(args, ("model", "rules", "threads", "device"))
     set_threads(args.threads)
     if args.model:
         path: Path | str = args.model
