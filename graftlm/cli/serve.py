@@ -87,5 +87,8 @@ def main(args: argparse.Namespace) -> int:
             "listening on %s: other machines can reach this server, which has no authentication", args.host
         )
     log.info("chat page: http://%s:%d/", args.host, args.port)
-    uvicorn.run(app, host=args.host, port=args.port, log_config=None, access_log=False)
+    # Open streams are cancelled (and their generations with them) 5 s after Ctrl-C.
+    uvicorn.run(
+        app, host=args.host, port=args.port, log_config=None, access_log=False, timeout_graceful_shutdown=5
+    )
     return 0

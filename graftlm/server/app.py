@@ -39,7 +39,11 @@ def create_app(
     max_queue: int = 64,
     max_body_bytes: int = MAX_BODY_BYTES,
 ) -> FastAPI:
-    """An ASGI app serving `llm` (graftlm.api.LLM) under `model_name` (default: the file's stem)."""
+    """An ASGI app serving `llm` (graftlm.api.LLM) under `model_name` (default: the file's stem).
+
+    The prompt side keeps its own copy of the tokenizer, taken here: set a chat template on
+    `llm.tokenizer` before calling this.
+    """
     if model_name is None:
         model_name = default_model_name(llm.files.path) if llm.files is not None else "graftlm"
     served = ServedModel(llm, model_name, default_max_tokens=default_max_tokens, max_queue=max_queue)
