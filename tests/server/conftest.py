@@ -6,7 +6,6 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -124,7 +123,3 @@ def slow_model(live_server: LiveServer, monkeypatch: pytest.MonkeyPatch) -> dict
     yield delay
     delay["seconds"] = 0.0
     live_server.wait_idle()
-
-
-def model_path(llm: Any) -> Path:
-    return Path(llm.files.path)

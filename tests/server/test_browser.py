@@ -61,14 +61,15 @@ def driver(live_server: LiveServer) -> Iterator[Any]:
         "selenium.webdriver", reason="the browser test needs `pip install selenium`"
     )
     browser, chromedriver = _ensure_browser()
-    os.environ.setdefault("SE_OFFLINE", "true")  # Selenium Manager must not try to download anything
     options = webdriver.ChromeOptions()
     options.binary_location = browser
     profile = tempfile.mkdtemp(prefix="graftlm-chromium-")
     for flag in [*CHROMIUM_FLAGS, f"--user-data-dir={profile}"]:
         options.add_argument(flag)
     service = webdriver.ChromeService(executable_path=chromedriver)
-    drv = webdriver.Chrome(options=options, service=service)
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("SE_OFFLINE", "true")  # Selenium Manager must not try to download anything
+        drv = webdriver.Chrome(options=options, service=service)
     drv.set_page_load_timeout(30)
     try:
         yield drv
