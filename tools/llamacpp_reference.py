@@ -59,6 +59,14 @@ PROMPTS = [
     ("list", "Things to pack for a camping trip:\n1. A tent\n2. A sleeping bag\n3."),
     ("question", "Question: Why is the sky blue?\nAnswer:"),
     ("digits", "On 2024-03-15 at 09:45, the price rose 12.5% to $1,234.56 (see table #7); by"),
+    ("recipe", "To make a simple tomato soup, first"),
+    ("history", "The Roman Empire was one of the largest empires in history. At its height,"),
+    ("science", "Photosynthesis is the process by which plants"),
+    ("dialogue", "Alice: Did you finish the report?\nBob: Not yet, I"),
+    ("capital", "The capital of France is"),
+    ("count", "1, 2, 3, 4, 5, 6,"),
+    ("letter", "Dear Sir or Madam,\n\nI am writing to"),
+    ("python", "import numpy as np\n\nx = np.arange(10)\ny ="),
 ]
 
 
