@@ -64,7 +64,7 @@ def load(
     else:
         from graftlm import inject
 
-        ruleset = inject.load_rules(rules, arch=files.arch)
+        ruleset = inject.load_rules(rules, arch=files.arch, device=device)
         plan = inject.plan(model, ruleset, default_device=device)
         model = inject.apply(model, plan, source=files.source, config=files.config, dtype=dtype)
     _finish(model, files)

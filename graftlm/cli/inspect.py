@@ -107,7 +107,7 @@ def main(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise GraftError(str(exc)) from None
     files = open_weights(path, hf_dir=args.hf_dir)
-    rules = load_rules(None if args.rules == "none" else args.rules, arch=files.arch)
+    rules = load_rules(None if args.rules == "none" else args.rules, arch=files.arch, device=args.device)
     p = plan(files.meta_model, rules, default_device=args.device, strict=args.strict)
     data = report(p, dtype)
     if args.json:

@@ -320,11 +320,12 @@ def _builtin_path(name: str, origin: object = "rules") -> Path:
     return path
 
 
-def load_rules(spec: Any, *, arch: str | None = None) -> RuleSet:
+def load_rules(spec: Any, *, arch: str | None = None, device: str = "cpu") -> RuleSet:
     """Load and validate rules.
 
     `spec` is None (no rules), "auto" (the built-in rules for `arch`), "builtin:NAME", a path to
-    a YAML file, a list of rule dicts, or a RuleSet (returned as is).
+    a YAML file, a list of rule dicts, or a RuleSet (returned as is). The built-in rules place the
+    CPU operators, so "auto" needs a CPU `device`.
     """
     if spec is None:
         return RuleSet([], "<no rules>")
@@ -341,6 +342,11 @@ def load_rules(spec: Any, *, arch: str | None = None) -> RuleSet:
         if arch not in ARCH_RULES:
             known = ", ".join(sorted(ARCH_RULES))
             raise RuleError(f"no built-in rules for architecture {arch!r} (known: {known}); pass a rule file")
+        if str(device).split(":")[0] != "cpu":
+            raise RuleError(
+                f"rules='auto' places graftlm's CPU operators, not {device!r} ones (built-in accelerator "
+                "rules are not written yet): pass a rule file, or rules=None for plain torch modules on the device"
+            )
         spec = f"builtin:{ARCH_RULES[arch]}"
     if spec.startswith("builtin:"):
         path = _builtin_path(spec.removeprefix("builtin:"))

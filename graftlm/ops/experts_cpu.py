@@ -56,7 +56,7 @@ class ExpertsCPU(InjectedModule, name="experts.cpu"):
     def forward(
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
     ) -> torch.Tensor:
-        x = hidden_states.to(torch.bfloat16)
+        x = hidden_states.float()
         y = grouped_apply(x, top_k_index, top_k_weights, self.num_experts, self._expert)
         return self.to_out(y, hidden_states)
 

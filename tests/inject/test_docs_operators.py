@@ -11,7 +11,7 @@ import torch
 
 from graftlm.errors import RuleError
 from graftlm.inject import load_rules, registry
-from graftlm.ops.linear import LinearTorch
+from graftlm.ops.linear_cpu import LinearCPU
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "operators.md"
 
@@ -48,7 +48,7 @@ def test_walkthrough_runs_and_matches_the_reference(workdir):
     layer = model.model.layers[0]
     assert isinstance(layer.mlp.down_proj, my_ops.LinearInt8)
     assert isinstance(layer.mlp.gate_proj, my_ops.LinearInt8)
-    assert isinstance(layer.self_attn.q_proj, LinearTorch)  # the included built-in rules
+    assert isinstance(layer.self_attn.q_proj, LinearCPU)  # the included built-in rules
     assert layer.mlp.down_proj.qweight.dtype == torch.int8
     ids = torch.tensor([[1, 2, 3, 4, 5]])
     with torch.no_grad():

@@ -39,10 +39,10 @@ def test_json_plan(folder, capsys):
     modules = {m["path"]: m for m in data["modules"]}
     assert modules["model.layers.1.mlp"]["op"] == "moe" and modules["model.layers.1.mlp"]["rule"] == 1
     experts = modules["model.layers.1.mlp.experts"]
-    assert experts["op"] == "experts.torch" and experts["stops"] and experts["device"] == "cpu"
+    assert experts["op"] == "experts.cpu" and experts["stops"] and experts["device"] == "cpu"
     e, h, i = 8, 64, 32
     assert experts["bytes"] == 4 * e * (2 * i * h + h * i)
-    assert modules["lm_head"]["op"] == "linear.torch" and modules["model.rotary_emb"]["op"] == "rope"
+    assert modules["lm_head"]["op"] == "linear.cpu" and modules["model.rotary_emb"]["op"] == "rope"
     assert modules["model.layers.0.mlp"]["op"] is None  # the dense first layer's MLP stays HF's
     assert modules["model.embed_tokens"]["rule"] is None
     assert data["totals"] == {"cpu": sum(m["bytes"] for m in data["modules"])}
@@ -57,7 +57,7 @@ def test_text_table_and_dtype(folder, capsys):
     lines = out.splitlines()
     assert lines[0].split() == ["MODULE", "CLASS", "RULE", "OPERATOR", "DEVICE", "BYTES"]
     experts = next(line for line in lines if line.startswith("model.layers.1.mlp.experts "))
-    assert experts.split()[1:6] == ["DeepseekV3Experts", "2", "experts.torch", "(whole", "subtree)"]
+    assert experts.split()[1:6] == ["DeepseekV3Experts", "2", "experts.cpu", "(whole", "subtree)"]
     assert experts.split()[6:] == ["cuda:0", "96.0", "KiB"]  # 8 x 96 x 64 weights at 2 bytes
     assert "totals per device:" in lines and "rules that matched no module:" in lines
     assert any("rule 0 -> moe (optional)  [builtin:deepseek2: rule 0 (line 4)]" in line for line in lines)

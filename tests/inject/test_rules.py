@@ -195,7 +195,7 @@ def test_include_relative_and_builtin(tmp_path):
     assert [str(r.origin) for r in rules] == [
         f"{tmp_path / 'head.yaml'}: rule 0 (line 1)",
         "builtin:base: rule 0 (line 5)",
-        "builtin:base: rule 1 (line 11)",
+        "builtin:base: rule 1 (line 12)",
     ]
     assert [r.index for r in rules] == [0, 1, 2]
 

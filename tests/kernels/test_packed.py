@@ -21,9 +21,10 @@ def _blocks(qtype: Q, rng: np.random.Generator) -> np.ndarray:
         return gguf.quants.quantize(rng.standard_normal((N, K)).astype(np.float32), qtype)
     block, size = gguf.GGML_QUANT_SIZES[qtype]
     raw = rng.integers(0, 256, size=(N, K // block, size), dtype=np.uint8)
-    halves = lambda count: (
-        rng.uniform(1e-3, 1e-2, size=(N, K // block, count)).astype(np.float16).view(np.uint8)
-    )  # noqa: E731
+
+    def halves(count: int) -> np.ndarray:
+        return rng.uniform(1e-3, 1e-2, size=(N, K // block, count)).astype(np.float16).view(np.uint8)
+
     if qtype in (Q.Q4_K, Q.Q5_K):
         raw[..., 0:4] = halves(2)  # d, dmin
     elif qtype in (Q.Q6_K,):
@@ -79,13 +80,16 @@ def test_packed_matmul_within_bound(qtype, layout, rows):
     assert ((got - ref).norm() / ref.norm()).item() < bound
 
 
-def test_float_types_stay_bf16():
+def test_float_types():
     w = torch.randn(N, K)
-    p = pack(QuantizedTensor("w", Q.F32, (N, K), w.numpy()))
-    assert p.layout == "bf16"
     x = torch.randn(2, K)
+    exact = pack(QuantizedTensor("w", Q.F32, (N, K), w.numpy()))
+    assert exact.layout == "f32"
+    assert torch.equal(exact.matmul(x), x @ w.t())
+    half = pack(QuantizedTensor("w", Q.F16, (N, K), w.numpy().astype(np.float16)))
+    assert half.layout == "bf16"
     ref = x @ w.t()
-    assert ((p.matmul(x).float() - ref).norm() / ref.norm()).item() < 1e-2  # bf16 weights, inputs, output
+    assert ((half.matmul(x) - ref).norm() / ref.norm()).item() < 1e-2  # bf16 weights and inputs
 
 
 def test_int4_needs_rows_multiple_of_16():

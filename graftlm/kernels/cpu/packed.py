@@ -4,7 +4,8 @@
 |----------------------|-------------------|----------------------------------|-----------------------------------|
 | Q4_0, Q4_1, Q4_K     | `int4` group 32   | `_weight_int4pack_mm_for_cpu`    | the same                          |
 | other quantized types| `int8` per row    | `_weight_int8pack_mm`            | `torch._int_mm` (AMX/VNNI), int8 activations per row |
-| F32, F16, BF16       | `bf16`            | `F.linear`                       | `F.linear`                        |
+| F16, BF16            | `bf16`            | `F.linear`                       | `F.linear`                        |
+| F32                  | `f32` (exact)     | `F.linear`                       | `F.linear`                        |
 
 Error bounds against dequantize-then-fp32 (tested in tests/kernels/test_packed.py):
 - `int4`: lossless in the 4-bit values; each group's scale and zero are rounded to bf16, a relative
@@ -12,7 +13,8 @@ Error bounds against dequantize-then-fp32 (tested in tests/kernels/test_packed.p
 - `int8`: each row is requantized to int8 with scale max|w|/127: an absolute error of at most half
   that scale per weight (Q8_0's own step is d/2 per block: about the same when block scales are even).
 - `_int_mm` prefill also rounds activations to int8 per row (scale max|x|/127), as llama.cpp's q8.
-All kernels take bf16 activations: fp32 activations make the weight-only kernels 6-36x slower here.
+The quantized and bf16 kernels take bf16 activations (fp32 makes the weight-only kernels 6-36x
+slower here); every layout returns fp32.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ GROUP = 32
 PREFILL_ROWS = 16
 
 INT4_TYPES = frozenset({Q.Q4_0, Q.Q4_1, Q.Q4_K})
-FLOAT_TYPES = frozenset({Q.F32, Q.F16, Q.BF16})
+HALF_TYPES = frozenset({Q.F16, Q.BF16})
 
 
 def _f16(raw: np.ndarray) -> torch.Tensor:
@@ -83,10 +85,10 @@ def _q4_groups(q: QuantizedTensor) -> tuple[torch.Tensor, torch.Tensor, torch.Te
 class PackedMatrix:
     """One weight matrix [N, K] in a fast layout; `matmul(x)` computes x @ W^T."""
 
-    layout: str  # "int4" | "int8" | "bf16"
+    layout: str  # "int4" | "int8" | "bf16" | "f32"
     n: int
     k: int
-    weight: torch.Tensor  # int4: packed uint8; int8: int8 [N, K]; bf16: [N, K]
+    weight: torch.Tensor  # int4: packed uint8; int8: int8 [N, K]; bf16, f32: [N, K]
     scales: torch.Tensor | None = None  # int4: bf16 [K/32, N, 2]; int8: fp32 [N]
     source_type: str = ""
 
@@ -95,21 +97,25 @@ class PackedMatrix:
         return self.weight.nbytes + (self.scales.nbytes if self.scales is not None else 0)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        """x [M, K] (any float dtype) -> [M, N] in bf16."""
+        """x [M, K] (any float dtype) -> [M, N] in fp32."""
+        if self.layout == "f32":
+            return F.linear(x.float(), self.weight)
         xb = x.to(torch.bfloat16)
         if self.layout == "int4":
-            return torch.ops.aten._weight_int4pack_mm_for_cpu(xb, self.weight, GROUP, self.scales)
-        if self.layout == "int8":
-            if x.shape[0] > PREFILL_ROWS:
-                return _int8_gemm(x, self.weight, self.scales)
-            return torch.ops.aten._weight_int8pack_mm(xb, self.weight, self.scales.to(torch.bfloat16))
-        return F.linear(xb, self.weight)
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(xb, self.weight, GROUP, self.scales)
+        elif self.layout == "int8" and x.shape[0] > PREFILL_ROWS:
+            return _int8_gemm(x, self.weight, self.scales)
+        elif self.layout == "int8":
+            y = torch.ops.aten._weight_int8pack_mm(xb, self.weight, self.scales.to(torch.bfloat16))
+        else:
+            y = F.linear(xb, self.weight)
+        return y.float()
 
     def dequantized(self) -> torch.Tensor:
         """The weights this layout computes with, in fp32 (for tests and error bounds)."""
         if self.layout == "int8":
             return self.weight.float() * self.scales[:, None]
-        if self.layout == "bf16":
+        if self.layout in ("bf16", "f32"):
             return self.weight.float()
         eye = torch.eye(self.k, dtype=torch.bfloat16)
         return torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.weight, GROUP, self.scales).float().t()
@@ -121,11 +127,11 @@ def _int8_gemm(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor) -> torch
     x_scale = xf.abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / 127.0
     xq = torch.round(xf / x_scale).to(torch.int8)
     acc = torch._int_mm(xq, w.t())
-    return (acc.float() * x_scale * w_scale[None, :]).to(torch.bfloat16)
+    return acc.float() * x_scale * w_scale[None, :]
 
 
 def pack(q: QuantizedTensor, layout: str = "auto") -> PackedMatrix:
-    """Repack one GGUF matrix [N, K]. `layout`: auto, int4, int8 or bf16."""
+    """Repack one GGUF matrix [N, K]. `layout`: auto, int4, int8, bf16 or f32."""
     if len(q.shape) != 2:
         raise ValueError(f"{q.name}: expected a matrix, got shape {q.shape}")
     n, k = q.shape
@@ -133,7 +139,9 @@ def pack(q: QuantizedTensor, layout: str = "auto") -> PackedMatrix:
     if layout == "auto":
         if int4_ok:
             layout = "int4"
-        elif q.qtype in FLOAT_TYPES:
+        elif q.qtype == Q.F32:
+            layout = "f32"
+        elif q.qtype in HALF_TYPES:
             layout = "bf16"
         else:
             layout = "int8"
@@ -148,10 +156,12 @@ def pack(q: QuantizedTensor, layout: str = "auto") -> PackedMatrix:
         sz = torch.stack([scale.t(), zero.t()], dim=-1).to(torch.bfloat16).contiguous()
         return PackedMatrix("int4", n, k, packed, sz, q.qtype.name)
     w = dequantize(q.data, q.qtype, q.shape, torch.float32, name=q.name)
+    if layout == "f32":
+        return PackedMatrix("f32", n, k, w.contiguous(), None, q.qtype.name)
     if layout == "bf16":
         return PackedMatrix("bf16", n, k, w.to(torch.bfloat16), None, q.qtype.name)
     if layout == "int8":
         scale = w.abs().amax(dim=1).clamp_min(1e-12) / 127.0
         w8 = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
         return PackedMatrix("int8", n, k, w8.contiguous(), scale, q.qtype.name)
-    raise ValueError(f"unknown layout {layout!r}; expected auto, int4, int8 or bf16")
+    raise ValueError(f"unknown layout {layout!r}; expected auto, int4, int8, bf16 or f32")
