@@ -369,6 +369,13 @@ class GGUFFile:
         field = self.reader.fields.get(key)
         return None if field is None else self._value(key, field)
 
+    def array_len(self, key: str) -> int | None:
+        """The length of metadata array `key`, without decoding it; None if absent or not an array."""
+        field = self.reader.fields.get(key)
+        if field is None or field.types[:1] != [GGUFValueType.ARRAY]:
+            return None
+        return len(field.data)
+
     def _value(self, key: str, field: gguf.ReaderField) -> Any:
         try:
             return field.contents()

@@ -7,10 +7,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 import transformers
+from huggingface_hub.errors import StrictDataclassError
 from torch import nn
 
-from graftlm.errors import GraftError
+from graftlm.errors import GGUFFormatError, GraftError, WeightMappingError
 from graftlm.models.build import build_meta_model
 from graftlm.models.config import config_from_gguf
 from graftlm.models.loader import weight_shapes
@@ -43,13 +45,92 @@ def _check_vocab(config, file: GGUFFile) -> None:
             config.vocab_size = rows
 
 
+# What metadata that describes no buildable model raises from config_from_gguf or transformers
+# (whose configs validate their fields as huggingface_hub strict dataclasses).
+_UNBUILDABLE = (ValueError, TypeError, ArithmeticError, IndexError, RuntimeError, StrictDataclassError)
+# Special tokens transformers looks up in the GGUF vocabulary when it builds the tokenizer.
+_SPECIAL_TOKEN_IDS = ("bos_token_id", "eos_token_id", "unknown_token_id", "padding_token_id")
+
+
+def _check_block_count(file: GGUFFile) -> None:
+    """A damaged block count must not make transformers build a 2**31-entry `layer_types` first."""
+    key = f"{file.arch}.block_count"
+    try:
+        layers = float(file.metadata.get(key))  # config_from_gguf calls int() on it
+    except (TypeError, ValueError):
+        return  # absent or not a number: config_from_gguf says so
+    blocks = {n.split(".")[1] for n in file.tensors if n.startswith("blk.")}
+    if not layers <= len(blocks):
+        raise WeightMappingError(
+            f"{file.path}: metadata '{key}' gives {file.metadata[key]} layers, "
+            f"but the file has tensors for {len(blocks)}"
+        )
+
+
+def _gguf_config(file: GGUFFile):
+    _check_block_count(file)
+    try:
+        config = config_from_gguf(file.arch, file.metadata, frozenset(file.tensors), path=file.path)
+    except GraftError as exc:
+        if file.path in str(exc):
+            raise
+        raise type(exc)(f"{file.path}: {exc}") from None
+    except _UNBUILDABLE as exc:
+        raise GGUFFormatError(
+            f"{file.path}: the metadata makes no '{file.arch}' config ({type(exc).__name__}: {exc})"
+        ) from None
+    _check_vocab(config, file)
+    return config
+
+
+def _probe_shapes(config, file: GGUFFile) -> dict[str, tuple[int, ...]]:
+    """The weight shapes `config` gives, found without allocating anything, to check against the file.
+
+    build_meta_model creates each parameter on the CPU before moving it to the meta device, so
+    damaged metadata (a head count of 2**24) must be caught before it runs.
+    """
+    try:
+        with torch.device("meta"):
+            probe = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    except _UNBUILDABLE as exc:
+        raise GGUFFormatError(
+            f"{file.path}: no '{type(config).__name__}' model can be built from this metadata "
+            f"({type(exc).__name__}: {exc})"
+        ) from None
+    return weight_shapes(probe)
+
+
+def _check_special_tokens(file: GGUFFile) -> None:
+    """transformers fails with an IndexError on a special-token id past the GGUF vocabulary's end."""
+    n = file.array_len("tokenizer.ggml.tokens")
+    for key in (f"tokenizer.ggml.{k}" for k in _SPECIAL_TOKEN_IDS):
+        value = file.metadata.get(key)
+        if n is not None and isinstance(value, int) and not -n <= value < n:
+            raise GGUFFormatError(
+                f"{file.path}: metadata '{key}' is {value}, but the vocabulary has {n} tokens"
+            )
+
+
+def _gguf_tokenizer(file: GGUFFile, template: str | None) -> transformers.PreTrainedTokenizerBase:
+    from graftlm.models.tokenizer import tokenizer_from_gguf
+
+    try:
+        return tokenizer_from_gguf(file.path, file.arch, template)
+    except GraftError:
+        raise
+    except Exception as exc:  # tokenizers raises a bare Exception on a vocabulary it rejects
+        raise GGUFFormatError(
+            f"{file.path}: no tokenizer can be built from the GGUF vocabulary ({type(exc).__name__}: {exc})"
+        ) from None
+
+
 def open_weights(path: str | Path, *, hf_dir: str | Path | None = None) -> ModelFiles:
     """Open `path` and bind its weights to the HF architecture it describes.
 
     `path` may be a .gguf file, a folder holding config.json plus one .gguf (or plus safetensors),
     and `hf_dir` names an HF folder whose config and tokenizer override the GGUF's.
     """
-    from graftlm.models.tokenizer import tokenizer_from_folder, tokenizer_from_gguf
+    from graftlm.models.tokenizer import tokenizer_from_folder
 
     p = Path(path)
     if not p.exists():
@@ -71,12 +152,11 @@ def open_weights(path: str | Path, *, hf_dir: str | Path | None = None) -> Model
     if hf_dir is not None:
         config = transformers.AutoConfig.from_pretrained(str(hf_dir))
     else:
-        config = config_from_gguf(file.arch, file.metadata, frozenset(file.tensors), path=str(p))
-        _check_vocab(config, file)
-    model = build_meta_model(config)
-    shapes = weight_shapes(model)
+        config = _gguf_config(file)
+    shapes = _probe_shapes(config, file)
     source = GGUFSource(file, NameTable(file.arch, config, shapes, set(file.tensors)))
     source.check_shapes(shapes)
+    model = build_meta_model(config)
     template = file.metadata.get("tokenizer.chat_template")
     has_hf_tokenizer = hf_dir is not None and any(
         (Path(hf_dir) / n).is_file() for n in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
@@ -84,7 +164,8 @@ def open_weights(path: str | Path, *, hf_dir: str | Path | None = None) -> Model
     if has_hf_tokenizer:
         load_tok = lambda: tokenizer_from_folder(str(hf_dir), file.arch)  # noqa: E731
     else:
-        load_tok = lambda: tokenizer_from_gguf(str(p), file.arch, template)  # noqa: E731
+        _check_special_tokens(file)
+        load_tok = lambda: _gguf_tokenizer(file, template)  # noqa: E731
     return ModelFiles(str(p), source, config, file.arch, model, load_tok, gguf=file)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 import gguf
 import numpy as np
@@ -44,9 +45,11 @@ def write_edited(
     arch: str | None = None,
     drop: Iterable[str] = (),
     tensors: Mapping[str, np.ndarray] | None = None,
+    metadata: Mapping[str, Any] | None = None,
 ) -> Path:
     """Copy GGUF `src` to `dst` with gguf-py's writer: renamed architecture (its `{arch}.` keys
-    follow), tensors dropped, and tensors added or replaced (F32/F16 arrays)."""
+    follow), tensors dropped, tensors added or replaced (F32/F16 arrays), and metadata values
+    replaced (each keeps its type)."""
     reader = gguf.GGUFReader(str(src))
     old_arch = reader.fields["general.architecture"].contents()
     new_arch = arch or old_arch
@@ -58,7 +61,8 @@ def write_edited(
             key = new_arch + key[len(old_arch) :]
         vtype = field.types[0]
         sub_type = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
-        writer.add_key_value(key, field.contents(), vtype, sub_type=sub_type)
+        value = (metadata or {}).get(key, field.contents())
+        writer.add_key_value(key, value, vtype, sub_type=sub_type)
     replaced = dict(tensors or {})
     skip = set(drop) | set(replaced)
     for t in reader.tensors:

@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import gguf
 import numpy as np
@@ -20,8 +21,13 @@ import torch
 import graftlm
 from graftlm.cli import main as cli_main
 from graftlm.errors import GGUFFormatError, GraftError, UnsupportedArchitecture, WeightMappingError
+from graftlm.models.build import build_meta_model
 from graftlm.models.config import ARCHITECTURES
+from graftlm.models.loader import weight_shapes
 from graftlm.weights.gguf_file import GGUFFile
+from graftlm.weights.open import _probe_shapes
+from tests.models.tiny import _BASE as TINY_BASE
+from tests.models.tiny import CONFIGS as TINY_CONFIGS
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -114,6 +120,32 @@ CASES: dict[str, Case] = {
             "'model.layers.0.self_attn.q_proj.weight' (64, 64)",
             "'blk.0.attn_q.weight' (48, 64)",
         ),
+    ),
+    # Damaged metadata: caught before transformers builds 2**31 layers or a 2**24-head projection.
+    "huge-block-count": Case(
+        lambda tiny, edit, tmp: edit("layers.gguf", metadata={"qwen2.block_count": 2**31}),
+        WeightMappingError,
+        ("metadata 'qwen2.block_count' gives 2147483648 layers, but the file has tensors for 2",),
+    ),
+    "huge-kv-head-count": Case(
+        lambda tiny, edit, tmp: edit("heads.gguf", metadata={"qwen2.attention.head_count_kv": 2**24}),
+        WeightMappingError,
+        ("shape mismatch for HF parameter 'model.layers.0.self_attn.k_proj.weight' (268435456, 64)",),
+    ),
+    "head-count-past-hidden-size": Case(
+        lambda tiny, edit, tmp: edit("heads.gguf", metadata={"qwen2.attention.head_count": 2**27}),
+        GGUFFormatError,
+        ("no 'Qwen2Config' model can be built from this metadata (ZeroDivisionError",),
+    ),
+    "special-token-past-vocabulary": Case(
+        lambda tiny, edit, tmp: edit("eos.gguf", metadata={"tokenizer.ggml.eos_token_id": 320}),
+        GGUFFormatError,
+        ("metadata 'tokenizer.ggml.eos_token_id' is 320, but the vocabulary has 320 tokens",),
+    ),
+    "merge-of-unknown-tokens": Case(
+        lambda tiny, edit, tmp: edit("merges.gguf", metadata={"tokenizer.ggml.merges": ["Q Z"]}),
+        GGUFFormatError,
+        ("no tokenizer can be built from the GGUF vocabulary", "out of vocabulary"),
     ),
     "unknown-ggml-type": Case(
         lambda tiny, edit, tmp: _patched(
@@ -284,3 +316,33 @@ def test_bad_utf8_in_the_vocabulary_names_the_key(tiny_gguf, tmp_path):
     file = GGUFFile(path)  # strings are decoded on demand
     with pytest.raises(GGUFFormatError, match=r"metadata 'tokenizer.ggml.tokens' is unreadable \(a string"):
         file.array("tokenizer.ggml.tokens")
+
+
+@pytest.mark.parametrize(
+    ("alignment", "says"),
+    [(0, "Invalid alignment"), (48, "Invalid alignment"), (2**31, "needs 1024 bytes at byte 2147483648")],
+)
+def test_bad_alignment(alignment, says, tmp_path):
+    path = tmp_path / "aligned.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_custom_alignment(64)
+    writer.add_tensor("w", np.ones((4, 64), np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    assert GGUFFile(path).tensors["w"].data.sum() == 256
+    field = gguf.GGUFReader(str(path)).fields["general.alignment"]
+    _patched(path, path, field.offset + 8 + len(b"general.alignment") + 4, struct.pack("<I", alignment))
+    with pytest.raises(GGUFFormatError, match=says):
+        GGUFFile(path)
+
+
+@pytest.mark.parametrize("name", sorted(TINY_CONFIGS))
+def test_the_early_shape_check_sees_the_shapes_of_the_model_it_guards(name):
+    """open_weights checks the file against shapes from a model built purely on the meta device,
+    before build_meta_model (which allocates each parameter on the CPU first): they must agree."""
+    cls, extra = TINY_CONFIGS[name]
+    config = cls(**{**TINY_BASE, **extra})
+    probed = _probe_shapes(config, SimpleNamespace(path="unused.gguf"))
+    assert probed == weight_shapes(build_meta_model(config))
