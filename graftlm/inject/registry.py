@@ -27,7 +27,6 @@ DEVICE_KWARGS = frozenset({"generate_device", "prefill_device", "out_device"})
 PLANNED: dict[str, str] = {
     "experts.marlin": "GPU Marlin experts",
     "linear.marlin": "GPU Marlin linear",
-    "attention.mla": "the MLA attention operator",
     "model.transfer_map": "the model operator with a layer transfer_map",
 }
 
@@ -53,6 +52,7 @@ def register_operator(name: str, cls: type) -> type:
 
 def _builtins() -> None:
     importlib.import_module("graftlm.ops")  # registers the built-in operators
+    importlib.import_module("graftlm.ops.attention")  # registers attention.mla
 
 
 def operators() -> dict[str, type]:
