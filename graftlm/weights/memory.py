@@ -112,3 +112,8 @@ class AliasedSource:
 
     def raw(self, hf_name: str) -> list[QuantizedTensor]:
         return self._source.raw(self._resolve(hf_name))
+
+    def raw_hf(self, hf_name: str) -> QuantizedTensor | None:
+        """The wrapped source's quantized blocks in HF row order, when it offers them."""
+        raw_hf = getattr(self._source, "raw_hf", None)
+        return raw_hf(self._resolve(hf_name)) if raw_hf is not None else None
