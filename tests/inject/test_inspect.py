@@ -52,13 +52,13 @@ def test_json_plan(folder, capsys):
 
 
 def test_text_table_and_dtype(folder, capsys):
-    code, out, _ = run(capsys, folder, "--dtype", "bfloat16", "--device", "cuda:0")
+    code, out, _ = run(capsys, folder, "--dtype", "bfloat16")
     assert code == 0
     lines = out.splitlines()
     assert lines[0].split() == ["MODULE", "CLASS", "RULE", "OPERATOR", "DEVICE", "BYTES"]
     experts = next(line for line in lines if line.startswith("model.layers.1.mlp.experts "))
     assert experts.split()[1:6] == ["DeepseekV3Experts", "2", "experts.cpu", "(whole", "subtree)"]
-    assert experts.split()[6:] == ["cuda:0", "96.0", "KiB"]  # 8 x 96 x 64 weights at 2 bytes
+    assert experts.split()[6:] == ["cpu", "96.0", "KiB"]  # 8 x 96 x 64 weights at 2 bytes
     assert "totals per device:" in lines and "rules that matched no module:" in lines
     assert any("rule 0 -> moe (optional)  [builtin:deepseek2: rule 0 (line 4)]" in line for line in lines)
 
@@ -86,3 +86,9 @@ def test_bad_rules_and_dtype_are_clean_errors(folder, tmp_path, capsys):
     assert code == 2 and "no built-in rules named 'nope'" in err
     code, _, err = run(capsys, folder, "--dtype", "float8")
     assert code == 2 and "unknown dtype 'float8'" in err
+
+
+def test_auto_rules_refuse_an_accelerator_device(folder, capsys):
+    # The built-in rules place CPU operators; on another device they say so instead of guessing.
+    code, _, err = run(capsys, folder, "--device", "cuda:0")
+    assert code == 2 and "rules='auto' places graftlm's CPU operators" in err
