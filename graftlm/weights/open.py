@@ -47,8 +47,16 @@ def _check_vocab(config, file: GGUFFile) -> None:
 
 # What metadata that describes no buildable model raises from config_from_gguf or transformers
 # (whose configs validate their fields as huggingface_hub strict dataclasses).
-_UNBUILDABLE = (ValueError, TypeError, ArithmeticError, IndexError, RuntimeError, StrictDataclassError)
-# Special tokens transformers looks up in the GGUF vocabulary when it builds the tokenizer.
+_UNBUILDABLE = (
+    ValueError,
+    TypeError,
+    ArithmeticError,
+    IndexError,
+    RuntimeError,
+    AssertionError,  # torch's nn.Embedding asserts its padding_idx
+    StrictDataclassError,
+)
+# Special tokens the config (pad) and transformers' GGUF tokenizer look up in the vocabulary.
 _SPECIAL_TOKEN_IDS = ("bos_token_id", "eos_token_id", "unknown_token_id", "padding_token_id")
 
 
@@ -101,7 +109,7 @@ def _probe_shapes(config, file: GGUFFile) -> dict[str, tuple[int, ...]]:
 
 
 def _check_special_tokens(file: GGUFFile) -> None:
-    """transformers fails with an IndexError on a special-token id past the GGUF vocabulary's end."""
+    """An id past the vocabulary's end: an IndexError in transformers' tokenizer, an assert in nn.Embedding."""
     n = file.array_len("tokenizer.ggml.tokens")
     for key in (f"tokenizer.ggml.{k}" for k in _SPECIAL_TOKEN_IDS):
         value = file.metadata.get(key)
@@ -149,6 +157,11 @@ def open_weights(path: str | Path, *, hf_dir: str | Path | None = None) -> Model
         p = ggufs[0]
 
     file = GGUFFile(p)
+    has_hf_tokenizer = hf_dir is not None and any(
+        (Path(hf_dir) / n).is_file() for n in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+    )
+    if not has_hf_tokenizer:  # else neither the config nor the tokenizer comes from the GGUF
+        _check_special_tokens(file)
     if hf_dir is not None:
         config = transformers.AutoConfig.from_pretrained(str(hf_dir))
     else:
@@ -158,13 +171,9 @@ def open_weights(path: str | Path, *, hf_dir: str | Path | None = None) -> Model
     source.check_shapes(shapes)
     model = build_meta_model(config)
     template = file.metadata.get("tokenizer.chat_template")
-    has_hf_tokenizer = hf_dir is not None and any(
-        (Path(hf_dir) / n).is_file() for n in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
-    )
     if has_hf_tokenizer:
         load_tok = lambda: tokenizer_from_folder(str(hf_dir), file.arch)  # noqa: E731
     else:
-        _check_special_tokens(file)
         load_tok = lambda: _gguf_tokenizer(file, template)  # noqa: E731
     return ModelFiles(str(p), source, config, file.arch, model, load_tok, gguf=file)
 

@@ -142,6 +142,11 @@ CASES: dict[str, Case] = {
         GGUFFormatError,
         ("metadata 'tokenizer.ggml.eos_token_id' is 320, but the vocabulary has 320 tokens",),
     ),
+    "pad-token-past-vocabulary": Case(  # the config's pad_token_id: nn.Embedding would assert
+        lambda tiny, edit, tmp: edit("pad.gguf", metadata={"tokenizer.ggml.padding_token_id": 320}),
+        GGUFFormatError,
+        ("metadata 'tokenizer.ggml.padding_token_id' is 320, but the vocabulary has 320 tokens",),
+    ),
     "merge-of-unknown-tokens": Case(
         lambda tiny, edit, tmp: edit("merges.gguf", metadata={"tokenizer.ggml.merges": ["Q Z"]}),
         GGUFFormatError,
