@@ -13,6 +13,7 @@ Subclasses register under a short name by passing it in the class statement:
 
 from __future__ import annotations
 
+import logging
 from typing import Any, ClassVar
 
 import torch
@@ -21,6 +22,8 @@ from transformers import PretrainedConfig
 
 from graftlm.errors import WeightMappingError
 from graftlm.weights.source import WeightSource
+
+log = logging.getLogger(__name__)
 
 _DTYPES = {
     "float32": torch.float32,
@@ -51,6 +54,9 @@ class InjectedModule(nn.Module):
     """
 
     op_name: ClassVar[str | None] = None
+    # Whether the operator computes prefill on a separate `prefill_device`; one that does not
+    # logs a warning when a rule names one, and computes everything on `generate_device`.
+    splits_prefill: ClassVar[bool] = False
 
     def __init_subclass__(cls, name: str | None = None, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -86,6 +92,14 @@ class InjectedModule(nn.Module):
         )
         self.out_device = torch.device(out_device) if out_device is not None else None
         self.dtype = as_dtype(dtype)
+        if self.prefill_device != self.generate_device and not self.splits_prefill:
+            log.warning(
+                "%s at %r computes prefill on its generate_device %s; prefill_device %s is not used",
+                type(self).__name__,
+                key,
+                self.generate_device,
+                self.prefill_device,
+            )
 
     @property
     def device(self) -> torch.device:

@@ -56,8 +56,9 @@ class ExpertsCPU(InjectedModule, name="experts.cpu"):
     def forward(
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
     ) -> torch.Tensor:
-        x = hidden_states.float()
-        y = grouped_apply(x, top_k_index, top_k_weights, self.num_experts, self._expert)
+        x = hidden_states.to(device=self.device, dtype=torch.float32)
+        index, weights = top_k_index.to(self.device), top_k_weights.to(self.device)
+        y = grouped_apply(x, index, weights, self.num_experts, self._expert)
         return self.to_out(y, hidden_states)
 
     @property

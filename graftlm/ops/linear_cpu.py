@@ -57,11 +57,11 @@ class LinearCPU(LinearBase, name="linear.cpu"):
         self.bias = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, self.in_features)
+        flat = x.to(self.device).reshape(-1, self.in_features)
         y = self.packed.matmul(flat).reshape(*x.shape[:-1], self.out_features).to(x.dtype)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
-        return y if self.out_device is None else y.to(self.out_device)
+        return self.to_out(y, x)
 
     def extra_repr(self) -> str:
         kind = f"{self.packed.source_type}->{self.packed.layout}" if self.packed else "unloaded"

@@ -16,6 +16,13 @@ Each reproduces its HF router exactly, dtype handling included; ARCH_ROUTING pic
 - deepseek_v3: sigmoid scores, `e_score_correction_bias` for the choice only, top-k among the
   `topk_group` best groups (a group scores the sum of its two best experts), renormalised when
   `norm_topk_prob`, times `routed_scaling_factor`.
+
+Overlap (rule kwarg `overlap`): the routed experts are submitted to a worker thread
+(graftlm/ops/overlap.py) while the shared experts run on the calling thread, and the two results
+are joined. By default it is on when the routed experts sit on another device than the shared
+experts (CPU experts beside accelerator attention); `overlap: true` forces it on one device too
+(a CPU-only machine runs the same path), `overlap: false` keeps the synchronous path. Both paths
+compute the same operations and give equal results.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from graftlm.ops import overlap as overlap_mod
 from graftlm.ops.base import InjectedModule
 
 
@@ -130,9 +138,20 @@ class MoEBlock(InjectedModule, name="moe"):
     """Routed experts plus optional shared experts, routed by the hook for the architecture.
 
     `routing` names a hook in ROUTING_HOOKS; by default it is chosen from `config.model_type`.
+    `overlap` (None: decided at load from the children's devices) runs the routed experts on a
+    worker thread while the shared experts compute.
     """
 
-    def __init__(self, key, source, config, orig_module, routing: str | None = None, **kwargs) -> None:
+    def __init__(
+        self,
+        key,
+        source,
+        config,
+        orig_module,
+        routing: str | None = None,
+        overlap: bool | None = None,
+        **kwargs,
+    ) -> None:
         super().__init__(key, source, config, orig_module, **kwargs)
         routing = routing or ARCH_ROUTING.get(getattr(config, "model_type", ""))
         if routing not in ROUTING_HOOKS:
@@ -143,13 +162,26 @@ class MoEBlock(InjectedModule, name="moe"):
         self.routing = routing
         self.hook = ROUTING_HOOKS[routing]
         self.params = routing_from_config(config)
+        self.overlap_setting = overlap
+        self.overlap = bool(overlap)
         self.adopt(orig_module, "gate", "experts", "shared_experts", "shared_expert", "shared_expert_gate")
         for needed in ("gate", "experts"):
             if needed not in self._modules:
                 raise ValueError(f"moe at {key!r}: {type(orig_module).__name__} has no {needed!r} child")
 
     def load(self) -> None:
-        """Nothing of its own: the router and experts are children that load themselves."""
+        """No weights of its own (the children load themselves); decides `overlap` from their devices."""
+        if self.overlap_setting is None:
+            self.overlap = should_overlap(self.experts_device(), self.shared_device())
+
+    def experts_device(self) -> torch.device:
+        """Where the routed experts compute."""
+        return module_device(self.experts, self.device)
+
+    def shared_device(self) -> torch.device | None:
+        """Where the shared experts compute (None: the block has none)."""
+        shared = self._modules.get("shared_experts") or self._modules.get("shared_expert")
+        return None if shared is None else module_device(shared, self.device)
 
     def unload(self) -> None:
         """Nothing of its own to drop."""
@@ -158,22 +190,51 @@ class MoEBlock(InjectedModule, name="moe"):
         """Routing weights and expert indices [T, k] for tokens x [T, H]."""
         return self.hook(self.gate, x, self.params)
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        shape = hidden_states.shape
-        x = hidden_states.to(self.device).reshape(-1, shape[-1])
-        weights, indices = self.route(x)
-        y = self.experts(x, indices, weights)
+    def shared(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The shared experts' output for tokens x [T, H] (None when the block has none)."""
+        y = None
         shared_experts = self._modules.get("shared_experts")
         if shared_experts is not None:
-            y = y + shared_experts(x)
+            y = shared_experts(x)
         shared_expert = self._modules.get("shared_expert")
         if shared_expert is not None:
             shared = shared_expert(x)
             shared_gate = self._modules.get("shared_expert_gate")
             if shared_gate is not None:
                 shared = torch.sigmoid(shared_gate(x)) * shared
-            y = y + shared
+            y = shared if y is None else y + shared
+        return y
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        shape = hidden_states.shape
+        x = hidden_states.to(self.device).reshape(-1, shape[-1])
+        weights, indices = self.route(x)
+        if self.overlap:
+            pending = overlap_mod.submit(self.experts, x, indices, weights, device=self.experts_device())
+            shared = self.shared(x)
+            y = pending.result()  # blocks on a condition variable until the worker is done
+            y = overlap_mod.to_device(y, x.device if shared is None else shared.device)
+        else:
+            y = self.experts(x, indices, weights)
+            shared = self.shared(x)
+        if shared is not None:
+            y = y + shared.to(y.device)
         return self.to_out(y.reshape(shape), hidden_states)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, routing={self.routing}, top_k={self.params.top_k}"
+        return f"{super().extra_repr()}, routing={self.routing}, top_k={self.params.top_k}, overlap={self.overlap}"
+
+
+def module_device(module: nn.Module, default: torch.device) -> torch.device:
+    """An operator's generate_device, or a plain module's first parameter's device."""
+    if isinstance(module, InjectedModule):
+        return module.device
+    for p in module.parameters():
+        if not p.is_meta:
+            return p.device
+    return default
+
+
+def should_overlap(experts: torch.device, shared: torch.device | None) -> bool:
+    """Overlap by default when the routed and shared experts compute on different devices."""
+    return shared is not None and experts != shared

@@ -78,11 +78,14 @@ class RotaryEmbedding(InjectedModule, name="rope"):
     ) -> tuple[torch.Tensor, torch.Tensor] | torch.Tensor:
         inv_freq = getattr(self, self._buffer_name(layer_type))
         scaling = self.attention_scaling[layer_type]
-        freqs = position_ids[..., None].float() * inv_freq.to(device=x.device, dtype=torch.float)
+        freqs = position_ids[..., None].to(self.device).float() * inv_freq.float()
+        out = self.out_device or x.device
         if self.output == "complex":
-            return torch.polar(torch.ones_like(freqs), freqs) * scaling
+            return (torch.polar(torch.ones_like(freqs), freqs) * scaling).to(out)
         emb = torch.cat((freqs, freqs), dim=-1)
-        return (emb.cos() * scaling).to(dtype=x.dtype), (emb.sin() * scaling).to(dtype=x.dtype)
+        return (emb.cos() * scaling).to(device=out, dtype=x.dtype), (emb.sin() * scaling).to(
+            device=out, dtype=x.dtype
+        )
 
     def extra_repr(self) -> str:
         types = ", ".join(f"{t or 'all'}={r}" for t, r in self.rope_types.items())
