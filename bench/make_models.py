@@ -97,8 +97,9 @@ def _random(name: str, shape: tuple[int, ...]) -> torch.Tensor:
 def _vocab(size: int):
     def add(w) -> None:
         byte_tokens = sorted(pre_tokenizers.ByteLevel.alphabet())
-        tokens = byte_tokens + [f"<t{i}>" for i in range(size - len(byte_tokens))]
-        write_gpt2_vocab(w, tokens, set(), [], {"bos_token": 0, "eos_token": 1}, add_bos=False)
+        # One real merge ("a b" -> "ab"): llama.cpp wants merges, transformers wants them in vocab.
+        tokens = byte_tokens + ["ab"] + [f"<t{i}>" for i in range(size - len(byte_tokens) - 1)]
+        write_gpt2_vocab(w, tokens, set(), ["a b"], {"bos_token": 0, "eos_token": 1}, add_bos=False)
 
     return add
 

@@ -1,0 +1,46 @@
+"""`graftlm bench` on a tiny quantized model: every reported figure present and consistent."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from graftlm.cli import main
+from graftlm.engine.bench import weight_bytes_per_token
+from graftlm.weights.convert import convert
+from tests.models.tiny import make_model
+
+
+def test_bench_json(tmp_path, capsys):
+    torch.set_num_threads(1)
+    make_model("qwen2_moe", tmp_path)
+    path = convert(tmp_path, tmp_path / "q4_0.gguf", "q4_0")
+    code = main(["bench", str(path), "--rules", "auto", "--threads", "1", "--prompt-tokens", "24",
+                 "--gen-tokens", "6", "--repeat", "2", "--json"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert code == 0
+    r = json.loads(out[out.index("{") :])
+    assert r["threads"] == 1 and r["repeat"] == 2 and len(r["decode_runs"]) == 2
+    assert r["prefill_tok_s"] > 0 and r["decode_tok_s"] > 0 and r["peak_rss_mib"] > 0
+    assert r["decode_gb_s"] == r["bytes_per_token"] * r["decode_tok_s"] / 1e9
+    assert r["machine"]
+
+
+def test_bytes_per_token_counts_active_experts_and_one_embedding_row(tmp_path):
+    import graftlm
+    from graftlm.ops.experts_cpu import ExpertsCPU
+
+    make_model("qwen2_moe", tmp_path)  # 4 experts, 2 active
+    llm = graftlm.load(convert(tmp_path, tmp_path / "q4_0.gguf", "q4_0"), rules="auto", progress=False)
+    model, config = llm.model, llm.model.config
+    sizes = [sum(p.nbytes for p in m.gate_up + m.down) for m in model.modules() if isinstance(m, ExpertsCPU)]
+    assert sizes and config.num_experts == 4
+    config.num_experts_per_tok = 4
+    every_expert = weight_bytes_per_token(model)
+    config.num_experts_per_tok = 1
+    one_expert = weight_bytes_per_token(model)
+    assert every_expert - one_expert == sum(s - s // 4 for s in sizes)
+    # An embedding table is read one row per token; a linear layer entirely.
+    table = torch.nn.Sequential(torch.nn.Embedding(1000, 8), torch.nn.Linear(8, 3, bias=False))
+    assert weight_bytes_per_token(table) == 8 * 4 + 8 * 3 * 4
