@@ -27,7 +27,6 @@ DEVICE_KWARGS = frozenset({"generate_device", "prefill_device", "out_device"})
 PLANNED: dict[str, str] = {
     "experts.marlin": "GPU Marlin experts",
     "linear.marlin": "GPU Marlin linear",
-    "model.transfer_map": "the model operator with a layer transfer_map",
 }
 
 _OPERATORS: dict[str, type] = {}

@@ -125,7 +125,7 @@ def test_class_that_does_not_exist(tmp_path, cls, expected):
         ),
         (
             "{class: moe, kwargs: {routing: mixtral, topk: 2}}",
-            "operator 'moe' does not take 'topk' (it takes dtype, generate_device, out_device, prefill_device, routing)",
+            "operator 'moe' does not take 'topk' (it takes dtype, generate_device, out_device, overlap, prefill_device, routing)",
         ),
         (
             "{class: default, kwargs: {dtype: bfloat16}}",
