@@ -16,6 +16,7 @@ gguf-py does the parsing. `_CheckedReader` subclasses its `GGUFReader` for two t
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import struct
@@ -72,8 +73,8 @@ class _ArrayParts(Sequence):
         self.count = count
 
     def with_head(self, extra: list[np.ndarray]) -> _ArrayParts:
-        other = object.__new__(type(self))
-        other.__dict__.update(self.__dict__, head=[*extra, *self.head])
+        other = copy.copy(self)
+        other.head = [*extra, *self.head]
         return other
 
     def __len__(self) -> int:
