@@ -1,0 +1,105 @@
+"""Placement from a memory budget, planned for a fake "cuda:0" from the meta model alone."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from graftlm.inject import load_rules, plan
+from graftlm.inject.placement import PlacementError, parse_size, plan_placement
+from tests.inject.helpers import meta_model, tiny_config
+
+GPU = "cuda:0"
+
+
+def _sizes(model, itemsize=2):
+    experts = {
+        i: sum(p.numel() for p in layer.mlp.experts.parameters()) * itemsize
+        for i, layer in enumerate(model.model.layers)
+        if hasattr(layer.mlp, "experts")
+    }
+    total = sum(p.numel() for p in model.parameters()) * itemsize
+    return total - sum(experts.values()), experts
+
+
+@pytest.mark.parametrize("name", ["deepseek_v2_lite", "qwen2_moe"])
+def test_dense_first_then_as_many_expert_layers_as_fit(name, tmp_path):
+    config = tiny_config(name, num_hidden_layers=4)
+    model = meta_model(config)
+    dense, experts = _sizes(model)
+    moe_layers = sorted(experts)
+    # Room for the dense part and the routed experts of exactly the first MoE layer (plus change).
+    budget = dense + experts[moe_layers[0]] + experts[moe_layers[1]] // 2
+    placement = plan_placement(model, config, device=GPU, gpu_memory=budget)
+    assert placement.gpu_layers == moe_layers[:1] and placement.cpu_layers == moe_layers[1:]
+    assert placement.dense_bytes == dense and placement.gpu_bytes == dense + experts[moe_layers[0]]
+
+    p = plan(model, load_rules(placement.rules, device=GPU), default_device="cpu", strict=True)
+    devices = p.devices()
+    first, rest = moe_layers[0], moe_layers[1:]
+    assert devices[f"model.layers.{first}.mlp.experts"] == GPU
+    assert p.entry(f"model.layers.{first}.mlp.experts").op == "experts.torch"
+    for i in rest:
+        assert devices[f"model.layers.{i}.mlp.experts"] == "cpu"
+        assert p.entry(f"model.layers.{i}.mlp.experts").op == "experts.cpu"
+    # Everything that is not a routed expert is on the accelerator: attention, norms, router,
+    # shared experts, embeddings, lm_head.
+    for path in (
+        "",
+        "model.embed_tokens",
+        "model.norm",
+        "lm_head",
+        "model.layers.1.self_attn",
+        "model.layers.1.input_layernorm",
+        "model.layers.1.mlp",
+        "model.layers.1.mlp.gate",
+    ):
+        assert devices[path] == GPU, path
+    assert p.entry("lm_head").op == "linear.torch"
+    shared = [path for path in devices if ".shared_expert" in path]
+    assert shared and all(devices[path] == GPU for path in shared)
+    if name == "deepseek_v2_lite":
+        assert p.entry("model.layers.1.self_attn").op == "attention.mla"
+
+    # The written YAML, read back as rules, gives the same plan.
+    path = tmp_path / "placed.yaml"
+    path.write_text(placement.to_yaml())
+    again = plan(model, load_rules(str(path), device=GPU), default_device="cpu", strict=True)
+    assert again.devices() == devices
+    assert [(e.path, e.op, e.kwargs) for e in again] == [(e.path, e.op, e.kwargs) for e in p]
+
+
+def test_everything_fits_and_nothing_fits():
+    config = tiny_config("qwen3_moe", num_hidden_layers=3)
+    model = meta_model(config)
+    dense, experts = _sizes(model)
+    roomy = plan_placement(model, config, device=GPU, gpu_memory="1GiB")
+    assert roomy.gpu_layers == [0, 1, 2] and roomy.cpu_layers == [] and roomy.cpu_bytes == 0
+    only_dense = plan_placement(model, config, device=GPU, gpu_memory=dense)
+    assert only_dense.gpu_layers == [] and only_dense.cpu_layers == [0, 1, 2]
+    with pytest.raises(PlacementError, match=rf"too small for the dense part.*at least .*\({dense} bytes"):
+        plan_placement(model, config, device=GPU, gpu_memory=dense - 1)
+    cpu_need = sum(experts.values())  # without a source, CPU bytes are counted at `dtype` too
+    with pytest.raises(PlacementError, match=rf"need .*\({cpu_need} bytes\), over the"):
+        plan_placement(model, config, device=GPU, gpu_memory=dense, cpu_memory=cpu_need - 1)
+
+
+def test_cpu_bytes_come_from_the_source():
+    from graftlm.weights.memory import StateDictSource
+
+    config = tiny_config("mixtral", num_hidden_layers=2)
+    model = meta_model(config)
+    dense, _ = _sizes(model)
+    state = {n: torch.zeros(p.shape, dtype=torch.float16) for n, p in model.named_parameters()}
+    placement = plan_placement(model, config, device=GPU, gpu_memory=dense, source=StateDictSource(state))
+    want = sum(t.numel() * 2 for n, t in state.items() if ".mlp.experts." in n)
+    assert placement.cpu_bytes == want
+
+
+def test_parse_size():
+    assert parse_size("12GiB") == 12 * 1024**3
+    assert parse_size("1.5 GB") == 1_500_000_000
+    assert parse_size("512MiB") == 512 * 1024**2
+    assert parse_size(4096) == 4096
+    with pytest.raises(PlacementError, match="cannot read '12 parsecs'"):
+        parse_size("12 parsecs")
