@@ -274,6 +274,12 @@ def config_from_gguf(
             f"{path}: architecture '{arch}' is not supported; supported: {', '.join(sorted(ARCHITECTURES))}"
         )
     cls, kwargs = ARCHITECTURES[arch](Meta(arch, values, tensor_names))
+    experts = kwargs.get("num_experts") or kwargs.get("num_local_experts") or kwargs.get("n_routed_experts")
+    used = kwargs.get("num_experts_per_tok")
+    if experts and used and not 0 < used <= experts:
+        raise UnsupportedArchitecture(
+            f"{path}: metadata '{arch}.expert_used_count' is {used}, but the model has {experts} experts"
+        )
     config = cls(**kwargs)
     if config.num_hidden_layers <= 0 or config.hidden_size <= 0:
         raise UnsupportedArchitecture(f"{path}: metadata gives an empty model ({kwargs})")

@@ -351,3 +351,20 @@ def test_the_early_shape_check_sees_the_shapes_of_the_model_it_guards(name):
     config = cls(**{**TINY_BASE, **extra})
     probed = _probe_shapes(config, SimpleNamespace(path="unused.gguf"))
     assert probed == weight_shapes(build_meta_model(config))
+
+
+def test_more_experts_used_than_exist_is_a_clean_error(tmp_path):
+    """Found by fuzzing: a file using more experts per token than it has used to fail at forward."""
+    import gguf
+
+    from graftlm.errors import GraftError
+    from graftlm.weights.convert import convert
+    from tests.models.tiny import make_model
+
+    make_model("qwen2_moe", tmp_path)
+    good = convert(tmp_path, tmp_path / "m.gguf", "f32")
+    reader = gguf.GGUFReader(str(good), "r+")
+    reader.fields["qwen2moe.expert_used_count"].parts[-1][0] = 9  # 4 experts in the tiny model
+    reader.data.flush()
+    with pytest.raises(GraftError, match="expert_used_count' is 9, but the model has 4 experts"):
+        graftlm.load(good, progress=False)
