@@ -49,14 +49,21 @@ def load(
     dtype: torch.dtype = torch.float32,
     hf_dir: str | Path | None = None,
     progress: bool = True,
+    gpu_memory: str | int | None = None,
+    cpu_memory: str | int | None = None,
 ) -> LLM:
     """Load a GGUF file or HF folder into its transformers architecture.
 
     `rules=None` keeps every module a plain torch module on `device`; otherwise `rules` is
     "auto", "builtin:NAME", a YAML path or a list of rule dicts (see docs/rules.md).
+    `gpu_memory` ("12GiB") plans the rules from a budget instead (graftlm/inject/placement.py):
+    the dense part and as many routed-expert layers as fit go to `device` ("cuda:0" when left
+    at "cpu"), the rest to the CPU, checked against `cpu_memory` when given.
     """
     files = open_weights(path, hf_dir=hf_dir)
     model = files.meta_model
+    if gpu_memory is not None or cpu_memory is not None:
+        rules, device = _placed_rules(files, rules, device, dtype, gpu_memory, cpu_memory)
     if rules is None:
         load_module_params(model, "", files.source, device=device, dtype=dtype, progress=progress)
         if getattr(files.config, "tie_word_embeddings", False):
@@ -70,6 +77,34 @@ def load(
     _finish(model, files)
     tokenizer = files.load_tokenizer()
     return LLM(model, tokenizer, files.config, files=files, device=device)
+
+
+def _placed_rules(
+    files: ModelFiles,
+    rules: Any,
+    device: str,
+    dtype: torch.dtype,
+    gpu_memory: str | int | None,
+    cpu_memory: str | int | None,
+) -> tuple[list[dict], str]:
+    from graftlm.inject.placement import PlacementError, plan_placement
+
+    if gpu_memory is None:
+        raise PlacementError("cpu_memory plans a GPU + CPU split and needs gpu_memory as well")
+    if rules not in (None, "auto"):
+        raise PlacementError("gpu_memory plans the rules itself: pass rules or a memory budget, not both")
+    gpu = "cuda:0" if str(device) == "cpu" else str(device)
+    placement = plan_placement(
+        files.meta_model,
+        files.config,
+        device=gpu,
+        gpu_memory=gpu_memory,
+        cpu_memory=cpu_memory,
+        source=files.source,
+        dtype=dtype,
+    )
+    log.info("%s", placement.summary())
+    return placement.rules, gpu
 
 
 def _finish(model: nn.Module, files: ModelFiles) -> None:

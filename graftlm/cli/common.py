@@ -26,6 +26,14 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
         "--device", default=None, help="device for the model's inputs and dense layers (default: cpu)"
     )
     parser.add_argument(
+        "--gpu-memory",
+        metavar="SIZE",
+        help="plan the placement from a GPU budget (e.g. 12GiB): dense part first, then routed experts",
+    )
+    parser.add_argument(
+        "--cpu-memory", metavar="SIZE", help="CPU budget the routed experts left for the CPU must fit"
+    )
+    parser.add_argument(
         "--threads",
         type=int,
         metavar="N",
@@ -109,7 +117,12 @@ def load_llm(args: argparse.Namespace) -> Any:
         path = demo_model_path()
     # Looked up at call time, so tests can substitute graftlm.api.load.
     api = importlib.import_module("graftlm.api")
-    return api.load(path, rules=args.rules, device=args.device)
+    budgets = {
+        k: v
+        for k in ("gpu_memory", "cpu_memory")
+        if (v := getattr(args, k, None)) is not None  # only when set: loaders without budgets still work
+    }
+    return api.load(path, rules=args.rules, device=args.device, **budgets)
 
 
 def summary(result: Any) -> str:

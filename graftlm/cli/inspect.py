@@ -10,12 +10,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from graftlm.errors import GraftError
 from graftlm.inject import InjectionPlan, load_rules, plan
+from graftlm.inject.placement import plan_placement
 from graftlm.ops.base import as_dtype
 
 
@@ -39,6 +41,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--hf-dir", metavar="DIR", help="HF folder whose config overrides the GGUF's")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
     parser.add_argument("--strict", action="store_true", help="a rule that matches no module is an error")
+    parser.add_argument(
+        "--gpu-memory",
+        metavar="SIZE",
+        help="plan the rules from a GPU budget (e.g. 12GiB) for --device (cuda:0 when it is cpu)",
+    )
+    parser.add_argument(
+        "--cpu-memory", metavar="SIZE", help="CPU budget the routed experts left for the CPU must fit"
+    )
+    parser.add_argument(
+        "--write-rules", metavar="FILE", help="write the planned rules as a YAML file that reproduces them"
+    )
     parser.set_defaults(func=main)
 
 
@@ -107,12 +120,38 @@ def main(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise GraftError(str(exc)) from None
     files = open_weights(path, hf_dir=args.hf_dir)
-    rules = load_rules(None if args.rules == "none" else args.rules, arch=files.arch, device=args.device)
-    p = plan(files.meta_model, rules, default_device=args.device, strict=args.strict)
+    device, spec, placement = args.device, None if args.rules == "none" else args.rules, None
+    if args.gpu_memory is not None or args.cpu_memory is not None:
+        if args.gpu_memory is None:
+            raise GraftError("--cpu-memory plans a GPU + CPU split and needs --gpu-memory as well")
+        if args.rules != "auto":
+            raise GraftError("--gpu-memory plans the rules itself: pass --rules or a memory budget, not both")
+        device = "cuda:0" if device == "cpu" else device
+        placement = plan_placement(
+            files.meta_model,
+            files.config,
+            device=device,
+            gpu_memory=args.gpu_memory,
+            cpu_memory=args.cpu_memory,
+            source=files.source,
+            dtype=dtype,
+        )
+        spec = placement.rules
+    elif args.write_rules:
+        raise GraftError("--write-rules writes a planned placement: give --gpu-memory")
+    rules = load_rules(spec, arch=files.arch, device=device)
+    p = plan(files.meta_model, rules, default_device=device, strict=args.strict)
     data = report(p, dtype)
+    if placement is not None:
+        data["placement"] = placement.summary()
+        if args.write_rules:
+            Path(args.write_rules).write_text(placement.to_yaml())
+            data["placement"] += f"; rules written to {args.write_rules}"
     if args.json:
         json.dump(data, sys.stdout, indent=1)
         sys.stdout.write("\n")
     else:
         print(format_report(data))
+        if placement is not None:
+            print(data["placement"])
     return 0

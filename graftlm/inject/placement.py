@@ -101,12 +101,15 @@ def _numel(module: nn.Module) -> int:
 
 
 def _stored_bytes(source: Any, prefix: str, module: nn.Module, itemsize: int) -> int:
-    """What the CPU holds for `module`'s parameters: the source's stored bytes where it tells them."""
+    """What the CPU holds for `module`'s parameters: a GGUF's stored (quantized) bytes, from its
+    header (the memory-mapped blocks are not touched); for any other source, the values at `dtype`."""
+    from graftlm.weights.gguf_source import GGUFSource
+
     total = 0
     for name, p in module.named_parameters(prefix=prefix):
-        try:
-            total += sum(q.nbytes for q in source.raw(name)) if source is not None else p.numel() * itemsize
-        except GraftError:  # a source that cannot give raw blocks for this tensor
+        if isinstance(source, GGUFSource):
+            total += sum(q.nbytes for q in source.raw(name))
+        else:
             total += p.numel() * itemsize
     return total
 

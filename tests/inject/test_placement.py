@@ -84,16 +84,20 @@ def test_everything_fits_and_nothing_fits():
         plan_placement(model, config, device=GPU, gpu_memory=dense, cpu_memory=cpu_need - 1)
 
 
-def test_cpu_bytes_come_from_the_source():
-    from graftlm.weights.memory import StateDictSource
+def test_cpu_bytes_are_the_gguf_stored_bytes(tmp_path):
+    from graftlm.weights.convert import convert
+    from graftlm.weights.open import open_weights
+    from tests.models.tiny import make_model
 
-    config = tiny_config("mixtral", num_hidden_layers=2)
-    model = meta_model(config)
-    dense, _ = _sizes(model)
-    state = {n: torch.zeros(p.shape, dtype=torch.float16) for n, p in model.named_parameters()}
-    placement = plan_placement(model, config, device=GPU, gpu_memory=dense, source=StateDictSource(state))
-    want = sum(t.numel() * 2 for n, t in state.items() if ".mlp.experts." in n)
-    assert placement.cpu_bytes == want
+    make_model("qwen2_moe", tmp_path)
+    files = open_weights(convert(tmp_path, tmp_path / "m.gguf", "q8_0"))
+    model = files.meta_model
+    dense, experts = _sizes(model)
+    placement = plan_placement(model, files.config, device=GPU, gpu_memory=dense, source=files.source)
+    reader = files.gguf
+    want = sum(int(t.n_bytes) for name, t in reader.tensors.items() if "_exps." in name)
+    assert placement.cpu_layers == [0, 1] and placement.cpu_bytes == want
+    assert want < sum(experts.values())  # Q8_0 is ~1.06 bytes a weight, under bf16's 2
 
 
 def test_parse_size():
@@ -103,3 +107,73 @@ def test_parse_size():
     assert parse_size(4096) == 4096
     with pytest.raises(PlacementError, match="cannot read '12 parsecs'"):
         parse_size("12 parsecs")
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    from tests.inject.helpers import random_model
+
+    path = tmp_path_factory.mktemp("deepseek_v3_placed")
+    random_model(tiny_config("deepseek_v3")).save_pretrained(path)
+    return path
+
+
+def test_inspect_plans_from_a_budget_and_writes_rules(folder, tmp_path, capsys, monkeypatch):
+    import json
+
+    from graftlm.cli import main
+    from graftlm.weights import safetensors_source
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the planner read a weight")
+
+    monkeypatch.setattr(safetensors_source.SafetensorsSource, "get", refuse)
+    monkeypatch.setattr(safetensors_source.SafetensorsSource, "raw", refuse)
+    config = tiny_config("deepseek_v3")
+    dense, experts = _sizes(meta_model(config), itemsize=4)
+    budget = dense + experts[1]  # layer 0 is dense; room for the experts of layer 1 only
+    out = tmp_path / "placed.yaml"
+    argv = ["inspect", str(folder), "--gpu-memory", str(budget), "--write-rules", str(out), "--json"]
+    assert main(argv) == 0
+    data = json.loads(capsys.readouterr().out)
+    modules = {m["path"]: m for m in data["modules"]}
+    assert modules["model.layers.1.mlp.experts"]["device"] == GPU
+    assert modules["model.layers.2.mlp.experts"]["device"] == "cpu"
+    assert modules["model.layers.2.mlp.experts"]["op"] == "experts.cpu"
+    assert modules["lm_head"]["device"] == GPU and modules["model.layers.2.self_attn"]["device"] == GPU
+    assert "on cuda:0 [1], 1 on cpu [2]" in data["placement"] and str(out) in data["placement"]
+    assert main(["inspect", str(folder), "--rules", str(out), "--json"]) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert [(m["path"], m["op"], m["device"]) for m in again["modules"]] == [
+        (m["path"], m["op"], m["device"]) for m in data["modules"]
+    ]
+    # Too small: a one-line error naming the bytes the dense part needs.
+    assert main(["inspect", str(folder), "--gpu-memory", str(dense - 1)]) != 0
+    assert f"({dense} bytes" in capsys.readouterr().err
+
+
+def test_load_rejects_conflicting_or_impossible_budgets(folder):
+    import graftlm
+
+    with pytest.raises(PlacementError, match="pass rules or a memory budget, not both"):
+        graftlm.load(folder, rules="builtin:deepseek2", gpu_memory="1GiB", progress=False)
+    with pytest.raises(PlacementError, match="needs gpu_memory as well"):
+        graftlm.load(folder, cpu_memory="1GiB", progress=False)
+    with pytest.raises(PlacementError, match="too small for the dense part"):
+        graftlm.load(folder, gpu_memory="1KiB", progress=False)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_load_from_a_budget_runs_on_cuda(folder):
+    import graftlm
+    from tests.inject.helpers import random_model
+
+    config = tiny_config("deepseek_v3")
+    dense, experts = _sizes(meta_model(config), itemsize=4)
+    llm = graftlm.load(folder, gpu_memory=dense + experts[1], progress=False)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.inference_mode():
+        got = llm.model(ids.cuda()).logits.cpu()
+        want = random_model(config)(ids).logits
+    assert (got - want).abs().max().item() < 1e-3
