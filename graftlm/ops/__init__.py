@@ -1,6 +1,16 @@
 """Injected operators. Importing this package registers the built-in ones by short name."""
 
-from graftlm.ops import experts, experts_cpu, linear, linear_cpu, model, moe, rope  # noqa: F401  (each registers its operators)
+from graftlm.ops import (  # noqa: F401  (each registers its operators)
+    experts,
+    experts_cpu,
+    experts_gpu,
+    linear,
+    linear_cpu,
+    linear_gpu,
+    model,
+    moe,
+    rope,
+)
 from graftlm.ops.base import InjectedModule, LinearBase
 
 __all__ = ["InjectedModule", "LinearBase"]

@@ -1,0 +1,1 @@
+"""Accelerator kernels: weight layouts for torch's CUDA int4 matmul."""
