@@ -116,3 +116,15 @@ def test_alias_and_errors(tmp_path):
     ]
     with pytest.raises(RuleError, match=r"layer index 5 is not in 0\.\.1"):
         _inject(config, random_model(config), load_rules(bad))
+
+
+def test_the_documented_two_gpu_rules_parse(tmp_path):
+    from pathlib import Path
+
+    doc = (Path(__file__).parents[2] / "docs" / "heterogeneous.md").read_text()
+    block = doc.split("```yaml\n", 1)[1].split("```", 1)[0]
+    path = tmp_path / "two_gpu.yaml"
+    path.write_text(block)
+    rules = load_rules(str(path))
+    assert [r.op for r in rules] == ["model.transfer_map", "experts.cpu", "default", "default"]
+    assert rules[0].kwargs == {"transfer_map": {30: "cuda:1"}}
