@@ -51,6 +51,7 @@ def load(
     progress: bool = True,
     gpu_memory: str | int | None = None,
     cpu_memory: str | int | None = None,
+    gpu_weights: str = "dtype",
 ) -> LLM:
     """Load a GGUF file or HF folder into its transformers architecture.
 
@@ -58,12 +59,13 @@ def load(
     "auto", "builtin:NAME", a YAML path or a list of rule dicts (see docs/rules.md).
     `gpu_memory` ("12GiB") plans the rules from a budget instead (graftlm/inject/placement.py):
     the dense part and as many routed-expert layers as fit go to `device` ("cuda:0" when left
-    at "cpu"), the rest to the CPU, checked against `cpu_memory` when given.
+    at "cpu"), the rest to the CPU, checked against `cpu_memory` when given; `gpu_weights="int4"`
+    keeps the accelerator's linear and expert weights int4 (linear.gpu, experts.gpu).
     """
     files = open_weights(path, hf_dir=hf_dir)
     model = files.meta_model
-    if gpu_memory is not None or cpu_memory is not None:
-        rules, device = _placed_rules(files, rules, device, dtype, gpu_memory, cpu_memory)
+    if gpu_memory is not None or cpu_memory is not None or gpu_weights != "dtype":
+        rules, device = _placed_rules(files, rules, device, dtype, gpu_memory, cpu_memory, gpu_weights)
     if rules is None:
         load_module_params(model, "", files.source, device=device, dtype=dtype, progress=progress)
         if getattr(files.config, "tie_word_embeddings", False):
@@ -86,11 +88,12 @@ def _placed_rules(
     dtype: torch.dtype,
     gpu_memory: str | int | None,
     cpu_memory: str | int | None,
+    gpu_weights: str,
 ) -> tuple[list[dict], str]:
     from graftlm.inject.placement import PlacementError, plan_placement
 
     if gpu_memory is None:
-        raise PlacementError("cpu_memory plans a GPU + CPU split and needs gpu_memory as well")
+        raise PlacementError("cpu_memory and gpu_weights plan a GPU + CPU split and need gpu_memory as well")
     if rules not in (None, "auto"):
         raise PlacementError("gpu_memory plans the rules itself: pass rules or a memory budget, not both")
     gpu = "cuda:0" if str(device) == "cpu" else str(device)
@@ -102,6 +105,7 @@ def _placed_rules(
         cpu_memory=cpu_memory,
         source=files.source,
         dtype=dtype,
+        gpu_weights=gpu_weights,
     )
     log.info("%s", placement.summary())
     return placement.rules, gpu

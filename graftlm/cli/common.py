@@ -34,6 +34,11 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
         "--cpu-memory", metavar="SIZE", help="CPU budget the routed experts left for the CPU must fit"
     )
     parser.add_argument(
+        "--gpu-weights",
+        choices=("dtype", "int4"),
+        help="with --gpu-memory: accelerator weights at the load dtype (default) or int4",
+    )
+    parser.add_argument(
         "--threads",
         type=int,
         metavar="N",
@@ -119,7 +124,7 @@ def load_llm(args: argparse.Namespace) -> Any:
     api = importlib.import_module("graftlm.api")
     budgets = {
         k: v
-        for k in ("gpu_memory", "cpu_memory")
+        for k in ("gpu_memory", "cpu_memory", "gpu_weights")
         if (v := getattr(args, k, None)) is not None  # only when set: loaders without budgets still work
     }
     return api.load(path, rules=args.rules, device=args.device, **budgets)

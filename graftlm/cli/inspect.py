@@ -50,6 +50,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--cpu-memory", metavar="SIZE", help="CPU budget the routed experts left for the CPU must fit"
     )
     parser.add_argument(
+        "--gpu-weights",
+        choices=("dtype", "int4"),
+        default="dtype",
+        help="accelerator weights at --dtype (default) or int4 (linear.gpu, experts.gpu)",
+    )
+    parser.add_argument(
         "--write-rules", metavar="FILE", help="write the planned rules as a YAML file that reproduces them"
     )
     parser.set_defaults(func=main)
@@ -135,6 +141,7 @@ def main(args: argparse.Namespace) -> int:
             cpu_memory=args.cpu_memory,
             source=files.source,
             dtype=dtype,
+            gpu_weights=args.gpu_weights,
         )
         spec = placement.rules
     elif args.write_rules:

@@ -7,7 +7,8 @@ on the file's quantized blocks), where the `moe` block overlaps them with the sh
 
 It works from the meta model and the source's tensor sizes only; no weight is read, so a plan for
 "cuda:0" can be made (and tested) on a machine without one. Accelerator bytes are the parameters
-dequantized to `dtype` (what `linear.torch` and `experts.torch` hold there); CPU bytes are the
+dequantized to `dtype` (what `linear.torch` and `experts.torch` hold there), or with
+`gpu_weights="int4"` 5/8 of a byte per linear and expert weight (`linear.gpu`, `experts.gpu`); CPU bytes are the
 source's stored (quantized) bytes. KV cache and activations are not counted: leave them room.
 
 The result is a list of plain rule dicts, so it can be written out as a YAML rule file that
@@ -96,10 +97,6 @@ class Placement:
         )
 
 
-def _numel(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
-
-
 def _stored_bytes(source: Any, prefix: str, module: nn.Module, itemsize: int) -> int:
     """What the CPU holds for `module`'s parameters: a GGUF's stored (quantized) bytes, from its
     header (the memory-mapped blocks are not touched); for any other source, the values at `dtype`."""
@@ -111,6 +108,36 @@ def _stored_bytes(source: Any, prefix: str, module: nn.Module, itemsize: int) ->
             total += sum(q.nbytes for q in source.raw(name))
         else:
             total += p.numel() * itemsize
+    return total
+
+
+_LINEAR_PATHS = re.compile(r"^(model\.layers\.|lm_head$)")
+GPU_WEIGHTS = ("dtype", "int4")
+
+
+def _tensor_gpu_bytes(
+    path: str, module: nn.Module, name: str, p: torch.Tensor, weights: str, itemsize: int
+) -> int:
+    """Bytes a parameter takes on the accelerator: at `dtype`, or for `int4` (linear.gpu, experts.gpu)
+    5/8 of a byte per weight (4 bits plus a bf16 scale and zero per 32) where the int4 kernel takes
+    the matrix, bf16 where it does not."""
+    matrix = (isinstance(module, nn.Linear) and name == "weight" and _LINEAR_PATHS.search(path)) or (
+        name in ("gate_up_proj", "down_proj") and p.ndim == 3
+    )
+    if weights != "int4" or not matrix:
+        return p.numel() * itemsize
+    n, k = p.shape[-2:]
+    return p.numel() * 5 // 8 if k % 32 == 0 and n % 8 == 0 else p.numel() * 2
+
+
+def _gpu_bytes(module: nn.Module, prefix: str, weights: str, itemsize: int) -> int:
+    seen: set[int] = set()  # tied weights count once
+    total = 0
+    for path, sub in module.named_modules(prefix=prefix):
+        for name, p in sub.named_parameters(recurse=False):
+            if id(p) not in seen:
+                seen.add(id(p))
+                total += _tensor_gpu_bytes(path, sub, name, p, weights, itemsize)
     return total
 
 
@@ -127,8 +154,15 @@ def plan_placement(
     cpu_memory: str | int | None = None,
     source: Any = None,
     dtype: torch.dtype = torch.bfloat16,
+    gpu_weights: str = "dtype",
 ) -> Placement:
-    """The rules that fit `model` (built on meta) into `gpu_memory` on `device` plus the CPU."""
+    """The rules that fit `model` (built on meta) into `gpu_memory` on `device` plus the CPU.
+
+    `gpu_weights`: "dtype" keeps accelerator weights at `dtype` (linear.torch, experts.torch);
+    "int4" uses linear.gpu and experts.gpu (int4 group 32 where the kernel takes the shape).
+    """
+    if gpu_weights not in GPU_WEIGHTS:
+        raise PlacementError(f"gpu_weights must be one of {', '.join(GPU_WEIGHTS)}, not {gpu_weights!r}")
     budget = parse_size(gpu_memory)
     device = str(torch.device(device))
     itemsize = torch.empty(0, dtype=dtype).element_size()
@@ -137,19 +171,22 @@ def plan_placement(
         match = _MOE_LAYER.match(path)
         if match and isinstance(module._modules.get("experts"), nn.Module):
             moe[int(match.group(1))] = (type(module).__name__, module.experts)
-    expert_numel = {i: _numel(experts) for i, (_, experts) in moe.items()}
-    total = sum({id(p): p.numel() for p in model.parameters()}.values())  # tied weights once
-    dense = (total - sum(expert_numel.values())) * itemsize
+    expert_bytes = {
+        i: _gpu_bytes(experts, f"model.layers.{i}.mlp.experts", gpu_weights, itemsize)
+        for i, (_, experts) in moe.items()
+    }
+    dense = _gpu_bytes(model, "", gpu_weights, itemsize) - sum(expert_bytes.values())
     what = "embeddings, attention, norms, routers, shared experts and lm_head"
+    at = str(dtype).removeprefix("torch.") + (", linear weights int4" if gpu_weights == "int4" else "")
     if dense > budget:
         raise PlacementError(
             f"a {human(budget)} budget on {device} is too small for the dense part of the model: "
-            f"it needs at least {human(dense)} ({dense} bytes: {what} at {str(dtype).removeprefix('torch.')})"
+            f"it needs at least {human(dense)} ({dense} bytes: {what} at {at})"
         )
     used = dense
     gpu_layers: list[int] = []
     for index in sorted(moe):
-        size = expert_numel[index] * itemsize
+        size = expert_bytes[index]
         if used + size > budget:
             break
         gpu_layers.append(index)
@@ -163,13 +200,22 @@ def plan_placement(
             f"the routed experts left for the CPU need {human(cpu_bytes)} ({cpu_bytes} bytes), "
             f"over the {human(parse_size(cpu_memory))} CPU budget; give {device} more memory"
         )
-    rules = _rules(device, config, gpu_layers, cpu_layers, sorted({cls for cls, _ in moe.values()}))
+    classes = sorted({cls for cls, _ in moe.values()})
+    rules = _rules(device, config, gpu_layers, cpu_layers, classes, gpu_weights)
     return Placement(device, rules, gpu_layers, cpu_layers, dense, used, cpu_bytes)
 
 
 def _rules(
-    device: str, config: Any, gpu_layers: list[int], cpu_layers: list[int], moe_classes: list[str]
+    device: str,
+    config: Any,
+    gpu_layers: list[int],
+    cpu_layers: list[int],
+    moe_classes: list[str],
+    gpu_weights: str = "dtype",
 ) -> list[dict[str, Any]]:
+    linear_op, experts_op = (
+        ("linear.gpu", "experts.gpu") if gpu_weights == "int4" else ("linear.torch", "experts.torch")
+    )
     on_gpu = {"generate_device": device}
     rules: list[dict[str, Any]] = [
         {"match": {"name": r"^model\.rotary_emb$"}, "replace": {"class": "rope", "kwargs": dict(on_gpu)}}
@@ -178,7 +224,7 @@ def _rules(
         rules.append(
             {
                 "match": {"name": _layers_regex(gpu_layers)},
-                "replace": {"class": "experts.torch", "kwargs": dict(on_gpu)},
+                "replace": {"class": experts_op, "kwargs": dict(on_gpu)},
                 "recursive": False,
             }
         )
@@ -208,7 +254,7 @@ def _rules(
     rules.append(
         {
             "match": {"name": r"^(model\.layers\.|lm_head$)", "class": "torch.nn.Linear"},
-            "replace": {"class": "linear.torch", "kwargs": dict(on_gpu)},
+            "replace": {"class": linear_op, "kwargs": dict(on_gpu)},
         }
     )
     # Everything else (embeddings, norms, the root) stays a plain module on the accelerator.

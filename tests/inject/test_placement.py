@@ -84,6 +84,24 @@ def test_everything_fits_and_nothing_fits():
         plan_placement(model, config, device=GPU, gpu_memory=dense, cpu_memory=cpu_need - 1)
 
 
+def test_int4_weights_fit_more_and_use_the_gpu_operators():
+    config = tiny_config("qwen2_moe", num_hidden_layers=4)
+    model = meta_model(config)
+    dense, experts = _sizes(model)
+    budget = dense + experts[0]
+    at_dtype = plan_placement(model, config, device=GPU, gpu_memory=budget)
+    int4 = plan_placement(model, config, device=GPU, gpu_memory=budget, gpu_weights="int4")
+    assert len(int4.gpu_layers) > len(at_dtype.gpu_layers) == 1
+    # Every expert matrix here takes the int4 kernel: 5/8 of a byte per weight instead of 2.
+    per_layer = sum(p.numel() for p in model.model.layers[0].mlp.experts.parameters()) * 5 // 8
+    assert int4.gpu_bytes - int4.dense_bytes == per_layer * len(int4.gpu_layers)
+    p = plan(model, load_rules(int4.rules, device=GPU), default_device="cpu", strict=True)
+    assert p.entry("model.layers.0.mlp.experts").op == "experts.gpu"
+    assert p.entry("lm_head").op == "linear.gpu" and p.entry("model.embed_tokens").device == GPU
+    with pytest.raises(PlacementError, match="gpu_weights must be one of dtype, int4"):
+        plan_placement(model, config, device=GPU, gpu_memory=budget, gpu_weights="int3")
+
+
 def test_cpu_bytes_are_the_gguf_stored_bytes(tmp_path):
     from graftlm.weights.convert import convert
     from graftlm.weights.open import open_weights
@@ -157,7 +175,7 @@ def test_load_rejects_conflicting_or_impossible_budgets(folder):
 
     with pytest.raises(PlacementError, match="pass rules or a memory budget, not both"):
         graftlm.load(folder, rules="builtin:deepseek2", gpu_memory="1GiB", progress=False)
-    with pytest.raises(PlacementError, match="needs gpu_memory as well"):
+    with pytest.raises(PlacementError, match="need gpu_memory as well"):
         graftlm.load(folder, cpu_memory="1GiB", progress=False)
     with pytest.raises(PlacementError, match="too small for the dense part"):
         graftlm.load(folder, gpu_memory="1KiB", progress=False)
