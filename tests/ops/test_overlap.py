@@ -111,3 +111,38 @@ def test_overlap_cuda_shared_cpu_experts():
     got = op(x.cuda())
     assert got.device.type == "cuda"
     torch.testing.assert_close(got.cpu(), hf(x), rtol=1e-4, atol=1e-5)
+
+
+def test_whole_model_with_overlap_rule_equals_without():
+    from graftlm.inject import apply, load_rules, plan
+    from graftlm.models.build import build_meta_model
+    from graftlm.weights.memory import StateDictSource
+
+    config = tiny_config("deepseek_v2_lite")
+    hf = random_model(config)
+
+    def inject(overlap_on: bool):
+        rules = load_rules(
+            [
+                {
+                    "match": {"name": r"^model\.layers\.\d+\.mlp$", "class": "DeepseekV2Moe"},
+                    "replace": {"class": "moe", "kwargs": {"overlap": overlap_on}},
+                },
+                {
+                    "match": {"name": r"^model\.layers\.\d+\.mlp\.experts$"},
+                    "replace": {"class": "experts.cpu"},
+                    "recursive": False,
+                },
+                {"match": {"name": r"^model\.rotary_emb$"}, "replace": {"class": "rope"}},
+            ]
+        )
+        meta = build_meta_model(config)
+        return apply(
+            meta, plan(meta, rules, strict=True), source=StateDictSource(hf.state_dict()), config=config
+        )
+
+    on, off = inject(True), inject(False)
+    assert all(m.overlap for m in on.modules() if isinstance(m, MoEBlock))
+    ids = torch.tensor([[3, 17, 42, 8, 99]])
+    with torch.inference_mode():
+        assert torch.equal(on(ids).logits, off(ids).logits)
