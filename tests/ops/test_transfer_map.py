@@ -128,3 +128,16 @@ def test_the_documented_two_gpu_rules_parse(tmp_path):
     rules = load_rules(str(path))
     assert [r.op for r in rules] == ["model.transfer_map", "experts.cpu", "default", "default"]
     assert rules[0].kwargs == {"transfer_map": {30: "cuda:1"}}
+
+
+def test_out_device_moves_the_last_hidden_state():
+    config = tiny_config("qwen2_moe", num_hidden_layers=2)
+    hf = random_model(config)
+    kwargs = {"transfer_map": {1: "cpu"}, "out_device": "meta"}
+    rules = load_rules(
+        [{"match": {"name": "^model$"}, "replace": {"class": "model.transfer_map", "kwargs": kwargs}}]
+    )
+    model = _inject(config, hf, rules)
+    with torch.no_grad():
+        out = model.model(torch.tensor([[3, 4]]))
+    assert out.last_hidden_state.device.type == "meta" and out.last_hidden_state.shape == (1, 2, 64)
