@@ -63,10 +63,11 @@ def submit(
     The caller's grad and inference modes (thread-local in torch) carry over to the worker.
     """
     ready = None
-    if device.type == "cpu" and any(a.device.type == "cuda" for a in args):
+    source = next((a.device for a in args if a.device.type == "cuda"), None)
+    if device.type == "cpu" and source is not None:
         args = tuple(to_host(a) for a in args)
         ready = torch.cuda.Event(blocking=True)  # blocking: the worker sleeps, it does not spin
-        ready.record()
+        ready.record(torch.cuda.current_stream(source))  # the stream the copies were queued on
     else:
         args = tuple(a.to(device) for a in args)
     grad = torch.is_grad_enabled()
