@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import logging
 
-import torch
-
 from graftlm.kernels.cuda.int4 import DeviceMatrix, to_device_matrix
-from graftlm.ops.base import LinearBase
-from graftlm.ops.linear_cpu import quantized_param
+from graftlm.ops.packed import PackedLinear
+from graftlm.weights.source import QuantizedTensor
 
 log = logging.getLogger(__name__)
 
@@ -33,39 +31,13 @@ def log_requantized(key: str, matrices: list[DeviceMatrix]) -> None:
         )
 
 
-class LinearGPU(LinearBase, name="linear.gpu"):
+class LinearGPU(PackedLinear, name="linear.gpu"):
     """y = x W^T + b with W as int4 group 32 (torch's tensor-core kernel) or bf16 on `generate_device`."""
 
-    def __init__(self, key, source, config, orig_module, layout: str = "auto", **kwargs) -> None:
-        super().__init__(key, source, config, orig_module, **kwargs)
-        if layout not in ("auto", "int4", "bf16"):
-            raise ValueError(f"linear.gpu at {key!r}: layout must be auto, int4 or bf16, not {layout!r}")
-        self.layout = layout
-        self.matrix: DeviceMatrix | None = None
-        self.register_buffer("bias", None)
+    layouts = ("auto", "int4", "bf16")
 
-    def load(self) -> None:
-        q = quantized_param(self.source, self.weight_name("weight"))
-        if q.shape != (self.out_features, self.in_features):
-            raise ValueError(
-                f"{self.weight_name('weight')}: shape {q.shape}, expected {(self.out_features, self.in_features)}"
-            )
-        self.matrix = to_device_matrix(q, self.device, self.layout)
-        log_requantized(self.key, [self.matrix])
-        if self.has_bias:
-            self.bias = self.source.get(self.weight_name("bias"), dtype=torch.float32, device=self.device)
+    def pack_matrix(self, q: QuantizedTensor) -> DeviceMatrix:
+        return to_device_matrix(q, self.device, self.layout)
 
-    def unload(self) -> None:
-        self.matrix = None
-        self.bias = None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.to(self.device).reshape(-1, self.in_features)
-        y = self.matrix.matmul(flat).reshape(*x.shape[:-1], self.out_features)
-        if self.bias is not None:
-            y = y + self.bias
-        return self.to_out(y, x)
-
-    def extra_repr(self) -> str:
-        kind = f"{self.matrix.source_type}->{self.matrix.layout}" if self.matrix else "unloaded"
-        return f"{super().extra_repr()}, {kind}"
+    def after_load(self) -> None:
+        log_requantized(self.key, [self.packed])

@@ -47,10 +47,10 @@ def test_gpu_operators_match_torch_operators(gguf_path, caplog):
     linears = [m for m in gpu.model.modules() if isinstance(m, LinearGPU)]
     experts = [m for m in gpu.model.modules() if isinstance(m, ExpertsGPU)]
     assert linears and experts
-    assert "int4" in {m.matrix.layout for m in linears}
+    assert "int4" in {m.packed.layout for m in linears}
     for m in linears:  # bf16 only where the file stores floats or the kernel cannot take the shape
-        if m.matrix.layout == "bf16":
-            assert m.matrix.source_type in ("F32", "F16", "BF16") or m.out_features % 16, m.key
+        if m.packed.layout == "bf16":
+            assert m.packed.source_type in ("F32", "F16", "BF16") or m.out_features % 16, m.key
     # Q4_0 keeps its 4-bit values; Q8_0 is re-quantized to 4 bits, which is logged (and costs accuracy).
     assert ("re-quantized Q8_0" in caplog.text) == (qtype == "q8_0")
     # Random weights are the worst case for 4-bit min-max groups: ~17% of the logits' norm from
