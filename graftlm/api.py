@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +11,7 @@ import torch
 from torch import nn
 
 from graftlm.engine.generate import Engine, GenerationResult
-from graftlm.models.loader import load_module_params
+from graftlm.models.loader import load_module_params, weight_tensors
 from graftlm.weights.open import ModelFiles, open_weights
 
 log = logging.getLogger(__name__)
@@ -62,12 +63,22 @@ def load(
     at "cpu"), the rest to the CPU, checked against `cpu_memory` when given; `gpu_weights="int4"`
     keeps the accelerator's linear and expert weights int4 (linear.gpu, experts.gpu).
     """
+    start = time.perf_counter()
     files = open_weights(path, hf_dir=hf_dir)
     model = files.meta_model
     if gpu_memory is not None or cpu_memory is not None or gpu_weights != "dtype":
         rules, device = _placed_rules(files, rules, device, dtype, gpu_memory, cpu_memory, gpu_weights)
     if rules is None:
-        load_module_params(model, "", files.source, device=device, dtype=dtype, progress=progress)
+        loaded = load_module_params(model, "", files.source, device=device, dtype=dtype, progress=progress)
+        log.info(
+            "loaded %d tensors (%.0f MB at %s) from %s as %s in %.1f s",
+            len(loaded),
+            sum(t.numel() * t.element_size() for t in weight_tensors(model).values()) / 1e6,
+            str(dtype).removeprefix("torch."),
+            files.path,
+            type(model).__name__,
+            time.perf_counter() - start,
+        )
         if getattr(files.config, "tie_word_embeddings", False):
             model.tie_weights()  # loading replaced the shared Parameter; point the head at it again
     else:
