@@ -25,11 +25,11 @@ import functools
 import json
 import logging
 import platform
+import sys
 import time
 from pathlib import Path
 
 import torch
-import transformers
 from transformers import DynamicCache
 from transformers.models.deepseek_v2.modeling_deepseek_v2 import (
     DeepseekV2Attention,
@@ -38,34 +38,14 @@ from transformers.models.deepseek_v2.modeling_deepseek_v2 import (
 
 from graftlm.ops.attention.mla import MLAttention
 
-log = logging.getLogger("bench.mla_attention")
+sys.path.insert(0, str(Path(__file__).parent))
+from make_models import SHAPES  # noqa: E402  (bench/ is not a package)
 
-V2_LITE = dict(
-    hidden_size=2048,
-    num_attention_heads=16,
-    num_key_value_heads=16,
-    q_lora_rank=None,
-    kv_lora_rank=512,
-    qk_nope_head_dim=128,
-    qk_rope_head_dim=64,
-    v_head_dim=128,
-    head_dim=64,
-    max_position_embeddings=163840,
-    rope_parameters={
-        "rope_type": "yarn",
-        "rope_theta": 10000.0,
-        "factor": 40.0,
-        "original_max_position_embeddings": 4096,
-        "beta_fast": 32.0,
-        "beta_slow": 1.0,
-        "mscale": 0.707,
-        "mscale_all_dim": 0.707,
-    },
-)
+log = logging.getLogger("bench.mla_attention")
 
 
 def build(dtype: torch.dtype, seed: int = 0):
-    config = transformers.DeepseekV2Config(**V2_LITE)
+    config = SHAPES["dsv2lite"](1)  # the DeepSeek-V2-Lite shape the MoE benchmarks use
     config._attn_implementation = "sdpa"  # what a DeepseekV2ForCausalLM gets by default
     torch.manual_seed(seed)
     hf = DeepseekV2Attention(config, layer_idx=0).to(dtype).eval()
