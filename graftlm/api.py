@@ -133,6 +133,12 @@ def _finish(model: nn.Module, files: ModelFiles) -> None:
 
 def _apply_rope_freqs(model: nn.Module, files: ModelFiles) -> None:
     """Llama-3-style RoPE scaling: llama.cpp divides each frequency by the file's `rope_freqs`."""
+    rope = getattr(files.config, "rope_parameters", None) or {}
+    if rope.get("rope_type", "default") != "default":
+        log.info(
+            "%s: rope_freqs ignored, the HF config already gives RoPE type %s", files.path, rope["rope_type"]
+        )
+        return
     factors = files.source.dequantized("rope_freqs.weight")  # type: ignore[attr-defined]
     for sub in model.modules():
         inv = getattr(sub, "inv_freq", None)

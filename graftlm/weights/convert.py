@@ -60,7 +60,7 @@ def _rope_metadata(w: gguf.GGUFWriter, rope: dict[str, Any] | None) -> None:
         w.add_rope_scaling_factor(float(rope["factor"]))
         if "original_max_position_embeddings" in rope:
             w.add_rope_scaling_orig_ctx_len(int(rope["original_max_position_embeddings"]))
-    elif kind != "default":
+    elif kind not in ("default", "llama3"):  # llama3 travels as the rope_freqs tensor
         raise UnsupportedArchitecture(f"cannot write RoPE type '{kind}' to GGUF")
 
 
@@ -210,6 +210,20 @@ def _encode(t: torch.Tensor, qtype: Q) -> np.ndarray:
     return gguf.quants.quantize(arr, qtype)
 
 
+def _extra_tensors(arch: str, config) -> dict[str, np.ndarray]:
+    """File tensors that are no HF parameter: Llama 3's RoPE frequency divisors (`rope_freqs`),
+    computed with transformers' own RoPE functions as default / llama3 inverse frequencies."""
+    rope = getattr(config, "rope_parameters", None) or {}
+    if arch != "llama" or rope.get("rope_type") != "llama3":
+        return {}
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    dim = config.head_dim
+    default = 1.0 / (rope["rope_theta"] ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](config, "cpu")
+    return {"rope_freqs.weight": (default / scaled.float()).numpy()}
+
+
 def write_gguf(
     out_path: str | Path,
     config,
@@ -256,6 +270,9 @@ def write_gguf(
                 w.add_tensor_info(
                     gname, byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape)), raw_dtype=t
                 )
+    extras = _extra_tensors(arch, config)
+    for gname, arr in extras.items():
+        w.add_tensor_info(gname, arr.shape, arr.dtype, arr.nbytes)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_ti_data_to_file()
@@ -263,6 +280,8 @@ def write_gguf(
         tm = table.maps[hf_name]
         for part in tm.from_hf(tensor_fn(hf_name)):
             w.write_tensor_data(_encode(part, _out_type(tuple(part.shape), qtype)))
+    for arr in extras.values():
+        w.write_tensor_data(arr)
     w.close()
     log.info(
         "wrote %s (%s, %d tensors)", out_path, out_type, sum(len(m.gguf_names) for m in table.maps.values())

@@ -35,6 +35,21 @@ CONFIGS: dict[str, tuple[type, dict]] = {
         transformers.LlamaConfig,
         dict(head_dim=16, rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
     ),
+    "llama3": (
+        transformers.LlamaConfig,
+        dict(
+            head_dim=16,
+            max_position_embeddings=512,
+            rope_parameters={
+                "rope_type": "llama3",
+                "rope_theta": 500000.0,
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 64,
+            },
+        ),
+    ),
     "mixtral": (transformers.MixtralConfig, dict(head_dim=16, num_local_experts=4, num_experts_per_tok=2)),
     "qwen2": (transformers.Qwen2Config, dict(tie_word_embeddings=True)),
     "qwen2_moe": (
