@@ -81,6 +81,7 @@ class NameTable:
         self.config = config
         self._tmap = gguf.get_tensor_name_map(_gguf_arch(arch), config.num_hidden_layers)
         self._file_names = file_names
+        self.redundant: set[str] = set()  # file tensors that repeat mapped ones in another layout
         self.maps: dict[str, TensorMap] = {}
         for name, shape in hf_shapes.items():
             self.maps[name] = self._map_one(name, tuple(shape))
@@ -157,6 +158,8 @@ class NameTable:
         heads, nope, v = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.v_head_dim
         k_b, v_b = kv_b.replace("attn_kv_b", "attn_k_b"), kv_b.replace("attn_kv_b", "attn_v_b")
         if self._file_names is not None and kv_b in self._file_names:
+            # Some files carry both forms; the split pair then repeats kv_b and is not read.
+            self.redundant.update(n for n in (k_b, v_b) if n in self._file_names)
             return TensorMap(name, (kv_b,))
 
         def to_hf(parts: list[torch.Tensor]) -> torch.Tensor:
@@ -189,7 +192,7 @@ class NameTable:
                         f"{path}: tensor '{g}' (for HF parameter '{tm.hf_name}') is missing"
                     )
                 used.add(g)
-        unmapped = sorted(set(file_shapes) - used - set(extra_ok))
+        unmapped = sorted(set(file_shapes) - used - set(extra_ok) - self.redundant)
         if unmapped:
             more = f" and {len(unmapped) - 5} more" if len(unmapped) > 5 else ""
             raise WeightMappingError(

@@ -87,3 +87,32 @@ def test_safetensors_folder_and_hf_folder_with_gguf(tiny, tmp_path):
         ref = hf(ids).logits
         for llm in (from_folder, with_config):
             assert (llm.model(ids).logits - ref).abs().max().item() <= 1e-4, name
+
+
+def test_deepseek_file_with_both_kv_b_forms_loads(tmp_path):
+    """Files from some llama.cpp versions hold attn_kv_b and its attn_k_b/attn_v_b split together."""
+    import gguf
+
+    hf = make_model("deepseek_v2_lite", tmp_path)
+    split = convert(tmp_path, tmp_path / "split.gguf", "f32")
+    reader = gguf.GGUFReader(str(split))
+    writer = gguf.GGUFWriter(str(tmp_path / "both.gguf"), "deepseek2")
+    for field in reader.fields.values():
+        if field.name.startswith("GGUF.") or field.name == "general.architecture":
+            continue
+        writer.add_key_value(
+            field.name, field.contents(), field.types[0], field.types[-1] if len(field.types) > 1 else None
+        )
+    for t in reader.tensors:
+        writer.add_tensor(t.name, t.data)
+    for layer in range(hf.config.num_hidden_layers):  # and the legacy fused form beside it
+        kv_b = hf.model.layers[layer].self_attn.kv_b_proj.weight.detach().numpy()
+        writer.add_tensor(f"blk.{layer}.attn_kv_b.weight", kv_b)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    llm = graftlm.load(tmp_path / "both.gguf", progress=False)
+    ids = _ids(10)
+    with torch.inference_mode():
+        assert (llm.model(ids).logits - hf(ids).logits).abs().max().item() <= 1e-4
