@@ -21,7 +21,12 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "model", nargs="?", metavar="MODEL", help="GGUF file or HF folder (default: the demo model)"
     )
-    parser.add_argument("--rules", metavar="RULES", help="injection rules (a YAML file or a built-in name)")
+    parser.add_argument(
+        "--rules",
+        metavar="RULES",
+        help="injection rules: a YAML file, builtin:NAME, 'auto' (default on a CPU: graftlm's operators on "
+        "the quantized weights) or 'none' (plain torch modules, weights dequantized to --device's dtype)",
+    )
     parser.add_argument(
         "--device", default=None, help="device for the model's inputs and dense layers (default: cpu)"
     )
@@ -127,7 +132,17 @@ def load_llm(args: argparse.Namespace) -> Any:
         for k in ("gpu_memory", "cpu_memory", "gpu_weights")
         if (v := getattr(args, k, None)) is not None  # only when set: loaders without budgets still work
     }
-    return api.load(path, rules=args.rules, device=args.device, **budgets)
+    return api.load(path, rules=cli_rules(args.rules, args.device, budgets), device=args.device, **budgets)
+
+
+def cli_rules(rules: str | None, device: str | None, budgets: dict) -> str | None:
+    """The rules a CLI run uses: as given ('none' meaning no rules), else the built-in fast CPU
+    operators when the model runs on the CPU and no memory budget plans the rules instead."""
+    if rules is not None:
+        return None if rules == "none" else rules
+    if budgets or str(device or "cpu").split(":")[0] != "cpu":
+        return None
+    return "auto"
 
 
 def summary(result: Any) -> str:
