@@ -35,6 +35,11 @@ def default_models() -> list[Path]:
 
 
 def llama_bench(exe: str, model: Path, threads: int, prompt: int, gen: int, repeat: int) -> dict:
+    import graftlm
+
+    env = dict(os.environ)
+    if graftlm.WAIT_POLICY_SET_BY_GRAFTLM:  # llama.cpp keeps its own default thread waiting
+        env.pop("OMP_WAIT_POLICY", None)
     out = subprocess.run(
         [
             exe,
@@ -54,6 +59,7 @@ def llama_bench(exe: str, model: Path, threads: int, prompt: int, gen: int, repe
         check=True,
         capture_output=True,
         text=True,
+        env=env,
     ).stdout
     rows = json.loads(out)
     result = {
