@@ -63,6 +63,8 @@ def weight_bytes_per_token(model: nn.Module) -> int:
         n_experts = getattr(module, "num_experts", None)
         if isinstance(module, nn.Embedding):
             total += module.embedding_dim * module.weight.element_size()
+        elif hasattr(module, "row_bytes"):  # embedding.cpu: one stored row
+            total += module.row_bytes
         elif n_experts and k and (hasattr(module, "gate_up_proj") or hasattr(module, "gate_up")):
             total += _own_bytes(module) * k // n_experts
         else:

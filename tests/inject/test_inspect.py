@@ -44,7 +44,7 @@ def test_json_plan(folder, capsys):
     assert experts["bytes"] == 4 * e * (2 * i * h + h * i)
     assert modules["lm_head"]["op"] == "linear.cpu" and modules["model.rotary_emb"]["op"] == "rope"
     assert modules["model.layers.0.mlp"]["op"] is None  # the dense first layer's MLP stays HF's
-    assert modules["model.embed_tokens"]["rule"] is None
+    assert modules["model.embed_tokens"]["op"] == "embedding.cpu"
     assert data["totals"] == {"cpu": sum(m["bytes"] for m in data["modules"])}
     assert data["totals"]["cpu"] == 4 * sum(m["numel"] for m in data["modules"])
     # the V2 block rule is optional and finds nothing in a V3 model

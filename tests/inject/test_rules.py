@@ -196,8 +196,9 @@ def test_include_relative_and_builtin(tmp_path):
         f"{tmp_path / 'head.yaml'}: rule 0 (line 1)",
         "builtin:base: rule 0 (line 5)",
         "builtin:base: rule 1 (line 12)",
+        "builtin:base: rule 2 (line 20)",
     ]
-    assert [r.index for r in rules] == [0, 1, 2]
+    assert [r.index for r in rules] == [0, 1, 2, 3]
 
 
 def test_include_errors(tmp_path):
