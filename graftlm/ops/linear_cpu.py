@@ -17,10 +17,11 @@ class LinearCPU(PackedLinear, name="linear.cpu"):
 
     layouts = ("auto", "int4", "int8", "bf16", "f32")
 
-    def __init__(self, key, source, config, orig_module, **kwargs) -> None:
+    def __init__(self, key, source, config, orig_module, int8_activations: bool = False, **kwargs) -> None:
         super().__init__(key, source, config, orig_module, **kwargs)
+        self.int8_activations = int8_activations
         if self.device.type != "cpu":
             raise ValueError(f"linear.cpu at {key!r} runs on the CPU, not {self.device}")
 
     def pack_matrix(self, q: QuantizedTensor) -> PackedMatrix:
-        return pack(q, self.layout)
+        return pack(q, self.layout, int8_activations=self.int8_activations)

@@ -57,10 +57,11 @@ def one_thread():
     ],
 )
 @pytest.mark.parametrize("rows", [1, 3, PREFILL_ROWS + 9])
-def test_packed_matmul_within_bound(qtype, layout, rows):
+@pytest.mark.parametrize("int8_activations", [False, True])  # the opt-in int8 GEMM at many rows
+def test_packed_matmul_within_bound(qtype, layout, rows, int8_activations):
     rng = np.random.default_rng(int(qtype) * 7 + rows)
     data = _blocks(qtype, rng)
-    p = pack(QuantizedTensor("w", qtype, (N, K), data))
+    p = pack(QuantizedTensor("w", qtype, (N, K), data), int8_activations=int8_activations)
     assert p.layout == layout and (p.n, p.k) == (N, K)
     ref_w = dequantize(data, qtype, (N, K))
     x = torch.from_numpy(rng.standard_normal((rows, K)).astype(np.float32))

@@ -3,7 +3,7 @@
 | GGUF type            | layout            | decode kernel (few rows)         | prefill kernel (many rows)        |
 |----------------------|-------------------|----------------------------------|-----------------------------------|
 | Q4_0, Q4_1, Q4_K     | `int4` group 32   | `_weight_int4pack_mm_for_cpu`    | the same                          |
-| other quantized types| `int8` per row    | `_weight_int8pack_mm`            | `torch._int_mm` (AMX/VNNI), int8 activations per row |
+| other quantized types| `int8` per row    | `_weight_int8pack_mm`            | the same; with `int8_activations`, `torch._int_mm` (AMX/VNNI) on int8 activations per row |
 | F16, BF16            | `bf16`            | `F.linear`                       | `F.linear`                        |
 | F32                  | `f32` (exact)     | `F.linear`                       | `F.linear`                        |
 
@@ -12,7 +12,7 @@ Error bounds against dequantize-then-fp32 (tested in tests/kernels/test_packed.p
   error of at most 2^-9 on each, and activations are rounded to bf16 (2^-9 relative).
 - `int8`: each row is requantized to int8 with scale max|w|/127: an absolute error of at most half
   that scale per weight (Q8_0's own step is d/2 per block: about the same when block scales are even).
-- `_int_mm` prefill also rounds activations to int8 per row (scale max|x|/127), as llama.cpp's q8.
+- the opt-in `_int_mm` prefill also rounds activations to int8 per row (scale max|x|/127).
 The quantized and bf16 kernels take bf16 activations (fp32 makes the weight-only kernels 6-36x
 slower here); every layout returns fp32.
 """
@@ -45,7 +45,7 @@ def _f16(raw: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(raw).view(np.float16).astype(np.float32))
 
 
-def _q4_groups(q: QuantizedTensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def q4_groups(q: QuantizedTensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """4-bit values [N, K] (0..15) and per-group-of-32 scale and zero [N, K/32] so that
     w = (v - 8) * scale + zero exactly (in fp32)."""
     n, k = q.shape
@@ -91,6 +91,10 @@ class PackedMatrix:
     weight: torch.Tensor  # int4: packed uint8; int8: int8 [N, K]; bf16, f32: [N, K]
     scales: torch.Tensor | None = None  # int4: bf16 [K/32, N, 2]; int8: fp32 [N]
     source_type: str = ""
+    # Opt-in: many-row int8 matmuls quantize activations to int8 per row and use torch._int_mm.
+    # Faster prefill, but on Gemma 270M top-1 agreement with llama.cpp drops from 96.5% to 92.9%
+    # (bench/gemma_agreement.py): activation outliers make a row's int8 step coarse.
+    int8_activations: bool = False
 
     @property
     def nbytes(self) -> int:
@@ -103,7 +107,7 @@ class PackedMatrix:
         xb = x.to(torch.bfloat16)
         if self.layout == "int4":
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(xb, self.weight, GROUP, self.scales)
-        elif self.layout == "int8" and x.shape[0] > PREFILL_ROWS:
+        elif self.layout == "int8" and self.int8_activations and x.shape[0] > PREFILL_ROWS:
             return _int8_gemm(x, self.weight, self.scales)
         elif self.layout == "int8":
             y = torch.ops.aten._weight_int8pack_mm(xb, self.weight, self.scales.to(torch.bfloat16))
@@ -130,7 +134,7 @@ def _int8_gemm(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor) -> torch
     return acc.float() * x_scale * w_scale[None, :]
 
 
-def pack(q: QuantizedTensor, layout: str = "auto") -> PackedMatrix:
+def pack(q: QuantizedTensor, layout: str = "auto", *, int8_activations: bool = False) -> PackedMatrix:
     """Repack one GGUF matrix [N, K]. `layout`: auto, int4, int8, bf16 or f32."""
     if len(q.shape) != 2:
         raise ValueError(f"{q.name}: expected a matrix, got shape {q.shape}")
@@ -151,7 +155,7 @@ def pack(q: QuantizedTensor, layout: str = "auto") -> PackedMatrix:
                 f"{q.name}: the int4 layout needs a Q4_0, Q4_1 or Q4_K matrix with rows a multiple of 16 "
                 f"and columns of 32; this one is {q.qtype.name} {q.shape}"
             )
-        vals, scale, zero = _q4_groups(q)
+        vals, scale, zero = q4_groups(q)
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(vals.contiguous(), 1)
         sz = torch.stack([scale.t(), zero.t()], dim=-1).to(torch.bfloat16).contiguous()
         return PackedMatrix("int4", n, k, packed, sz, q.qtype.name)
@@ -163,5 +167,5 @@ def pack(q: QuantizedTensor, layout: str = "auto") -> PackedMatrix:
     if layout == "int8":
         scale = w.abs().amax(dim=1).clamp_min(1e-12) / 127.0
         w8 = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
-        return PackedMatrix("int8", n, k, w8.contiguous(), scale, q.qtype.name)
+        return PackedMatrix("int8", n, k, w8.contiguous(), scale, q.qtype.name, int8_activations)
     raise ValueError(f"unknown layout {layout!r}; expected auto, int4, int8, bf16 or f32")
