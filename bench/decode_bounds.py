@@ -1,0 +1,85 @@
+"""What bounds CPU decode: weight GB/s of torch's kernels, and where a decode step spends its time.
+
+    python bench/decode_bounds.py [--model PATH] [--threads 1] [--steps 5]
+
+Part 1 times one-row matmuls on matrices too large for the caches (so the figures are DRAM reads):
+torch's int8 and int4 weight-only kernels against plain fp32 and bf16 GEMV. Part 2 (with --model)
+loads the model with rules="auto" and profiles `--steps` decode steps, printing each op's share.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+
+def _median_ms(fn, n: int = 7) -> float:
+    fn()
+    times = []
+    for _ in range(n):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return sorted(times)[n // 2] * 1e3
+
+
+def kernels() -> None:
+    n, k = 262144, 640  # Gemma's output head: 168M weights, far beyond any cache
+    x = torch.randn(1, k, dtype=torch.bfloat16)
+    w8 = torch.randint(-127, 127, (n, k), dtype=torch.int8)
+    s8 = torch.rand(n, dtype=torch.bfloat16)
+    q = torch.randint(0, 16, (n, k), dtype=torch.int32)
+    w4 = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+    sz = torch.rand(k // 32, n, 2, dtype=torch.bfloat16)
+    wf = torch.randn(n, k)
+    wb = wf.bfloat16()
+    cases = {
+        "_weight_int8pack_mm (int8)": (lambda: torch.ops.aten._weight_int8pack_mm(x, w8, s8), 1.0),
+        "_weight_int4pack_mm_for_cpu (int4)": (
+            lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(x, w4, 32, sz),
+            0.5,
+        ),
+        "F.linear fp32": (lambda: torch.nn.functional.linear(x.float(), wf), 4.0),
+        "F.linear bf16": (lambda: torch.nn.functional.linear(x, wb), 2.0),
+    }
+    print(f"one-row matmul on a {n} x {k} matrix, {torch.get_num_threads()} thread(s)")
+    for name, (fn, bytes_per_weight) in cases.items():
+        ms = _median_ms(fn)
+        print(f"  {name:38s} {ms:8.1f} ms  {n * k * bytes_per_weight / ms / 1e6:5.1f} GB/s of weights")
+
+
+def profile(path: str, steps: int) -> None:
+    import graftlm
+
+    llm = graftlm.load(path, rules="auto", progress=False)
+    engine = llm.engine
+    logits, cache = engine.prefill(list(range(100, 164)))
+    token = torch.tensor([[5]])
+    for i in range(2):  # warm-up
+        logits, cache = engine.forward(token, cache, 64 + i)
+    with torch.profiler.profile() as prof:
+        for i in range(steps):
+            logits, cache = engine.forward(token, cache, 66 + i)
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    print(f"\n{steps} decode steps of {path}: {total / steps / 1e3:.1f} ms per step; ops by share of time")
+    for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:8]:
+        print(f"  {e.key:40s} {100 * e.self_cpu_time_total / total:5.1f}%")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", help="a GGUF to profile (e.g. ~/.cache/graftlm/bench/dsv2lite-4l-q4_k_m.gguf)")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--steps", type=int, default=5)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    kernels()
+    if args.model:
+        profile(args.model, args.steps)
+
+
+if __name__ == "__main__":
+    main()
