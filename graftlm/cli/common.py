@@ -30,10 +30,23 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--device", default=None, help="device for the model's inputs and dense layers (default: cpu)"
     )
+    add_budget_args(parser)
+    parser.add_argument(
+        "--threads",
+        type=int,
+        metavar="N",
+        help="torch CPU threads (default: the number of physical cores available)",
+    )
+
+
+def add_budget_args(parser: argparse.ArgumentParser) -> None:
+    """--gpu-memory, --cpu-memory, --gpu-weights: rules planned from memory budgets
+    (graftlm/inject/placement.py). Unset flags stay None, so loaders without budgets still work."""
     parser.add_argument(
         "--gpu-memory",
         metavar="SIZE",
-        help="plan the placement from a GPU budget (e.g. 12GiB): dense part first, then routed experts",
+        help="plan the placement from a GPU budget (e.g. 12GiB) on --device (cuda:0 when it is cpu): "
+        "dense part first, then routed experts",
     )
     parser.add_argument(
         "--cpu-memory", metavar="SIZE", help="CPU budget the routed experts left for the CPU must fit"
@@ -41,13 +54,7 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--gpu-weights",
         choices=("dtype", "int4"),
-        help="with --gpu-memory: accelerator weights at the load dtype (default) or int4",
-    )
-    parser.add_argument(
-        "--threads",
-        type=int,
-        metavar="N",
-        help="torch CPU threads (default: the number of physical cores available)",
+        help="with --gpu-memory: accelerator weights at the load dtype (default) or int4 (linear.gpu, experts.gpu)",
     )
 
 

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from graftlm.cli.common import add_budget_args
 from graftlm.errors import GraftError
 from graftlm.inject import InjectionPlan, load_rules, plan
 from graftlm.inject.placement import plan_placement
@@ -41,20 +42,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--hf-dir", metavar="DIR", help="HF folder whose config overrides the GGUF's")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
     parser.add_argument("--strict", action="store_true", help="a rule that matches no module is an error")
-    parser.add_argument(
-        "--gpu-memory",
-        metavar="SIZE",
-        help="plan the rules from a GPU budget (e.g. 12GiB) for --device (cuda:0 when it is cpu)",
-    )
-    parser.add_argument(
-        "--cpu-memory", metavar="SIZE", help="CPU budget the routed experts left for the CPU must fit"
-    )
-    parser.add_argument(
-        "--gpu-weights",
-        choices=("dtype", "int4"),
-        default="dtype",
-        help="accelerator weights at --dtype (default) or int4 (linear.gpu, experts.gpu)",
-    )
+    add_budget_args(parser)
     parser.add_argument(
         "--write-rules", metavar="FILE", help="write the planned rules as a YAML file that reproduces them"
     )
@@ -141,7 +129,7 @@ def main(args: argparse.Namespace) -> int:
             cpu_memory=args.cpu_memory,
             source=files.source,
             dtype=dtype,
-            gpu_weights=args.gpu_weights,
+            gpu_weights=args.gpu_weights or "dtype",
         )
         spec = placement.rules
     elif args.write_rules:

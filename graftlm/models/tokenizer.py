@@ -9,7 +9,7 @@ from pathlib import Path
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-from graftlm.errors import GraftError
+from graftlm.errors import GGUFFormatError, GraftError
 
 log = logging.getLogger(__name__)
 
@@ -64,21 +64,24 @@ def tokenizer_from_gguf(path: str, arch: str, chat_template: str | None) -> PreT
 
 
 def _convert_gguf_tokenizer(p: Path) -> PreTrainedTokenizerBase:
-    path = str(p)
+    """The GGUF vocabulary converted by transformers.
+
+    AutoTokenizer picks the model's own tokenizer class, but only for architectures whose config
+    transformers can read from GGUF; PreTrainedTokenizerFast runs the same vocabulary converter for
+    the others. A vocabulary the converter or the `tokenizers` library rejects (which raises a bare
+    Exception) is a GGUFFormatError naming the file.
+    """
     try:
-        # AutoTokenizer picks the model's own tokenizer class, but only for architectures whose
-        # config transformers can read from GGUF; the vocabulary converter itself works for all.
-        tok = AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
-    except ValueError as exc:
-        if "is not supported" not in str(exc):
-            raise GraftError(f"{path}: cannot build a tokenizer from the GGUF vocabulary ({exc})") from None
         try:
-            tok = PreTrainedTokenizerFast.from_pretrained(str(p.parent), gguf_file=p.name)
-        except (ValueError, KeyError, OSError, TypeError) as exc2:
-            raise GraftError(f"{path}: cannot build a tokenizer from the GGUF vocabulary ({exc2})") from None
-    except (KeyError, OSError, TypeError) as exc:
-        raise GraftError(f"{path}: cannot build a tokenizer from the GGUF vocabulary ({exc})") from None
-    return tok
+            return AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
+        except ValueError as exc:
+            if "is not supported" not in str(exc):
+                raise
+            return PreTrainedTokenizerFast.from_pretrained(str(p.parent), gguf_file=p.name)
+    except Exception as exc:  # noqa: BLE001 - see the docstring
+        raise GGUFFormatError(
+            f"{p}: no tokenizer can be built from the GGUF vocabulary ({type(exc).__name__}: {exc})"
+        ) from None
 
 
 def tokenizer_from_folder(folder: str, arch: str) -> PreTrainedTokenizerBase:

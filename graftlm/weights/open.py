@@ -119,26 +119,13 @@ def _check_special_tokens(file: GGUFFile) -> None:
             )
 
 
-def _gguf_tokenizer(file: GGUFFile, template: str | None) -> transformers.PreTrainedTokenizerBase:
-    from graftlm.models.tokenizer import tokenizer_from_gguf
-
-    try:
-        return tokenizer_from_gguf(file.path, file.arch, template)
-    except GraftError:
-        raise
-    except Exception as exc:  # tokenizers raises a bare Exception on a vocabulary it rejects
-        raise GGUFFormatError(
-            f"{file.path}: no tokenizer can be built from the GGUF vocabulary ({type(exc).__name__}: {exc})"
-        ) from None
-
-
 def open_weights(path: str | Path, *, hf_dir: str | Path | None = None) -> ModelFiles:
     """Open `path` and bind its weights to the HF architecture it describes.
 
     `path` may be a .gguf file, a folder holding config.json plus one .gguf (or plus safetensors),
     and `hf_dir` names an HF folder whose config and tokenizer override the GGUF's.
     """
-    from graftlm.models.tokenizer import tokenizer_from_folder
+    from graftlm.models.tokenizer import tokenizer_from_folder, tokenizer_from_gguf
 
     p = Path(path)
     if not p.exists():
@@ -174,7 +161,7 @@ def open_weights(path: str | Path, *, hf_dir: str | Path | None = None) -> Model
     if has_hf_tokenizer:
         load_tok = lambda: tokenizer_from_folder(str(hf_dir), file.arch)  # noqa: E731
     else:
-        load_tok = lambda: _gguf_tokenizer(file, template)  # noqa: E731
+        load_tok = lambda: tokenizer_from_gguf(file.path, file.arch, template)  # noqa: E731
     return ModelFiles(str(p), source, config, file.arch, model, load_tok, gguf=file)
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from graftlm.kernels.cpu.packed import _q4_groups, pack
+from graftlm.kernels.cpu.packed import pack, q4_groups
 from graftlm.kernels.cuda.int4 import inner_k_tiles, quantize_groups, to_device_matrix
 from graftlm.weights.dequant import dequantize
 from graftlm.weights.source import QuantizedTensor
@@ -33,7 +33,7 @@ def _q(qtype: Q, seed: int = 0) -> QuantizedTensor:
 def _bound(w: torch.Tensor, q: QuantizedTensor, requantized: bool) -> torch.Tensor:
     """Per-weight bound: bf16 rounding of scale and zero, half a step when re-quantized, and the
     kernel's bf16 output (dequantized() reads the weights back through it)."""
-    _, scale, zero = quantize_groups(w) if requantized else _q4_groups(q)
+    _, scale, zero = quantize_groups(w) if requantized else q4_groups(q)
     scale, zero = (t.repeat_interleave(32, dim=1).abs() for t in (scale, zero))  # Q4_0's d may be < 0
     step = scale / 2 if requantized else 0
     return BF16_U * (8 * scale + zero.abs()) + step + BF16_U * (w.abs() + step) + 1e-6

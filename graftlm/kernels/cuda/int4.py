@@ -33,7 +33,7 @@ import gguf
 import torch
 import torch.nn.functional as F
 
-from graftlm.kernels.cpu.packed import GROUP, INT4_TYPES, _q4_groups
+from graftlm.kernels.cpu.packed import GROUP, INT4_TYPES, q4_groups
 from graftlm.weights.dequant import dequantize
 from graftlm.weights.source import QuantizedTensor
 
@@ -134,6 +134,6 @@ def to_device_matrix(q: QuantizedTensor, device: str | torch.device, layout: str
         if q.qtype not in FLOAT_TYPES:
             log.debug("%s: re-quantizing %s to int4 group 32 for %s", q.name, q.qtype.name, device)
     else:
-        vals, scale, zero = _q4_groups(q)
+        vals, scale, zero = q4_groups(q)
     packed, sz = pack_int4(vals, scale, zero, device)
     return DeviceMatrix("int4", n, k, packed, sz, q.qtype.name, requantized)
