@@ -53,6 +53,7 @@ def load(
     gpu_memory: str | int | None = None,
     cpu_memory: str | int | None = None,
     gpu_weights: str = "dtype",
+    sparse: Any = None,
 ) -> LLM:
     """Load a GGUF file or HF folder into its transformers architecture.
 
@@ -62,13 +63,16 @@ def load(
     the dense part and as many routed-expert layers as fit go to `device` ("cuda:0" when left
     at "cpu"), the rest to the CPU, checked against `cpu_memory` when given; `gpu_weights="int4"`
     keeps the accelerator's linear and expert weights int4 (linear.gpu, experts.gpu).
+    `sparse` (a dict, "key=value,..." or SparseSettings; True for the defaults) puts a block-sparse
+    attention operator (`attention.sparse`, graftlm/ops/attention/sparse.py) on every decoder
+    attention module, before `rules`; `configure_sparse(llm.model, ...)` changes its settings later.
     """
     start = time.perf_counter()
     files = open_weights(path, hf_dir=hf_dir)
     model = files.meta_model
     if gpu_memory is not None or cpu_memory is not None or gpu_weights != "dtype":
         rules, device = _placed_rules(files, rules, device, dtype, gpu_memory, cpu_memory, gpu_weights)
-    if rules is None:
+    if rules is None and (sparse is None or sparse is False):
         loaded = load_module_params(model, "", files.source, device=device, dtype=dtype, progress=progress)
         log.info(
             "loaded %d tensors (%.0f MB at %s) from %s as %s in %.1f s",
@@ -85,11 +89,25 @@ def load(
         from graftlm import inject
 
         ruleset = inject.load_rules(rules, arch=files.arch, device=device)
+        if sparse is not None and sparse is not False:
+            ruleset = _with_sparse(ruleset, sparse)
         plan = inject.plan(model, ruleset, default_device=device)
         model = inject.apply(model, plan, source=files.source, config=files.config, dtype=dtype)
     _finish(model, files)
     tokenizer = files.load_tokenizer()
     return LLM(model, tokenizer, files.config, files=files, device=device)
+
+
+def _with_sparse(ruleset: Any, sparse: Any) -> Any:
+    """`ruleset` with the block-sparse attention rule tried first."""
+    import dataclasses
+
+    from graftlm.inject import RuleSet, load_rules
+    from graftlm.ops.attention.sparse import sparse_rules
+
+    first = load_rules(sparse_rules(sparse))
+    rules = [dataclasses.replace(r, index=i) for i, r in enumerate([*first.rules, *ruleset.rules])]
+    return RuleSet(rules, f"sparse attention + {ruleset.source}")
 
 
 def _placed_rules(

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from graftlm import userconfig
+from graftlm.errors import GraftError
 
 log = logging.getLogger(__name__)
 
@@ -31,12 +32,41 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
         "--device", default=None, help="device for the model's inputs and dense layers (default: cpu)"
     )
     add_budget_args(parser)
+    add_sparse_args(parser)
     parser.add_argument(
         "--threads",
         type=int,
         metavar="N",
         help="torch CPU threads (default: the number of physical cores available)",
     )
+
+
+def add_sparse_args(parser: argparse.ArgumentParser) -> None:
+    """--sparse [KEY=VALUE,...]: block-sparse attention for long contexts (attention.sparse)."""
+    parser.add_argument(
+        "--sparse",
+        nargs="?",
+        const="",
+        metavar="KEY=VALUE,...",
+        help="block-sparse decode attention over a block KV cache (GQA models; docs/long-context.md). "
+        "Keys: block_size (128), initial_blocks (1), local_window (512), topk (16), anchor_type "
+        "(max|mean|quest|dynamic, default quest), anchor_num (1), head_select (shared|per_head), "
+        "preselect (false), preselect_blocks (64), observe (32), dense_layers (0), kv_dtype, "
+        "cache_tokens; e.g. --sparse topk=8,preselect=true",
+    )
+
+
+def sparse_settings(args: argparse.Namespace) -> Any:
+    """SparseSettings from --sparse, or None when it is not given."""
+    text = getattr(args, "sparse", None)
+    if text is None:
+        return None
+    from graftlm.ops.attention.sparse import SparseSettings
+
+    try:
+        return SparseSettings.parse(text)
+    except ValueError as exc:
+        raise GraftError(f"--sparse: {exc}") from None
 
 
 def add_budget_args(parser: argparse.ArgumentParser) -> None:
@@ -139,7 +169,11 @@ def load_llm(args: argparse.Namespace) -> Any:
         for k in ("gpu_memory", "cpu_memory", "gpu_weights")
         if (v := getattr(args, k, None)) is not None  # only when set: loaders without budgets still work
     }
-    return api.load(path, rules=cli_rules(args.rules, args.device, budgets), device=args.device, **budgets)
+    rules = cli_rules(args.rules, args.device, budgets)
+    sparse = sparse_settings(args)
+    if sparse is not None:  # only when set: loaders without it still work
+        budgets["sparse"] = sparse
+    return api.load(path, rules=rules, device=args.device, **budgets)
 
 
 def cli_rules(rules: str | None, device: str | None, budgets: dict) -> str | None:

@@ -21,8 +21,9 @@ def contributed_layers(model: torch.nn.Module) -> Iterator[tuple[int, CacheLayer
     """(layer index, fresh cache layer) from each module of `model` that owns its layer's cache."""
     for module in model.modules():
         factory = getattr(module, "make_cache_layer", None)
-        if callable(factory):
-            yield int(module.layer_idx), factory()
+        layer = factory() if callable(factory) else None
+        if layer is not None:  # None: the module keeps transformers' own layer (e.g. sliding window)
+            yield int(module.layer_idx), layer
 
 
 def make_cache(model: torch.nn.Module) -> Any:
