@@ -83,6 +83,7 @@ class BlockLayer(CacheLayerMixin):
         self.obs_positions: torch.Tensor | None = None  # their cache slots
         self.prefill_end = 0  # cache length at the end of the last multi-token call
         self.observed = False  # whether `received` holds the observation of the last prefill
+        self.dynamic_done = 0  # blocks whose dynamic anchors are final
         self.preselected: torch.Tensor | None = None  # [B, 1 or Hkv, blocks] bool, or None
         self.length = 0
         self.grows = 0
@@ -109,6 +110,24 @@ class BlockLayer(CacheLayerMixin):
         buf = self.key_buffer if which == "keys" else self.value_buffer
         b, h, cap, d = buf.shape
         return buf.view(b, h, cap // self.block_size, self.block_size, d)
+
+    def gather(self, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of whole blocks, contiguous [B, Hkv, n * block, D].
+
+        `blocks` is [n] (the same blocks for every batch row and head) or [B, 1 or Hkv, n]. One
+        `index_select` on the buffers viewed as rows of a block each: a plain copy of the blocks.
+        """
+        batch, heads, capacity, dim = self.key_buffer.shape
+        per_head = capacity // self.block_size
+        if blocks.dim() == 1:
+            blocks = blocks.view(1, 1, -1)
+        blocks = blocks.expand(batch, heads, blocks.shape[-1])
+        base = torch.arange(batch * heads, device=blocks.device).view(batch, heads, 1) * per_head
+        rows = (blocks + base).flatten()
+        shape = (batch, heads, blocks.shape[-1] * self.block_size, dim)
+        keys = self.key_buffer.view(-1, self.block_size * dim).index_select(0, rows).view(shape)
+        values = self.value_buffer.view(-1, self.block_size * dim).index_select(0, rows).view(shape)
+        return keys, values
 
     # -- writing ---------------------------------------------------------------------------
 
@@ -137,10 +156,10 @@ class BlockLayer(CacheLayerMixin):
                 new.narrow(axis, 0, used).copy_(old.narrow(axis, 0, used))
             return new
 
-        self.key_buffer = grown(self.key_buffer, (batch, heads, capacity, dim), self.dtype, self.length, 2)
-        self.value_buffer = grown(
-            self.value_buffer, (batch, heads, capacity, dim), self.dtype, self.length, 2
-        )
+        # zeroed: a gathered block's slots past `length` must hold finite values (they are masked)
+        shape = (batch, heads, capacity, dim)
+        self.key_buffer = grown(self.key_buffer, shape, self.dtype, self.length, 2, zero=True)
+        self.value_buffer = grown(self.value_buffer, shape, self.dtype, self.length, 2, zero=True)
         anchor_shape = (batch, heads, blocks, self.anchor_num, dim)
         self.hi = grown(self.hi, anchor_shape, self.dtype, self.anchored, 2)
         self.lo = (
@@ -185,6 +204,7 @@ class BlockLayer(CacheLayerMixin):
             if self.block_size % anchor_num:
                 raise ValueError(f"block_size {self.block_size} is not a multiple of anchor_num {anchor_num}")
             self.anchor_type, self.anchor_num, self.anchored = anchor_type, anchor_num, 0
+            self.dynamic_done = 0
             self.hi = self.lo = None
             if self.key_buffer is not None:
                 b, h, cap, d = self.key_buffer.shape
@@ -207,9 +227,15 @@ class BlockLayer(CacheLayerMixin):
         self.anchored = stop
 
     def dynamic_anchors(self, start: int, stop: int) -> None:
-        """Set `hi` for blocks [start, stop) to the keys of each block's most-attended tokens."""
+        """Set `hi` for blocks [start, stop) to the keys of each block's most-attended tokens.
+
+        Blocks done before keep their anchors (a block's received attention stops changing once it
+        leaves the local window); a new observation (`observed` reset) redoes them all.
+        """
+        start = max(start, self.dynamic_done)
         if stop <= start:
             return
+        self.dynamic_done = stop
         b, h, _, a, d = self.hi.shape
         received = self.received[:, :, start * self.block_size : stop * self.block_size]
         top = received.view(b, h, stop - start, self.block_size).topk(a, dim=-1).indices  # [B, Hkv, n, A]
@@ -227,6 +253,7 @@ class BlockLayer(CacheLayerMixin):
         self.obs_positions = positions[-self.observe :].clone()
         self.prefill_end = self.length
         self.observed = False
+        self.dynamic_done = 0
         self.preselected = None
 
     def _sync_views(self) -> None:
@@ -246,7 +273,7 @@ class BlockLayer(CacheLayerMixin):
 
     def reset(self) -> None:
         """Forget the cached tokens; the buffers are kept for the next sequence."""
-        self.length = self.anchored = self.prefill_end = 0
+        self.length = self.anchored = self.prefill_end = self.dynamic_done = 0
         self.obs_queries = self.obs_positions = self.preselected = None
         self.observed = False
         if self.key_buffer is not None:
@@ -258,6 +285,7 @@ class BlockLayer(CacheLayerMixin):
             raise ValueError(f"crop takes a negative count of tokens to remove, got {tokens_to_remove}")
         self.length = max(self.length + tokens_to_remove, 0)
         self.anchored = min(self.anchored, self.full_blocks)
+        self.dynamic_done = min(self.dynamic_done, self.full_blocks)
         self.prefill_end = min(self.prefill_end, self.length)
         self.obs_queries = self.obs_positions = self.preselected = None
         self.observed = False
