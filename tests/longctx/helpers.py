@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from graftlm.engine.generate import Engine
 from graftlm.longctx.tasks import PromptFormat, Sample
 from tests.engine.helpers import ScriptedLM
@@ -18,6 +20,14 @@ NEEDLES = {  # the needle's text, from the answer (niah: from the answer and the
     "number_string": "The sequence of digits is {a}. Remember it. {a} is the sequence of digits.",
     "niah": "One of the special magic numbers for {w} is: {a}.",
 }
+
+
+def sparse_module():
+    """graftlm.ops.attention.sparse, or a skip while the operator is not built."""
+    module = pytest.importorskip("graftlm.ops.attention.sparse")
+    if not hasattr(module, "configure_sparse"):
+        pytest.skip("block-sparse attention has no configure_sparse yet")
+    return module
 
 
 def chat_format(tok, answer_prefix: bool = True) -> PromptFormat:
