@@ -199,11 +199,16 @@ class Engine:
         *,
         on_text: Callable[[str], None] | None = None,
         should_stop: Callable[[], bool] | None = None,
+        prefilled: tuple[torch.Tensor, Any] | None = None,
         **overrides: Any,
     ) -> GenerationResult:
-        """Generate a continuation of `prompt`; `on_text` gets text pieces as they complete."""
+        """Generate a continuation of `prompt`; `on_text` gets text pieces as they complete.
+
+        `prefilled` is `(logits, cache)` as `prefill(ids)` returned them for this prompt: generation
+        continues from there (the cache is written to) and the result counts no prefill time.
+        """
         ids, params = self._prepare(prompt, params, overrides)
-        run = self._run(ids, params, should_stop)
+        run = self._run(ids, params, should_stop, prefilled)
         while True:
             try:
                 piece = next(run)
@@ -253,7 +258,11 @@ class Engine:
         return set() if params.ignore_eos else set(self.eos_token_ids)
 
     def _run(
-        self, ids: list[int], params: SamplingParams, should_stop: Callable[[], bool] | None
+        self,
+        ids: list[int],
+        params: SamplingParams,
+        should_stop: Callable[[], bool] | None,
+        prefilled: tuple[torch.Tensor, Any] | None = None,
     ) -> Generator[str, None, GenerationResult]:
         """The loop: yields text pieces, returns the GenerationResult. Time spent in the consumer
         between yields is not counted as decode time."""
@@ -267,7 +276,7 @@ class Engine:
 
         if params.max_new_tokens > 0:
             t0 = time.perf_counter()
-            logits, cache = self.prefill(ids, should_stop=should_stop)
+            logits, cache = prefilled if prefilled is not None else self.prefill(ids, should_stop=should_stop)
             mark = time.perf_counter()
             prefill_seconds = mark - t0
             if logits is None:

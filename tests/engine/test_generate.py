@@ -133,3 +133,17 @@ def test_unknown_override_is_a_type_error(engine):
 def test_out_of_vocabulary_id_is_a_graft_error(engine, tok):
     with pytest.raises(GraftError, match="outside the vocabulary"):
         engine.generate([1, len(tok) + 5])
+
+
+def test_generation_continues_from_a_prefilled_cache(engine):
+    import copy
+
+    ids = engine.encode(PROMPT)
+    expected = engine.generate(ids, max_new_tokens=12, ignore_eos=True)
+    logits, cache = engine.prefill(ids)
+    snapshot = copy.deepcopy(cache)
+    for _ in range(2):  # the same prefill serves twice, through copies of its cache
+        result = engine.generate(
+            ids, max_new_tokens=12, ignore_eos=True, prefilled=(logits, copy.deepcopy(snapshot))
+        )
+        assert result.token_ids == expected.token_ids and result.prefill_seconds < expected.prefill_seconds
