@@ -1,7 +1,7 @@
 """The generation engine: prefill in chunks, decode one token at a time with a KV cache, stream text.
 
 The engine knows nothing of files or rules. It drives a module that behaves like a Hugging Face
-`*ForCausalLM` (`model(input_ids=, position_ids=, past_key_values=, use_cache=True)` returns
+`*ForCausalLM` (`model(input_ids=, position_ids=, cache=, use_cache=True)` returns
 `.logits` [B, T, V]) and an HF tokenizer. Tensors are shaped [B, T]; each call serves one
 sequence (B = 1), and a server queues requests.
 
@@ -26,6 +26,7 @@ from graftlm.engine.cache import make_cache
 from graftlm.engine.detok import IncrementalDetokenizer, StopStringMatcher
 from graftlm.engine.sampling import SamplingParams, make_generator, sample_next
 from graftlm.errors import GraftError
+from graftlm.models.compat import cache_arg, output_cache
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +98,7 @@ class Engine:
         self.eos_token_ids: list[int] = self._default_eos_ids()
         # Prefill needs only the last position's logits; asking for all of them costs T x V.
         self._keep_last_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
+        self._cache_arg = cache_arg(model.forward)
 
     def _default_eos_ids(self) -> list[int]:
         ids = _as_id_list(getattr(self.tokenizer, "eos_token_id", None))
@@ -168,10 +170,9 @@ class Engine:
         if self._keep_last_logits:
             kwargs["logits_to_keep"] = 1
         with torch.inference_mode():
-            out = self.model(
-                input_ids=input_ids, position_ids=positions, past_key_values=cache, use_cache=True, **kwargs
-            )
-        new_cache = getattr(out, "past_key_values", None)
+            kwargs[self._cache_arg] = cache
+            out = self.model(input_ids=input_ids, position_ids=positions, use_cache=True, **kwargs)
+        new_cache = output_cache(out)
         return out.logits[:, -1, :], cache if new_cache is None else new_cache
 
     def prefill(

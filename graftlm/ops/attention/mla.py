@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from transformers.cache_utils import Cache
 
 from graftlm.engine.latent_cache import LatentLayer
+from graftlm.models.compat import given_cache
 from graftlm.ops.base import InjectedModule
 
 log = logging.getLogger(__name__)
@@ -282,7 +283,8 @@ class MLAttention(InjectedModule, name="attention.mla"):
         hidden_states: torch.Tensor,
         position_embeddings=None,
         attention_mask: torch.Tensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
+        past_key_values: Cache | None = None,  # the name before transformers 5.24
         **kwargs,
     ) -> tuple[torch.Tensor, None]:
         if position_embeddings is None:
@@ -297,7 +299,7 @@ class MLAttention(InjectedModule, name="attention.mla"):
         compressed = self._child("kv_a_proj_with_mqa", x)
         latent = self._child("kv_a_layernorm", compressed[..., :r])
         q_rope, k_rope = apply_rope(q_rope, compressed[..., r:], position_embeddings, self.rope_interleave)
-        kv, past = self._cache(torch.cat([latent, k_rope], dim=-1), past_key_values)
+        kv, past = self._cache(torch.cat([latent, k_rope], dim=-1), given_cache(cache, past_key_values))
         allowed = self._allowed(attention_mask, batch, length, kv.shape[1])
         if self.use_absorbed(length, past):
             out = self._absorbed(q_nope, q_rope, kv, allowed, past)

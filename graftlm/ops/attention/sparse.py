@@ -46,6 +46,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from graftlm.engine.block_cache import ANCHOR_TYPES, BlockLayer
+from graftlm.models.compat import cache_arg, given_cache
 from graftlm.ops.base import InjectedModule, as_dtype
 
 log = logging.getLogger(__name__)
@@ -287,6 +288,7 @@ class SparseAttention(InjectedModule, name="attention.sparse"):
                 setattr(self, name, value)
         self.adopt(orig_module, *orig_module._modules)
         self._hf_forward = type(orig_module).forward
+        self._cache_arg = cache_arg(self._hf_forward)
         self.hf_class = type(orig_module).__name__
         self.config = _ConfigView(config)
         self.layer_idx = int(orig_module.layer_idx)
@@ -332,9 +334,16 @@ class SparseAttention(InjectedModule, name="attention.sparse"):
         )
 
     def forward(
-        self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **kwargs
+        self,
+        hidden_states,
+        position_embeddings=None,
+        attention_mask=None,
+        cache=None,
+        past_key_values=None,  # the name before transformers 5.24
+        **kwargs,
     ):
-        layers = getattr(past_key_values, "layers", None)
+        cache = given_cache(cache, past_key_values)
+        layers = getattr(cache, "layers", None)
         layer = layers[self.layer_idx] if layers is not None and self.layer_idx < len(layers) else None
         self._layer = layer if isinstance(layer, BlockLayer) else None
         x = hidden_states.to(device=self.device)
@@ -344,7 +353,7 @@ class SparseAttention(InjectedModule, name="attention.sparse"):
                 x,
                 position_embeddings=position_embeddings,
                 attention_mask=attention_mask,
-                past_key_values=past_key_values,
+                **{self._cache_arg: cache},
                 **kwargs,
             )
         finally:
