@@ -11,9 +11,11 @@ A model loaded without the operator runs only dense settings (as they are, with 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import importlib
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import ModuleType
@@ -261,7 +263,11 @@ def evaluate(
     max_new_tokens: int,
     on_result: Callable[[Result], None] | None = None,
 ) -> list[SettingReport]:
-    """Run every sample under every setting, greedily; `on_result` sees each result as it comes."""
+    """Run every sample under every setting, greedily; `on_result` sees each result as it comes.
+
+    Settings whose prompt pass is the same computation (`prefill_key`) share one prefill per
+    sample: decoding starts from a copy of its cache, and each result reports that prefill's time.
+    """
     api = sparse_api()
     has_operator = api is not None and bool(api.sparse_modules(llm.model))
     for s in settings:
@@ -270,41 +276,84 @@ def evaluate(
                 f"setting {s.name!r} needs block-sparse attention, but the model has no attention.sparse "
                 "operator (load it with sparse=...; rules=None loads no operators)"
             )
-    lengths = list(dict.fromkeys(s.length for s in samples))
-    reports = []
-    for setting in settings:
-        report = SettingReport(setting.name, setting.spec)
-        before = _kv_stats(llm.model, api) if has_operator else (0, 0)
-        for length in lengths:
-            if has_operator:
-                active = api.configure_sparse(llm.model, setting.resolve(length))
-                report.sparse[length] = setting.describe(length) if active.enabled else "dense attention"
-            else:
-                report.sparse[length] = "dense attention (the model's own)"
-            for sample in (s for s in samples if s.length == length):
-                out = llm.generate(sample.ids, max_new_tokens=max_new_tokens, temperature=0.0)
-                result = Result(
-                    setting=setting.name,
-                    length=length,
-                    depth=sample.depth,
-                    index=sample.index,
-                    prompt_tokens=len(sample.ids),
-                    needle_depth=round(sample.needle_depth, 4),
-                    answers=sample.answers,
-                    prediction=out.text,
-                    score=score(sample.task, out.text, sample.answers),
-                    generated_tokens=len(out.token_ids),
-                    prefill_seconds=out.prefill_seconds,
-                    decode_seconds=out.decode_seconds,
-                )
-                report.results.append(result)
-                if on_result is not None:
-                    on_result(result)
-        if has_operator:
-            after = _kv_stats(llm.model, api)
-            report.attended, report.context = after[0] - before[0], after[1] - before[1]
-        reports.append(report)
-    return reports
+    reports = {s.name: SettingReport(s.name, s.spec) for s in settings}
+    for length in dict.fromkeys(s.length for s in samples):
+        resolved = {s.name: s.resolve(length) for s in settings} if has_operator else {}
+        for s in settings:
+            reports[s.name].sparse[length] = (
+                "dense attention (the model's own)"
+                if not has_operator
+                else "dense attention"
+                if not resolved[s.name].enabled
+                else s.describe(length)
+            )
+        groups = _prefill_groups(settings, resolved)
+        for sample in (s for s in samples if s.length == length):
+            for group in groups:
+                prefilled = None
+                if len(group) > 1:  # one prefill, under the settings that shape the cache
+                    api.configure_sparse(llm.model, resolved[group[0].name])
+                    start = time.perf_counter()
+                    prefilled = llm.engine.prefill(sample.ids)
+                    prefill_seconds = time.perf_counter() - start
+                for setting in group:
+                    if has_operator:
+                        api.configure_sparse(llm.model, resolved[setting.name])
+                    before = _kv_stats(llm.model, api) if has_operator else (0, 0)
+                    shared = None if prefilled is None else (prefilled[0], copy.deepcopy(prefilled[1]))
+                    out = llm.generate(
+                        sample.ids, max_new_tokens=max_new_tokens, temperature=0.0, prefilled=shared
+                    )
+                    report = reports[setting.name]
+                    if has_operator:
+                        after = _kv_stats(llm.model, api)
+                        report.attended += after[0] - before[0]
+                        report.context += after[1] - before[1]
+                    result = Result(
+                        setting=setting.name,
+                        length=length,
+                        depth=sample.depth,
+                        index=sample.index,
+                        prompt_tokens=len(sample.ids),
+                        needle_depth=round(sample.needle_depth, 4),
+                        answers=sample.answers,
+                        prediction=out.text,
+                        score=score(sample.task, out.text, sample.answers),
+                        generated_tokens=len(out.token_ids),
+                        prefill_seconds=out.prefill_seconds if prefilled is None else prefill_seconds,
+                        decode_seconds=out.decode_seconds,
+                    )
+                    report.results.append(result)
+                    if on_result is not None:
+                        on_result(result)
+    return list(reports.values())
+
+
+def prefill_key(settings: Any) -> tuple:
+    """What a prompt pass under sparse `settings` depends on: the block cache's layout and the
+    queries it keeps for preselection (anchors and selection only matter when decoding)."""
+    return (settings.block_size, settings.kv_dtype, settings.observe, settings.cache_tokens)
+
+
+def _prefill_groups(settings: list[Setting], resolved: dict[str, Any]) -> list[list[Setting]]:
+    """Settings that can share a prefill, in order; the first of a group shapes its cache.
+
+    Sparse settings group by prefill_key. A dense setting reads any block layout, so it joins the
+    first group with its cache dtype. Without the operator every setting runs alone.
+    """
+    if not resolved:
+        return [[s] for s in settings]
+    groups: dict[tuple, list[Setting]] = {}
+    for s in (s for s in settings if resolved[s.name].enabled):
+        groups.setdefault(prefill_key(resolved[s.name]), []).append(s)
+    for s in (s for s in settings if not resolved[s.name].enabled):
+        kv_dtype = resolved[s.name].kv_dtype
+        key = next((k for k in groups if k[1] == kv_dtype), None)
+        if key is None:
+            key = ("dense", kv_dtype)
+            groups[key] = []
+        groups[key].append(s)
+    return list(groups.values())
 
 
 def _kv_stats(model: Any, api: ModuleType) -> tuple[int, int]:

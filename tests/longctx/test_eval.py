@@ -7,9 +7,12 @@ import torch
 
 from graftlm.api import LLM
 from graftlm.errors import GraftError
+from graftlm.inject import apply, load_rules, plan
 from graftlm.longctx import eval as longeval
 from graftlm.longctx.eval import Setting, evaluate, format_table, parse_setting, prompt_budget
 from graftlm.longctx.tasks import build_samples
+from graftlm.models.build import build_meta_model
+from graftlm.weights.memory import StateDictSource
 from tests.engine.helpers import byte_tokenizer, tiny_llama
 from tests.longctx.helpers import chat_format, sparse_module
 
@@ -90,3 +93,43 @@ def test_sparse_settings_parse_and_budget():
     assert ladder[0].describe(4096) == "dense attention"
     assert ladder[2].describe(4096) == "local_window=128,topk=2,preselect=True"
     assert [x.name for x in longeval.default_settings()] == ["dense", "sparse-1/8"]
+
+
+def test_shared_prefill_matches_separate_runs(monkeypatch):
+    """Settings sharing a prompt pass decode from copies of one cache: every prediction and
+    read-key count equals that setting run alone, with one prefill per sample and cache layout."""
+    sparse = sparse_module()
+    tok = byte_tokenizer()
+    hf = tiny_llama(len(tok), max_positions=1024)
+    meta = build_meta_model(hf.config)
+    rules = plan(meta, load_rules(sparse.sparse_rules("block_size=16")))
+    model = apply(meta, rules, source=StateDictSource(hf.state_dict()), config=hf.config)
+    llm = LLM(model, tok, model.config)
+    settings = [
+        Setting("dense", "enabled=false"),
+        Setting("quest", "block_size=16,local_window=32,topk=2"),
+        Setting("max", "block_size=16,local_window=32,topk=3,anchor_type=max,head_select=per_head"),
+        Setting("pre", "block_size=16,local_window=32,topk=2,preselect=true,preselect_blocks=4"),
+        Setting("b32", "block_size=32,local_window=32,topk=1"),
+        Setting("dense-bf16", "enabled=false,kv_dtype=bfloat16"),
+    ]
+    resolved = {s.name: s.resolve(700) for s in settings}
+    groups = longeval._prefill_groups(settings, resolved)
+    assert [[s.name for s in g] for g in groups] == [
+        ["quest", "max", "pre", "dense"],
+        ["b32"],
+        ["dense-bf16"],
+    ]
+
+    samples = build_samples("passkey", chat_format(tok), [700], (0.3, 0.8), seed=5)
+    prefills = []
+    real = llm.engine.prefill
+    monkeypatch.setattr(llm.engine, "prefill", lambda ids, **kw: prefills.append(len(ids)) or real(ids, **kw))
+    together = evaluate(llm, samples, settings, 8)
+    assert len(prefills) == len(samples) * len(groups)
+    for s, report in zip(settings, together):
+        (alone,) = evaluate(llm, samples, [s], 8)
+        assert [r.prediction for r in report.results] == [r.prediction for r in alone.results], s.name
+        assert (report.attended, report.context) == (alone.attended, alone.context), s.name
+        assert all(r.prefill_seconds > 0 for r in report.results)
+    assert together[0].kv_read is None and together[1].kv_read < 100
