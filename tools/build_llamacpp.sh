@@ -10,8 +10,10 @@
 # The llama.cpp tree compiled is the one vendored in the llama-cpp-python sdist, so the ctypes
 # bindings and the library come from the same llama.cpp commit.
 #
-# Flags: GCC 12 with -march=native enables ggml's AMX path, which crashes on this CPU
-# (see /work/shared/FACTS.md), so native detection is off and the ISA extensions are named.
+# Flags: GCC 12 with -march=native enables ggml's AMX path, which crashes on the Intel CPUs with
+# AMX seen here (see /work/shared/FACTS.md), so there native detection is off and the AVX-512
+# extensions are named. Any other CPU (AVX2-only AMD EPYC, say) builds with -march=native: naming
+# AVX-512 there would make binaries that die with an illegal instruction.
 #
 # Idempotent: re-running skips the download/extract, reuses the ninja build directory (only
 # rebuilds what changed) and re-installs.  Run it under `nice -n 19` on a shared machine.
@@ -22,8 +24,12 @@ PREFIX="${PREFIX:-/opt/llamacpp}"
 VERSION="${LLAMA_CPP_PYTHON_VERSION:-0.3.36}"
 JOBS="${JOBS:-2}"
 PYTHON="${PYTHON:-python3}"
-GGML_FLAGS=(-DGGML_NATIVE=OFF -DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON
-            -DGGML_AVX512_BF16=ON -DGGML_AVX_VNNI=ON)
+if grep -qw amx_tile /proc/cpuinfo; then
+    GGML_FLAGS=(-DGGML_NATIVE=OFF -DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON
+                -DGGML_AVX512_BF16=ON -DGGML_AVX_VNNI=ON)
+else
+    GGML_FLAGS=(-DGGML_NATIVE=ON)
+fi
 
 SRC_ROOT="$PREFIX/src"
 SDIST="$SRC_ROOT/llama_cpp_python-$VERSION.tar.gz"
