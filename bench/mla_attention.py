@@ -36,6 +36,7 @@ from transformers.models.deepseek_v2.modeling_deepseek_v2 import (
     DeepseekV2RotaryEmbedding,
 )
 
+from graftlm.models.compat import cache_arg
 from graftlm.ops.attention.mla import MLAttention
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -79,7 +80,7 @@ def filled_caches(op: MLAttention, context: int, dtype: torch.dtype, seed: int):
 
 def step(module: torch.nn.Module, x: torch.Tensor, pe, cache: DynamicCache) -> torch.Tensor:
     """One call of the attention module on x after the cached tokens; the cache is cropped back after."""
-    out, _ = module(x, position_embeddings=pe, attention_mask=None, past_key_values=cache)
+    out, _ = module(x, position_embeddings=pe, attention_mask=None, **{cache_arg(module.forward): cache})
     cache.crop(-x.shape[1])
     return out
 

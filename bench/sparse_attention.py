@@ -34,6 +34,7 @@ import torch
 import transformers
 
 from graftlm.engine.block_cache import BlockLayer
+from graftlm.models.compat import cache_arg
 from graftlm.ops.attention.sparse import SparseAttention, SparseSettings, partial_attention
 
 ANCHORS = ("max", "mean", "quest", "dynamic", "oracle")
@@ -160,10 +161,11 @@ def selection(args) -> list[dict]:
         start = time.perf_counter()
         with torch.no_grad():
             split = ids.shape[1] - args.queries
+            kw = {cache_arg(llm.model.forward): cache, "use_cache": True}
             for s in range(0, split, 512):
-                llm.model(ids[:, s : min(s + 512, split)], past_key_values=cache, use_cache=True)
+                llm.model(ids[:, s : min(s + 512, split)], **kw)
             for t in range(split, ids.shape[1]):
-                llm.model(ids[:, t : t + 1], past_key_values=cache, use_cache=True)
+                llm.model(ids[:, t : t + 1], **kw)
         print(
             f"{length} tokens: {len(ops)} global layers, {args.queries} decode queries ({time.perf_counter() - start:.0f} s)"
         )
