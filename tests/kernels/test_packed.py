@@ -100,3 +100,25 @@ def test_int4_needs_rows_multiple_of_16():
     assert pack(q).layout == "int8"  # auto falls back
     with pytest.raises(ValueError, match="multiple of 16"):
         pack(q, "int4")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_many_row_int8_gemm_equals_the_weight_only_kernel(monkeypatch, dtype):
+    """Prefill on int8 matrices dequantizes slices and runs a GEMM: the same products as
+    `_weight_int8pack_mm`, sliced or not, in the GEMM dtype the CPU is given."""
+    from graftlm.kernels.cpu import packed
+
+    monkeypatch.setattr(packed, "gemm_dtype", lambda: dtype)
+    rng = np.random.default_rng(3)
+    data = _blocks(Q.Q8_0, rng)
+    p = pack(QuantizedTensor("w", Q.Q8_0, (N, K), data))
+    x = torch.from_numpy(rng.standard_normal((PREFILL_ROWS + 9, K)).astype(np.float32))
+    exact = x.to(dtype).float() @ (p.weight.float() * p.scales[:, None]).t()
+    whole = p.matmul(x)
+    tol = 1e-5 if dtype == torch.float32 else 2**-7  # bf16 output rounding
+    assert ((whole - exact).norm() / exact.norm()).item() < tol
+    monkeypatch.setattr(packed, "GEMM_SLICE_BYTES", 5 * K * dtype.itemsize)  # slices of 5 rows
+    sliced = p.matmul(x)  # the GEMM may block differently on a slice: equal up to summation order
+    assert ((sliced - whole).norm() / whole.norm()).item() < tol
+    kernel = torch.ops.aten._weight_int8pack_mm(x.bfloat16(), p.weight, p.scales.bfloat16()).float()
+    assert ((whole - kernel).norm() / kernel.norm()).item() < 1e-2

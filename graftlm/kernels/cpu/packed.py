@@ -3,7 +3,7 @@
 | GGUF type            | layout            | decode kernel (few rows)         | prefill kernel (many rows)        |
 |----------------------|-------------------|----------------------------------|-----------------------------------|
 | Q4_0, Q4_1, Q4_K     | `int4` group 32   | `_weight_int4pack_mm_for_cpu`    | the same                          |
-| other quantized types| `int8` per row    | `_weight_int8pack_mm`            | the same; with `int8_activations`, `torch._int_mm` (AMX/VNNI) on int8 activations per row |
+| other quantized types| `int8` per row    | `_weight_int8pack_mm`            | `F.linear` on the int8 weights dequantized a slice at a time, in bf16 where oneDNN has native bf16 (AVX-512/AMX), else fp32; with `int8_activations`, `torch._int_mm` (AMX/VNNI) on int8 activations per row |
 | F16, BF16            | `bf16`            | `F.linear`                       | `F.linear`                        |
 | F32                  | `f32` (exact)     | `F.linear`                       | `F.linear`                        |
 
@@ -19,6 +19,7 @@ slower here); every layout returns fp32.
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 
@@ -34,8 +35,12 @@ log = logging.getLogger(__name__)
 
 Q = gguf.GGMLQuantizationType
 GROUP = 32
-# Above this many rows, int8 matrices use the int8 x int8 GEMM instead of the weight-only kernel.
+# Above this many rows, int8 matrices leave the weight-only kernel for a GEMM (prefill): the
+# weights dequantized a slice at a time (int8 values are exact in bf16 and fp32), or the opt-in
+# int8 x int8 GEMM. On the AMD (AVX2) machine the fp32 GEMM overtakes `_weight_int8pack_mm` at
+# ~16 rows and is 1.4-1.8x faster at 64, 2x at 512 (BENCHMARKS.md).
 PREFILL_ROWS = 16
+GEMM_SLICE_BYTES = 64 << 20  # dequantized weight held at once by the many-row int8 path
 
 INT4_TYPES = frozenset({Q.Q4_0, Q.Q4_1, Q.Q4_K})
 HALF_TYPES = frozenset({Q.F16, Q.BF16})
@@ -107,8 +112,10 @@ class PackedMatrix:
         xb = x.to(torch.bfloat16)
         if self.layout == "int4":
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(xb, self.weight, GROUP, self.scales)
-        elif self.layout == "int8" and self.int8_activations and x.shape[0] > PREFILL_ROWS:
-            return _int8_gemm(x, self.weight, self.scales)
+        elif self.layout == "int8" and x.shape[0] > PREFILL_ROWS:
+            if self.int8_activations:
+                return _int8_gemm(x, self.weight, self.scales)
+            return _dequantized_gemm(x, self.weight, self.scales)
         elif self.layout == "int8":
             y = torch.ops.aten._weight_int8pack_mm(xb, self.weight, self.scales.to(torch.bfloat16))
         else:
@@ -123,6 +130,33 @@ class PackedMatrix:
             return self.weight.float()
         eye = torch.eye(self.k, dtype=torch.bfloat16)
         return torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.weight, GROUP, self.scales).float().t()
+
+
+@functools.cache
+def gemm_dtype() -> torch.dtype:
+    """bf16 where oneDNN multiplies it natively (AVX-512 BF16, AMX), else fp32 (on AVX2 a bf16
+    GEMM is emulated and ~5x slower than fp32)."""
+    try:
+        native = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        native = False
+    return torch.bfloat16 if native else torch.float32
+
+
+def _dequantized_gemm(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
+    """x @ (w * w_scale)^T for int8 w [N, K], dequantized GEMM_SLICE_BYTES at a time: the same
+    products as `_weight_int8pack_mm` (exact int8 weights, the scale applied per output)."""
+    dtype = gemm_dtype()
+    xd = x.to(dtype)
+    n, k = w.shape
+    step = max(1, GEMM_SLICE_BYTES // (k * dtype.itemsize))
+    if step >= n:
+        return F.linear(xd, w.to(dtype)).float().mul_(w_scale)
+    out = torch.empty(x.shape[0], n, dtype=torch.float32, device=x.device)
+    for start in range(0, n, step):
+        part = slice(start, start + step)
+        torch.mul(F.linear(xd, w[part].to(dtype)).float(), w_scale[part], out=out[:, part])
+    return out
 
 
 def _int8_gemm(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
