@@ -74,6 +74,16 @@ def _text_config(config: Any) -> Any:
     return get() if callable(get) else config
 
 
+def prefill_chunks(length: int, chunk: int) -> list[tuple[int, int]]:
+    """[start, stop) spans of at most `chunk` tokens, except that a lone last token joins the chunk
+    before it: a one-token call is a decode step to attention operators (attention.sparse would
+    run its sparse path on a prompt token), so a prompt of two or more tokens never ends with one."""
+    spans = [(s, min(s + chunk, length)) for s in range(0, length, chunk)]
+    if len(spans) > 1 and spans[-1][1] - spans[-1][0] == 1:
+        spans[-2:] = [(spans[-2][0], length)]
+    return spans
+
+
 class Engine:
     """Generates text from one model and tokenizer; see the module docstring for the context policy."""
 
@@ -185,10 +195,10 @@ class Engine:
         cache = self.new_cache() if cache is None else cache
         tokens = torch.tensor([ids], dtype=torch.long)
         logits = None
-        for start in range(0, len(ids), self.prefill_chunk):
+        for start, stop in prefill_chunks(len(ids), self.prefill_chunk):
             if should_stop is not None and should_stop():
                 return None, cache
-            logits, cache = self.forward(tokens[:, start : start + self.prefill_chunk], cache, start)
+            logits, cache = self.forward(tokens[:, start:stop], cache, start)
         return logits, cache
 
     # -- generation ------------------------------------------------------------------------

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from graftlm.engine.generate import ContextOverflowError, Engine
+from graftlm.engine.generate import ContextOverflowError, Engine, prefill_chunks
 from graftlm.engine.sampling import SamplingParams
 from graftlm.errors import GraftError
 from tests.engine.helpers import byte_tokenizer, tiny_llama
@@ -147,3 +147,13 @@ def test_generation_continues_from_a_prefilled_cache(engine):
             ids, max_new_tokens=12, ignore_eos=True, prefilled=(logits, copy.deepcopy(snapshot))
         )
         assert result.token_ids == expected.token_ids and result.prefill_seconds < expected.prefill_seconds
+
+
+def test_prefill_chunks_never_end_with_a_lone_token():
+    assert prefill_chunks(1024, 512) == [(0, 512), (512, 1024)]
+    assert prefill_chunks(1025, 512) == [(0, 512), (512, 1025)]
+    assert prefill_chunks(513, 512) == [(0, 513)]
+    assert prefill_chunks(700, 512) == [(0, 512), (512, 700)]
+    assert prefill_chunks(1, 512) == [(0, 1)]
+    assert prefill_chunks(0, 512) == []
+    assert prefill_chunks(7, 3) == [(0, 3), (3, 7)]

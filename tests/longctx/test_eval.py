@@ -95,9 +95,11 @@ def test_sparse_settings_parse_and_budget():
     assert [x.name for x in longeval.default_settings()] == ["dense", "sparse-1/8"]
 
 
-def test_shared_prefill_matches_separate_runs(monkeypatch):
+@pytest.mark.parametrize("last_chunk", ["long", "one token"])
+def test_shared_prefill_matches_separate_runs(monkeypatch, last_chunk):
     """Settings sharing a prompt pass decode from copies of one cache: every prediction and
-    read-key count equals that setting run alone, with one prefill per sample and cache layout."""
+    read-key count equals that setting run alone, with one prefill per sample and cache layout,
+    also when the prompt's chunks would leave its last token alone (a decode-shaped call)."""
     sparse = sparse_module()
     tok = byte_tokenizer()
     hf = tiny_llama(len(tok), max_positions=1024)
@@ -122,6 +124,8 @@ def test_shared_prefill_matches_separate_runs(monkeypatch):
     ]
 
     samples = build_samples("passkey", chat_format(tok), [700], (0.3, 0.8), seed=5)
+    if last_chunk == "one token":
+        llm.engine.prefill_chunk = len(samples[0].ids) - 1
     prefills = []
     real = llm.engine.prefill
     monkeypatch.setattr(llm.engine, "prefill", lambda ids, **kw: prefills.append(len(ids)) or real(ids, **kw))

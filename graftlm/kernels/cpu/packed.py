@@ -3,7 +3,7 @@
 | GGUF type            | layout            | decode kernel (few rows)         | prefill kernel (many rows)        |
 |----------------------|-------------------|----------------------------------|-----------------------------------|
 | Q4_0, Q4_1, Q4_K     | `int4` group 32   | `_weight_int4pack_mm_for_cpu`    | the same                          |
-| other quantized types| `int8` per row    | `_weight_int8pack_mm`            | `F.linear` on the int8 weights dequantized a slice at a time, in bf16 where oneDNN has native bf16 (AVX-512/AMX), else fp32; with `int8_activations`, `torch._int_mm` (AMX/VNNI) on int8 activations per row |
+| other quantized types| `int8` per row    | `_weight_int8pack_mm`            | `F.linear` on the int8 weights dequantized a slice at a time, in bf16 where the CPU has native bf16 (AVX-512 BF16, AMX), else fp32; with `int8_activations`, `torch._int_mm` (AMX/VNNI) on int8 activations per row |
 | F16, BF16            | `bf16`            | `F.linear`                       | `F.linear`                        |
 | F32                  | `f32` (exact)     | `F.linear`                       | `F.linear`                        |
 
@@ -134,10 +134,10 @@ class PackedMatrix:
 
 @functools.cache
 def gemm_dtype() -> torch.dtype:
-    """bf16 where oneDNN multiplies it natively (AVX-512 BF16, AMX), else fp32 (on AVX2 a bf16
-    GEMM is emulated and ~5x slower than fp32)."""
+    """bf16 where the CPU multiplies it natively (AVX-512 BF16 or AMX), else fp32: elsewhere a bf16
+    GEMM is emulated (on the AVX2 machine ~5x slower than fp32, and it rounds the activations)."""
     try:
-        native = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
     except (AttributeError, RuntimeError):
         native = False
     return torch.bfloat16 if native else torch.float32
