@@ -18,7 +18,8 @@ NAMES = ("cache", "past_key_values")
 
 
 @functools.cache
-def _library_name() -> str:
+def library_cache_arg() -> str:
+    """The KV-cache argument name of this transformers release's models, layers and attention."""
     params = inspect.signature(modeling_llama.LlamaAttention.forward).parameters
     return "cache" if "cache" in params else "past_key_values"
 
@@ -29,8 +30,8 @@ def cache_arg(fn: Callable) -> str:
     try:
         params = inspect.signature(fn).parameters
     except (TypeError, ValueError):
-        return _library_name()
-    return next((n for n in NAMES if n in params), _library_name())
+        return library_cache_arg()
+    return next((n for n in NAMES if n in params), library_cache_arg())
 
 
 def given_cache(cache: Any, past_key_values: Any) -> Any:

@@ -15,6 +15,7 @@ from graftlm.engine.generate import Engine
 from graftlm.engine.latent_cache import LatentLayer
 from graftlm.inject import apply, load_rules, plan
 from graftlm.models.build import build_meta_model
+from graftlm.models.compat import library_cache_arg
 from graftlm.ops.attention import MLAttention
 from graftlm.weights.convert import convert
 from graftlm.weights.memory import StateDictSource
@@ -22,6 +23,7 @@ from tests.engine.helpers import byte_tokenizer
 from tests.inject.helpers import random_model, tiny_config
 from tests.models.tiny import make_model
 
+CACHE = library_cache_arg()  # the KV-cache argument: `cache` from transformers 5.24
 ARCHS = ["deepseek_v2_lite", "deepseek_v2", "deepseek_v3"]
 LATENT = 32 + 8  # the tiny configs' kv_lora_rank + qk_rope_head_dim
 
@@ -82,7 +84,7 @@ def test_chunks_and_token_by_token_match_all_at_once(pair):
             model(
                 input_ids=ids[:, a:b],
                 position_ids=torch.arange(a, b)[None],
-                past_key_values=cache,
+                **{CACHE: cache},
                 use_cache=True,
             ).logits
             for a, b in bounds
@@ -141,9 +143,7 @@ def test_bfloat16_model_close_to_hf():
         ref = hf(ids).logits
         got = torch.cat(
             [
-                model(
-                    input_ids=ids[:, a:b], position_ids=torch.arange(a, b)[None], past_key_values=cache
-                ).logits
+                model(input_ids=ids[:, a:b], position_ids=torch.arange(a, b)[None], **{CACHE: cache}).logits
                 for a, b in [(0, 9), (9, 10), (10, 11), (11, 12)]
             ],
             dim=1,

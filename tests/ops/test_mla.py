@@ -12,10 +12,12 @@ from transformers.models.deepseek_v3 import modeling_deepseek_v3 as v3
 
 from graftlm.engine.latent_cache import LatentLayer
 from graftlm.inject.registry import PLANNED, get_operator, resolve_operator
+from graftlm.models.compat import library_cache_arg
 from graftlm.ops.attention import mla
 from graftlm.ops.attention.mla import MLAttention, apply_rope, softmax_scale
 from tests.inject.helpers import random_model, tiny_config
 
+CACHE = library_cache_arg()  # the KV-cache argument: `cache` from transformers 5.24
 PATH = "model.layers.1.self_attn"
 YARN = {
     "rope_type": "yarn",
@@ -55,14 +57,14 @@ def _inputs(model, length: int, start: int = 0, batch: int = 1, seed: int = 0):
 
 
 def _hf(hf, x, pe, cache=None, mask=None):
-    return hf(x, attention_mask=mask, past_key_values=cache, position_embeddings=pe)[0]
+    return hf(x, attention_mask=mask, **{CACHE: cache}, position_embeddings=pe)[0]
 
 
 def _chunks(op, model, x, bounds, cache):
     outs = []
     for s0, s1 in bounds:
         pe = model.model.rotary_emb(x, torch.arange(s0, s1)[None])
-        outs.append(op(x[:, s0:s1], position_embeddings=pe, past_key_values=cache)[0])
+        outs.append(op(x[:, s0:s1], position_embeddings=pe, **{CACHE: cache})[0])
     return torch.cat(outs, dim=1)
 
 
@@ -155,7 +157,7 @@ def test_cache_holds_hfs_latent_and_rotary_key_only():
     hf_cache, ours = DynamicCache(config=model.config), _latent_cache(op)
     with torch.no_grad():
         _hf(hf, x, pe, cache=hf_cache)
-        op(x, position_embeddings=pe, past_key_values=ours)
+        op(x, position_embeddings=pe, **{CACHE: ours})
     layer = ours.layers[op.layer_idx]
     entries = layer.entries()
     assert entries.shape == (1, 10, op.kv_lora_rank + op.rope_dim) == (1, 10, 40)
@@ -309,9 +311,7 @@ def test_cuda_matches_cpu(dtype):
             cache, out = _latent_cache(module), []
             for a, b in [(0, 30)] + [(i, i + 1) for i in range(30, 40)]:
                 pe = model.model.rotary_emb(x, torch.arange(a, b)[None])  # on the CPU; the operator moves it
-                out.append(
-                    module(x[:, a:b].to(module.device), position_embeddings=pe, past_key_values=cache)[0]
-                )
+                out.append(module(x[:, a:b].to(module.device), position_embeddings=pe, **{CACHE: cache})[0])
             outs[name] = torch.cat(out, dim=1)
     assert outs["cuda"].device.type == "cuda"
     tol = 1e-4 if dtype == "float32" else 5e-2

@@ -17,6 +17,7 @@ from graftlm.engine.cache import make_cache
 from graftlm.inject import apply, load_rules, plan
 from graftlm.inject.rules import ARCH_RULES
 from graftlm.models.build import build_meta_model
+from graftlm.models.compat import library_cache_arg
 from graftlm.ops.attention.sparse import (
     SparseAttention,
     SparseSettings,
@@ -29,6 +30,7 @@ from graftlm.ops.attention.sparse import (
 from graftlm.weights.memory import StateDictSource
 from tests.inject.helpers import random_model, tiny_config
 
+CACHE = library_cache_arg()  # the KV-cache argument: `cache` from transformers 5.24
 GQA = ["llama", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "mixtral", "gemma3"]
 CONTEXT = 2048  # the tiny models' max_position_embeddings here
 SMALL = dict(block_size=16, initial_blocks=1, local_window=32)  # blocks exist past ~64 tokens
@@ -54,11 +56,9 @@ def _run(model, ids: torch.Tensor, prompt: int, chunk: int = 64) -> torch.Tensor
     out = []
     with torch.no_grad():
         for s in range(0, prompt, chunk):
-            out.append(
-                model(ids[:, s : min(s + chunk, prompt)], past_key_values=cache, use_cache=True).logits
-            )
+            out.append(model(ids[:, s : min(s + chunk, prompt)], **{CACHE: cache}, use_cache=True).logits)
         for t in range(prompt, ids.shape[1]):
-            out.append(model(ids[:, t : t + 1], past_key_values=cache, use_cache=True).logits)
+            out.append(model(ids[:, t : t + 1], **{CACHE: cache}, use_cache=True).logits)
     return torch.cat(out, dim=1)
 
 
@@ -233,10 +233,10 @@ def test_preselection_keeps_the_prompt_blocks_the_last_queries_attend():
     ids = _ids(260, seed=5)
     cache = make_cache(model)
     with torch.no_grad():
-        model(ids[:, :240], past_key_values=cache, use_cache=True)
+        model(ids[:, :240], **{CACHE: cache}, use_cache=True)
         layer = cache.layers[0]
         assert layer.obs_queries.shape[2] == 32 and layer.prefill_end == 240 and layer.preselected is None
-        model(ids[:, 240:241], past_key_values=cache, use_cache=True)
+        model(ids[:, 240:241], **{CACHE: cache}, use_cache=True)
     keep = layer.preselected
     assert keep.shape[1] == 1 and int(keep[0, 0, :15].sum()) == 3  # 15 full prompt blocks, 3 kept
     assert keep[0, 0, 15:].all()  # later blocks stay candidates
