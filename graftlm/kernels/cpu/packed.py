@@ -37,8 +37,8 @@ Q = gguf.GGMLQuantizationType
 GROUP = 32
 # Above this many rows, int8 matrices leave the weight-only kernel for a GEMM (prefill): the
 # weights dequantized a slice at a time (int8 values are exact in bf16 and fp32), or the opt-in
-# int8 x int8 GEMM. On the AMD (AVX2) machine the fp32 GEMM overtakes `_weight_int8pack_mm` at
-# ~16 rows and is 1.4-1.8x faster at 64, 2x at 512 (BENCHMARKS.md).
+# int8 x int8 GEMM. Where the GEMM overtakes `_weight_int8pack_mm`: `python bench/int8_prefill.py`
+# (AMD AVX2 machine: at ~16 rows; BENCHMARKS.md).
 PREFILL_ROWS = 16
 GEMM_SLICE_BYTES = 64 << 20  # dequantized weight held at once by the many-row int8 path
 
@@ -109,13 +109,12 @@ class PackedMatrix:
         """x [M, K] (any float dtype) -> [M, N] in fp32."""
         if self.layout == "f32":
             return F.linear(x.float(), self.weight)
+        if self.layout == "int8" and x.shape[0] > PREFILL_ROWS:
+            gemm = _int8_gemm if self.int8_activations else _dequantized_gemm
+            return gemm(x, self.weight, self.scales)
         xb = x.to(torch.bfloat16)
         if self.layout == "int4":
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(xb, self.weight, GROUP, self.scales)
-        elif self.layout == "int8" and x.shape[0] > PREFILL_ROWS:
-            if self.int8_activations:
-                return _int8_gemm(x, self.weight, self.scales)
-            return _dequantized_gemm(x, self.weight, self.scales)
         elif self.layout == "int8":
             y = torch.ops.aten._weight_int8pack_mm(xb, self.weight, self.scales.to(torch.bfloat16))
         else:
@@ -135,7 +134,7 @@ class PackedMatrix:
 @functools.cache
 def gemm_dtype() -> torch.dtype:
     """bf16 where the CPU multiplies it natively (AVX-512 BF16 or AMX), else fp32: elsewhere a bf16
-    GEMM is emulated (on the AVX2 machine ~5x slower than fp32, and it rounds the activations)."""
+    GEMM is emulated (bench/int8_prefill.py times both), and it rounds the activations."""
     try:
         native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
     except (AttributeError, RuntimeError):
