@@ -265,7 +265,7 @@ def evaluate(
 ) -> list[SettingReport]:
     """Run every sample under every setting, greedily; `on_result` sees each result as it comes.
 
-    Settings whose prompt pass is the same computation (`prefill_key`) share one prefill per
+    Settings whose prompt pass is the same computation (`SparseSettings.prefill_key`) share one prefill per
     sample: decoding starts from a copy of its cache, and each result reports that prefill's time.
     """
     api = sparse_api()
@@ -280,75 +280,82 @@ def evaluate(
     for length in dict.fromkeys(s.length for s in samples):
         resolved = {s.name: s.resolve(length) for s in settings} if has_operator else {}
         for s in settings:
-            reports[s.name].sparse[length] = (
-                "dense attention (the model's own)"
-                if not has_operator
-                else "dense attention"
-                if not resolved[s.name].enabled
-                else s.describe(length)
-            )
-        groups = _prefill_groups(settings, resolved)
+            reports[s.name].sparse[length] = _described(s, resolved.get(s.name), length)
         for sample in (s for s in samples if s.length == length):
-            for group in groups:
-                prefilled = None
+            for group in _prefill_groups(settings, resolved):
+                prefilled, seconds = None, None
                 if len(group) > 1:  # one prefill, under the settings that shape the cache
                     api.configure_sparse(llm.model, resolved[group[0].name])
                     start = time.perf_counter()
                     prefilled = llm.engine.prefill(sample.ids)
-                    prefill_seconds = time.perf_counter() - start
+                    seconds = time.perf_counter() - start
                 for setting in group:
                     if has_operator:
                         api.configure_sparse(llm.model, resolved[setting.name])
-                    before = _kv_stats(llm.model, api) if has_operator else (0, 0)
                     shared = None if prefilled is None else (prefilled[0], copy.deepcopy(prefilled[1]))
-                    out = llm.generate(
-                        sample.ids, max_new_tokens=max_new_tokens, temperature=0.0, prefilled=shared
-                    )
                     report = reports[setting.name]
-                    if has_operator:
-                        after = _kv_stats(llm.model, api)
-                        report.attended += after[0] - before[0]
-                        report.context += after[1] - before[1]
-                    result = Result(
-                        setting=setting.name,
-                        length=length,
-                        depth=sample.depth,
-                        index=sample.index,
-                        prompt_tokens=len(sample.ids),
-                        needle_depth=round(sample.needle_depth, 4),
-                        answers=sample.answers,
-                        prediction=out.text,
-                        score=score(sample.task, out.text, sample.answers),
-                        generated_tokens=len(out.token_ids),
-                        prefill_seconds=out.prefill_seconds if prefilled is None else prefill_seconds,
-                        decode_seconds=out.decode_seconds,
+                    result = _run(
+                        llm, api if has_operator else None, report, sample, max_new_tokens, shared, seconds
                     )
-                    report.results.append(result)
                     if on_result is not None:
                         on_result(result)
     return list(reports.values())
 
 
-def prefill_key(settings: Any) -> tuple:
-    """What a prompt pass under sparse `settings` depends on: the block cache's layout and the
-    queries it keeps for preselection (anchors and selection only matter when decoding)."""
-    return (settings.block_size, settings.kv_dtype, settings.observe, settings.cache_tokens)
+def _described(setting: Setting, resolved: Any, length: int) -> str:
+    if resolved is None:
+        return "dense attention (the model's own)"
+    return setting.describe(length) if resolved.enabled else "dense attention"
+
+
+def _run(
+    llm: Any,
+    api: ModuleType | None,
+    report: SettingReport,
+    sample: Sample,
+    max_new_tokens: int,
+    prefilled: tuple | None,
+    prefill_seconds: float | None,
+) -> Result:
+    """One sample under the configured setting, from `prefilled` when given; added to `report`."""
+    before = _kv_stats(llm.model, api) if api is not None else (0, 0)
+    out = llm.generate(sample.ids, max_new_tokens=max_new_tokens, temperature=0.0, prefilled=prefilled)
+    if api is not None:
+        after = _kv_stats(llm.model, api)
+        report.attended += after[0] - before[0]
+        report.context += after[1] - before[1]
+    result = Result(
+        setting=report.name,
+        length=sample.length,
+        depth=sample.depth,
+        index=sample.index,
+        prompt_tokens=len(sample.ids),
+        needle_depth=round(sample.needle_depth, 4),
+        answers=sample.answers,
+        prediction=out.text,
+        score=score(sample.task, out.text, sample.answers),
+        generated_tokens=len(out.token_ids),
+        prefill_seconds=out.prefill_seconds if prefill_seconds is None else prefill_seconds,
+        decode_seconds=out.decode_seconds,
+    )
+    report.results.append(result)
+    return result
 
 
 def _prefill_groups(settings: list[Setting], resolved: dict[str, Any]) -> list[list[Setting]]:
     """Settings that can share a prefill, in order; the first of a group shapes its cache.
 
-    Sparse settings group by prefill_key. A dense setting reads any block layout, so it joins the
-    first group with its cache dtype. Without the operator every setting runs alone.
+    Sparse settings group by `SparseSettings.prefill_key`. A dense setting reads any block layout,
+    so it joins the first group with its cache dtype. Without the operator every setting runs alone.
     """
     if not resolved:
         return [[s] for s in settings]
     groups: dict[tuple, list[Setting]] = {}
     for s in (s for s in settings if resolved[s.name].enabled):
-        groups.setdefault(prefill_key(resolved[s.name]), []).append(s)
+        groups.setdefault(resolved[s.name].prefill_key(), []).append(s)
     for s in (s for s in settings if not resolved[s.name].enabled):
         kv_dtype = resolved[s.name].kv_dtype
-        key = next((k for k in groups if k[1] == kv_dtype), None)
+        key = next((k for k, g in groups.items() if resolved[g[0].name].kv_dtype == kv_dtype), None)
         if key is None:
             key = ("dense", kv_dtype)
             groups[key] = []

@@ -141,6 +141,12 @@ class SparseSettings:
         """Tokens one decode step attends to at most, once the context is long."""
         return (self.initial_blocks + self.topk) * self.block_size + self.local_window + self.block_size - 1
 
+    def prefill_key(self) -> tuple:
+        """What a prompt pass leaves in the cache under these settings: the block layout and the
+        queries kept for preselection (`make_cache_layer`). Anchor type and count are rebuilt at the
+        first decode step if they differ, and the rest only matters when decoding."""
+        return (self.block_size, self.kv_dtype, self.observe, self.cache_tokens)
+
 
 SETTING_NAMES = frozenset(f.name for f in fields(SparseSettings))
 
