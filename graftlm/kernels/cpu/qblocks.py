@@ -1,0 +1,103 @@
+"""Matrix products computed directly on GGUF blocks by the C extension `graftlm._qkernels`.
+
+The extension (graftlm/kernels/cpu/qkernels.c, built by setup.py) quantizes activations per block
+of 32 to int8 with an fp32 scale and takes each block's dot product in integers, as llama.cpp does;
+weights stay in their GGUF blocks, memory-mapped, with no repacked copy. Its AVX2 path is chosen at
+run time where the CPU has AVX2, FMA and F16C, portable C elsewhere.
+
+Where the extension is missing (no compiler at install) or `GRAFTLM_CPU_KERNELS=torch`, `available()`
+is False and graftlm repacks weights for torch's kernels instead (graftlm/kernels/cpu/packed.py).
+`GRAFTLM_CPU_KERNELS=portable` keeps the extension but forces its portable path.
+
+Error bound of `matmul` against dequantize-then-fp32 (tested in tests/kernels/test_qblocks.py):
+each activation block x_b is rounded to d_b * round(x_b / d_b) with d_b = max|x_b| / 127, so
+|y - y_exact| <= sum_b (d_b / 2) * sum_{j in b} |w_j|, plus fp32 rounding of the sums.
+"""
+
+from __future__ import annotations
+
+import os
+
+import gguf
+import numpy as np
+import torch  # noqa: F401  (loaded first, so the extension shares torch's OpenMP runtime)
+
+Q = gguf.GGMLQuantizationType
+TYPES = frozenset({Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q4_K, Q.Q5_K, Q.Q6_K})
+
+try:
+    from graftlm import _qkernels
+except ImportError:  # built without a compiler: torch's kernels take over
+    _qkernels = None
+
+_MODE = os.environ.get("GRAFTLM_CPU_KERNELS", "auto").lower()
+if _MODE not in ("auto", "torch", "portable"):
+    raise ValueError(f"GRAFTLM_CPU_KERNELS={_MODE!r}: expected auto, torch or portable")
+if _qkernels is not None and _MODE == "portable":
+    _qkernels.set_isa("portable")
+
+
+def available() -> bool:
+    """Whether products on GGUF blocks can run here."""
+    return _qkernels is not None and _MODE != "torch"
+
+
+def isa() -> str:
+    """The extension's code path: avx2, portable, or none (torch's kernels are used)."""
+    return _qkernels.isa() if available() else "none"
+
+
+def set_isa(name: str) -> str:
+    """Choose the extension's code path (avx2 where the CPU has it, or portable); returns it."""
+    if _qkernels is None:
+        raise RuntimeError("graftlm._qkernels is not built (see setup.py)")
+    return _qkernels.set_isa(name)
+
+
+def supports(qtype: Q, k: int) -> bool:
+    block = gguf.GGML_QUANT_SIZES[qtype][0] if qtype in TYPES else 0
+    return available() and block > 0 and k % block == 0
+
+
+def row_bytes(qtype: Q, k: int) -> int:
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    return k // block * size
+
+
+def as_rows(data: np.ndarray, qtype: Q, n: int, k: int) -> np.ndarray:
+    """GGUF block bytes as a C-contiguous uint8 [n, row_bytes] array (a view where possible)."""
+    rows = np.ascontiguousarray(data).view(np.uint8).reshape(n, row_bytes(qtype, k))
+    return rows
+
+
+def matmul(qtype: Q, rows: np.ndarray, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M, K] @ W^T for W [N, K] in GGUF blocks `rows` (from `as_rows`) -> fp32 [M, N]."""
+    n, k = rows.shape[0], x.shape[-1]
+    xf = x.to(torch.float32).contiguous()
+    m = xf.shape[0]
+    if out is None:
+        out = torch.empty(m, n, dtype=torch.float32)
+    _qkernels.matmul(
+        int(qtype),
+        rows.ctypes.data,
+        rows.shape[1],
+        n,
+        k,
+        xf.data_ptr(),
+        m,
+        out.data_ptr(),
+        out.stride(0),
+        torch.get_num_threads(),
+    )
+    return out
+
+
+def dequantize(qtype: Q, rows: np.ndarray, k: int, start: int = 0, stop: int | None = None) -> torch.Tensor:
+    """Rows start..stop of W as fp32 [rows, K], computed as gguf-py computes them."""
+    stop = rows.shape[0] if stop is None else stop
+    out = torch.empty(stop - start, k, dtype=torch.float32)
+    part = rows[start:stop]
+    _qkernels.dequantize(
+        int(qtype), part.ctypes.data, rows.shape[1], stop - start, k, out.data_ptr(), torch.get_num_threads()
+    )
+    return out

@@ -1,0 +1,671 @@
+/*
+ * graftlm._qkernels: matrix products computed directly on GGUF-quantized blocks, on the CPU.
+ *
+ * Weights stay in their GGUF blocks (no repacked copy; the file stays memory-mapped). Activations are
+ * quantized per block of 32 to int8 with an fp32 scale (the scheme of ggml's Q8_0), and each block's
+ * dot product runs in integers, as llama.cpp's CPU kernels do. Types: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0,
+ * Q4_K, Q5_K, Q6_K.
+ *
+ * Two code paths, chosen at run time (never an illegal instruction): AVX2+FMA+F16C, compiled with
+ * function target attributes, and portable C. `dequantize` writes fp32 rows (for many-row products,
+ * which then run a GEMM); it computes in the same order as gguf-py's reference, so it matches it bit
+ * for bit. Threads: OpenMP when the build has it (it then shares torch's runtime), else one.
+ *
+ * Built by setup.py as an optional extension; without it graftlm uses torch's own kernels.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define GL_X86 1
+#include <immintrin.h>
+#define AVX2_FN __attribute__((target("avx2,fma,f16c")))
+#endif
+
+/* ggml type ids */
+enum { T_Q4_0 = 2, T_Q4_1 = 3, T_Q5_0 = 6, T_Q5_1 = 7, T_Q8_0 = 8, T_Q4_K = 12, T_Q5_K = 13, T_Q6_K = 14 };
+
+/* Activations quantized to int8 per block of 32 (for the 32-value weight types, as ggml's Q8_0) or of
+   256 (for the K-quants, as ggml's Q8_K): values, each block's scale, and sums of values per 16 and 32. */
+typedef struct {
+    const int8_t *q;     /* [K] */
+    const float *d;      /* [K/block] */
+    const int16_t *s;    /* [K/16] sums of q per 16 (|sum| <= 2032) */
+    const int16_t *s32;  /* [K/32] sums of q per 32 (|sum| <= 4064) */
+} qx_t;
+
+typedef float (*dot_fn)(const uint8_t *w, qx_t x, int64_t k);
+
+static float f16_to_f32(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, bits;
+    if (exp == 0) {
+        if (man == 0) {
+            bits = sign;
+        } else { /* subnormal: normalize */
+            exp = 113;
+            while (!(man & 0x400)) {
+                man <<= 1;
+                exp--;
+            }
+            bits = sign | (exp << 23) | ((man & 0x3ff) << 13);
+        }
+    } else if (exp == 31) {
+        bits = sign | 0x7f800000u | (man << 13);
+    } else {
+        bits = sign | ((exp + 112) << 23) | (man << 13);
+    }
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+static inline uint16_t rd16(const uint8_t *p) { return (uint16_t)(p[0] | (p[1] << 8)); }
+static inline float rdh(const uint8_t *p) { return f16_to_f32(rd16(p)); }
+
+/* Q4_K / Q5_K: 8 six-bit scales and mins packed in 12 bytes (ggml's utmp trick: word arithmetic). */
+static inline void k_scale_min(const uint8_t *s, uint8_t *sc, uint8_t *mn) {
+    uint32_t u[4];
+    memcpy(u, s, 12);
+    const uint32_t m1 = 0x3f3f3f3f, m2 = 0x0f0f0f0f, m3 = 0x03030303;
+    u[3] = ((u[2] >> 4) & m2) | (((u[1] >> 6) & m3) << 4);
+    const uint32_t mins_lo = u[1] & m1;
+    u[1] = (u[2] & m2) | (((u[0] >> 6) & m3) << 4);
+    u[2] = mins_lo;
+    u[0] &= m1;
+    memcpy(sc, u, 8);
+    memcpy(mn, u + 2, 8);
+}
+
+static int64_t block_bytes(int type) {
+    switch (type) {
+        case T_Q4_0: return 18;
+        case T_Q4_1: return 20;
+        case T_Q5_0: return 22;
+        case T_Q5_1: return 24;
+        case T_Q8_0: return 34;
+        case T_Q4_K: return 144;
+        case T_Q5_K: return 176;
+        case T_Q6_K: return 210;
+        default: return 0;
+    }
+}
+
+static int64_t block_values(int type) { return type >= T_Q4_K ? 256 : 32; }
+
+/* ---------------------------------------------------------------- activations */
+
+static void quantize_rows(const float *x, int64_t m, int64_t k, int64_t block, int8_t *q, float *d, int16_t *s,
+                          int16_t *s32) {
+    for (int64_t r = 0; r < m; r++) {
+        for (int64_t b = 0; b < k / block; b++) {
+            const float *xb = x + r * k + b * block;
+            float amax = 0.0f;
+            for (int64_t j = 0; j < block; j++) amax = fmaxf(amax, fabsf(xb[j]));
+            float db = amax / 127.0f, id = db > 0.0f ? 1.0f / db : 0.0f;
+            int8_t *qb = q + r * k + b * block;
+            for (int64_t j = 0; j < block; j++) {
+                int v = (int)lrintf(xb[j] * id);
+                qb[j] = (int8_t)(v > 127 ? 127 : (v < -127 ? -127 : v));
+            }
+            d[r * (k / block) + b] = db;
+        }
+        for (int64_t g = 0; g < k / 16; g++) {
+            int32_t t = 0;
+            for (int j = 0; j < 16; j++) t += q[r * k + 16 * g + j];
+            s[r * (k / 16) + g] = (int16_t)t;
+            if (g & 1) s32[r * (k / 32) + g / 2] = (int16_t)(s[r * (k / 16) + g - 1] + t);
+        }
+    }
+}
+
+/* ---------------------------------------------------------------- portable dot products */
+
+static float dot_q4_0_c(const uint8_t *w, qx_t x, int64_t k) {
+    float acc = 0.0f;
+    for (int64_t b = 0; b < k / 32; b++, w += 18) {
+        const int8_t *xq = x.q + b * 32;
+        int32_t isum = 0;
+        for (int j = 0; j < 16; j++) isum += (w[2 + j] & 15) * xq[j] + (w[2 + j] >> 4) * xq[j + 16];
+        isum -= 8 * (x.s[2 * b] + x.s[2 * b + 1]);
+        acc += rdh(w) * x.d[b] * (float)isum;
+    }
+    return acc;
+}
+
+static float dot_q4_1_c(const uint8_t *w, qx_t x, int64_t k) {
+    float acc = 0.0f;
+    for (int64_t b = 0; b < k / 32; b++, w += 20) {
+        const int8_t *xq = x.q + b * 32;
+        int32_t isum = 0;
+        for (int j = 0; j < 16; j++) isum += (w[4 + j] & 15) * xq[j] + (w[4 + j] >> 4) * xq[j + 16];
+        acc += x.d[b] * (rdh(w) * (float)isum + rdh(w + 2) * (float)(x.s[2 * b] + x.s[2 * b + 1]));
+    }
+    return acc;
+}
+
+static inline int q5_value(const uint8_t *w, uint32_t qh, int j) {
+    int lo = j < 16 ? (w[j] & 15) : (w[j - 16] >> 4);
+    return lo | (((qh >> j) & 1) << 4);
+}
+
+static float dot_q5_0_c(const uint8_t *w, qx_t x, int64_t k) {
+    float acc = 0.0f;
+    for (int64_t b = 0; b < k / 32; b++, w += 22) {
+        const int8_t *xq = x.q + b * 32;
+        uint32_t qh;
+        memcpy(&qh, w + 2, 4);
+        int32_t isum = 0;
+        for (int j = 0; j < 32; j++) isum += q5_value(w + 6, qh, j) * xq[j];
+        isum -= 16 * (x.s[2 * b] + x.s[2 * b + 1]);
+        acc += rdh(w) * x.d[b] * (float)isum;
+    }
+    return acc;
+}
+
+static float dot_q5_1_c(const uint8_t *w, qx_t x, int64_t k) {
+    float acc = 0.0f;
+    for (int64_t b = 0; b < k / 32; b++, w += 24) {
+        const int8_t *xq = x.q + b * 32;
+        uint32_t qh;
+        memcpy(&qh, w + 4, 4);
+        int32_t isum = 0;
+        for (int j = 0; j < 32; j++) isum += q5_value(w + 8, qh, j) * xq[j];
+        acc += x.d[b] * (rdh(w) * (float)isum + rdh(w + 2) * (float)(x.s[2 * b] + x.s[2 * b + 1]));
+    }
+    return acc;
+}
+
+static float dot_q8_0_c(const uint8_t *w, qx_t x, int64_t k) {
+    float acc = 0.0f;
+    for (int64_t b = 0; b < k / 32; b++, w += 34) {
+        const int8_t *xq = x.q + b * 32, *wq = (const int8_t *)(w + 2);
+        int32_t isum = 0;
+        for (int j = 0; j < 32; j++) isum += wq[j] * xq[j];
+        acc += rdh(w) * x.d[b] * (float)isum;
+    }
+    return acc;
+}
+
+/* Q4_K and Q5_K against activations quantized per 256: integer sums per super-block, as ggml does. */
+static float dot_k45_c(const uint8_t *w, qx_t x, int64_t k, int q5) {
+    const int64_t bb = q5 ? 176 : 144;
+    float acc = 0.0f;
+    for (int64_t sb = 0; sb < k / 256; sb++, w += bb) {
+        float d = rdh(w), dmin = rdh(w + 2);
+        uint8_t sc[8], mn[8];
+        k_scale_min(w + 4, sc, mn);
+        const uint8_t *qh = q5 ? w + 16 : NULL, *qs = w + (q5 ? 48 : 16);
+        int32_t isum = 0, msum = 0;
+        for (int j = 0; j < 8; j++) {
+            const int8_t *xq = x.q + sb * 256 + 32 * j;
+            const uint8_t *ql = qs + 32 * (j / 2);
+            int shift = 4 * (j & 1);
+            int32_t part = 0;
+            for (int l = 0; l < 32; l++) {
+                int v = (ql[l] >> shift) & 15;
+                if (qh) v |= ((qh[l] >> j) & 1) << 4;
+                part += v * xq[l];
+            }
+            isum += sc[j] * part;
+            msum += mn[j] * x.s32[sb * 8 + j];
+        }
+        acc += x.d[sb] * (d * (float)isum - dmin * (float)msum);
+    }
+    return acc;
+}
+
+static float dot_q4_k_c(const uint8_t *w, qx_t x, int64_t k) { return dot_k45_c(w, x, k, 0); }
+static float dot_q5_k_c(const uint8_t *w, qx_t x, int64_t k) { return dot_k45_c(w, x, k, 1); }
+
+/* Q6_K value i (0..255) of a super-block, 0..63 (subtract 32 for the signed value). */
+static inline int q6_value(const uint8_t *w, int i) {
+    const uint8_t *ql = w + 64 * (i / 128), *qh = w + 128 + 32 * (i / 128);
+    int p = i % 128, l = p % 32, quarter = p / 32;
+    int lo = (quarter & 1) ? ql[l + 32] : ql[l];
+    lo = quarter >= 2 ? lo >> 4 : lo & 15;
+    return lo | (((qh[l] >> (2 * quarter)) & 3) << 4);
+}
+
+static float dot_q6_k_c(const uint8_t *w, qx_t x, int64_t k) {
+    float acc = 0.0f;
+    for (int64_t sb = 0; sb < k / 256; sb++, w += 210) {
+        const int8_t *sc = (const int8_t *)(w + 192);
+        int32_t isum = 0;
+        for (int g = 0; g < 16; g++) {
+            int32_t part = 0;
+            for (int l = 0; l < 16; l++) part += q6_value(w, 16 * g + l) * x.q[sb * 256 + 16 * g + l];
+            isum += sc[g] * (part - 32 * x.s[sb * 16 + g]);
+        }
+        acc += rdh(w + 208) * x.d[sb] * (float)isum;
+    }
+    return acc;
+}
+
+/* ---------------------------------------------------------------- AVX2 dot products */
+
+#ifdef GL_X86
+
+AVX2_FN static inline float hsum_ps(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* 16 bytes of nibbles -> 32 bytes: low nibbles first, then high nibbles. */
+AVX2_FN static inline __m256i nibbles32(const uint8_t *p) {
+    __m128i t = _mm_loadu_si128((const __m128i *)p);
+    __m256i b = _mm256_insertf128_si256(_mm256_castsi128_si256(t), _mm_srli_epi16(t, 4), 1);
+    return _mm256_and_si256(b, _mm256_set1_epi8(15));
+}
+
+/* bit j of a 32-bit word -> 0x10 in byte j, else 0 */
+AVX2_FN static inline __m256i bits32_x16(const uint8_t *p) {
+    uint32_t v;
+    memcpy(&v, p, 4);
+    const __m256i shuf = _mm256_set_epi64x(0x0303030303030303LL, 0x0202020202020202LL, 0x0101010101010101LL, 0);
+    __m256i bytes = _mm256_shuffle_epi8(_mm256_set1_epi32((int)v), shuf);
+    bytes = _mm256_or_si256(bytes, _mm256_set1_epi64x(0x7fbfdfeff7fbfdfeLL));
+    return _mm256_and_si256(_mm256_cmpeq_epi8(bytes, _mm256_set1_epi64x(-1)), _mm256_set1_epi8(16));
+}
+
+/* unsigned bytes u (0..127) times signed bytes s -> 8 int32 partial sums */
+AVX2_FN static inline __m256i dot_us(__m256i u, __m256i s) {
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+}
+
+/* signed bytes a times signed bytes b -> 8 int32 partial sums (|a| <= 127) */
+AVX2_FN static inline __m256i dot_ss(__m256i a, __m256i b) { return dot_us(_mm256_sign_epi8(a, a), _mm256_sign_epi8(b, a)); }
+
+/* The 32-value types: two blocks per step into two accumulators (one chain would wait on FMA latency). */
+#define LEGACY_AVX2(NAME, BYTES, VALUES)                                                                      \
+    AVX2_FN static float NAME(const uint8_t *w, qx_t x, int64_t k) {                                          \
+        __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();                                        \
+        int64_t b = 0, nb = k / 32;                                                                           \
+        for (; b + 1 < nb; b += 2, w += 2 * (BYTES)) {                                                        \
+            __m256i p0 = dot_ss(VALUES(w), _mm256_loadu_si256((const __m256i *)(x.q + b * 32)));              \
+            __m256i p1 = dot_ss(VALUES(w + (BYTES)), _mm256_loadu_si256((const __m256i *)(x.q + b * 32 + 32))); \
+            acc0 = _mm256_fmadd_ps(_mm256_set1_ps(_cvtsh_ss(rd16(w)) * x.d[b]), _mm256_cvtepi32_ps(p0), acc0); \
+            acc1 = _mm256_fmadd_ps(_mm256_set1_ps(_cvtsh_ss(rd16(w + (BYTES))) * x.d[b + 1]), _mm256_cvtepi32_ps(p1), acc1); \
+        }                                                                                                     \
+        if (b < nb) {                                                                                         \
+            __m256i p0 = dot_ss(VALUES(w), _mm256_loadu_si256((const __m256i *)(x.q + b * 32)));              \
+            acc0 = _mm256_fmadd_ps(_mm256_set1_ps(_cvtsh_ss(rd16(w)) * x.d[b]), _mm256_cvtepi32_ps(p0), acc0); \
+        }                                                                                                     \
+        return hsum_ps(_mm256_add_ps(acc0, acc1));                                                            \
+    }
+
+/* each type's 32 weights as signed bytes */
+AVX2_FN static inline __m256i q4_0_values(const uint8_t *w) { return _mm256_sub_epi8(nibbles32(w + 2), _mm256_set1_epi8(8)); }
+AVX2_FN static inline __m256i q5_0_values(const uint8_t *w) {
+    return _mm256_sub_epi8(_mm256_or_si256(nibbles32(w + 6), bits32_x16(w + 2)), _mm256_set1_epi8(16));
+}
+AVX2_FN static inline __m256i q8_0_values(const uint8_t *w) { return _mm256_loadu_si256((const __m256i *)(w + 2)); }
+
+LEGACY_AVX2(dot_q4_0_avx2, 18, q4_0_values)
+LEGACY_AVX2(dot_q5_0_avx2, 22, q5_0_values)
+LEGACY_AVX2(dot_q8_0_avx2, 34, q8_0_values)
+
+AVX2_FN static float dot_q4_1_avx2(const uint8_t *w, qx_t x, int64_t k) {
+    __m256 acc = _mm256_setzero_ps();
+    float off = 0.0f;
+    for (int64_t b = 0; b < k / 32; b++, w += 20) {
+        float dd = _cvtsh_ss(rd16(w)) * x.d[b];
+        __m256i p = dot_us(nibbles32(w + 4), _mm256_loadu_si256((const __m256i *)(x.q + b * 32)));
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(dd), _mm256_cvtepi32_ps(p), acc);
+        off += _cvtsh_ss(rd16(w + 2)) * x.d[b] * (float)(x.s[2 * b] + x.s[2 * b + 1]);
+    }
+    return hsum_ps(acc) + off;
+}
+
+AVX2_FN static float dot_q5_1_avx2(const uint8_t *w, qx_t x, int64_t k) {
+    __m256 acc = _mm256_setzero_ps();
+    float off = 0.0f;
+    for (int64_t b = 0; b < k / 32; b++, w += 24) {
+        float dd = _cvtsh_ss(rd16(w)) * x.d[b];
+        __m256i v = _mm256_or_si256(nibbles32(w + 8), bits32_x16(w + 4));
+        __m256i p = dot_us(v, _mm256_loadu_si256((const __m256i *)(x.q + b * 32)));
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(dd), _mm256_cvtepi32_ps(p), acc);
+        off += _cvtsh_ss(rd16(w + 2)) * x.d[b] * (float)(x.s[2 * b] + x.s[2 * b + 1]);
+    }
+    return hsum_ps(acc) + off;
+}
+
+/* Q4_K / Q5_K scales (low 64 bits) and mins (high 64 bits) as bytes, kept in registers (k_scale_min's
+   arithmetic; going through memory would stall on store forwarding). */
+AVX2_FN static inline __m128i k_scale_min_128(const uint8_t *s) {
+    uint32_t u0, u1, u2;
+    memcpy(&u0, s, 4), memcpy(&u1, s + 4, 4), memcpy(&u2, s + 8, 4);
+    const uint32_t m1 = 0x3f3f3f3f, m2 = 0x0f0f0f0f, m3 = 0x03030303;
+    uint32_t sc_lo = u0 & m1, sc_hi = (u2 & m2) | (((u0 >> 6) & m3) << 4);
+    uint32_t mn_lo = u1 & m1, mn_hi = ((u2 >> 4) & m2) | (((u1 >> 6) & m3) << 4);
+    return _mm_set_epi32((int)mn_hi, (int)mn_lo, (int)sc_hi, (int)sc_lo);
+}
+
+/* int16 element j of each 128-bit lane, in every int16 of that lane */
+AVX2_FN static inline __m256i pick16(int lo, int hi) {
+    return _mm256_setr_epi8(2 * lo, 2 * lo + 1, 2 * lo, 2 * lo + 1, 2 * lo, 2 * lo + 1, 2 * lo, 2 * lo + 1, 2 * lo,
+                            2 * lo + 1, 2 * lo, 2 * lo + 1, 2 * lo, 2 * lo + 1, 2 * lo, 2 * lo + 1, 2 * hi, 2 * hi + 1,
+                            2 * hi, 2 * hi + 1, 2 * hi, 2 * hi + 1, 2 * hi, 2 * hi + 1, 2 * hi, 2 * hi + 1, 2 * hi,
+                            2 * hi + 1, 2 * hi, 2 * hi + 1, 2 * hi, 2 * hi + 1);
+}
+
+AVX2_FN static inline float dot_k45_avx2(const uint8_t *w, qx_t x, int64_t k, int q5) {
+    const int64_t bb = q5 ? 176 : 144;
+    const __m256i m4 = _mm256_set1_epi8(15), s16 = _mm256_set1_epi8(16);
+    __m256 acc = _mm256_setzero_ps();
+    __m128 accm = _mm_setzero_ps();
+    for (int64_t sb = 0; sb < k / 256; sb++, w += bb) {
+        const float xd = x.d[sb];
+        __m128i scmn = k_scale_min_128(w + 4);
+        __m256i sc16 = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(scmn));
+        __m128i mins = _mm_madd_epi16(_mm_cvtepu8_epi16(_mm_unpackhi_epi64(scmn, scmn)),
+                                      _mm_loadu_si128((const __m128i *)(x.s32 + sb * 8)));
+        accm = _mm_fmadd_ps(_mm_set1_ps(_cvtsh_ss(rd16(w + 2)) * xd), _mm_cvtepi32_ps(mins), accm);
+        const uint8_t *qs = w + (q5 ? 48 : 16);
+        const int8_t *xq = x.q + sb * 256;
+        __m256i hbits = q5 ? _mm256_loadu_si256((const __m256i *)(w + 16)) : _mm256_setzero_si256();
+        __m256i sum0 = _mm256_setzero_si256(), sum1 = _mm256_setzero_si256();
+        for (int c = 0; c < 4; c++) {
+            __m256i q = _mm256_loadu_si256((const __m256i *)(qs + 32 * c));
+            __m256i lo = _mm256_and_si256(q, m4), hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), m4);
+            if (q5) {
+                __m256i b0 = _mm256_set1_epi8((char)(1 << (2 * c))), b1 = _mm256_set1_epi8((char)(2 << (2 * c)));
+                lo = _mm256_or_si256(lo, _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(hbits, b0), b0), s16));
+                hi = _mm256_or_si256(hi, _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(hbits, b1), b1), s16));
+            }
+            __m256i p0 = _mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i *)(xq + 64 * c)));
+            __m256i p1 = _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i *)(xq + 64 * c + 32)));
+            sum0 = _mm256_add_epi32(sum0, _mm256_madd_epi16(p0, _mm256_shuffle_epi8(sc16, pick16(2 * c, 2 * c))));
+            sum1 = _mm256_add_epi32(sum1, _mm256_madd_epi16(p1, _mm256_shuffle_epi8(sc16, pick16(2 * c + 1, 2 * c + 1))));
+        }
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(_cvtsh_ss(rd16(w)) * xd), _mm256_cvtepi32_ps(_mm256_add_epi32(sum0, sum1)), acc);
+    }
+    __m128 m = _mm_add_ps(accm, _mm_movehl_ps(accm, accm));
+    m = _mm_add_ss(m, _mm_movehdup_ps(m));
+    return hsum_ps(acc) - _mm_cvtss_f32(m);
+}
+
+AVX2_FN static float dot_q4_k_avx2(const uint8_t *w, qx_t x, int64_t k) { return dot_k45_avx2(w, x, k, 0); }
+AVX2_FN static float dot_q5_k_avx2(const uint8_t *w, qx_t x, int64_t k) { return dot_k45_avx2(w, x, k, 1); }
+
+AVX2_FN static float dot_q6_k_avx2(const uint8_t *w, qx_t x, int64_t k) {
+    const __m256i m4 = _mm256_set1_epi8(15), m2 = _mm256_set1_epi8(3);
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t sb = 0; sb < k / 256; sb++, w += 210) {
+        /* sum_g sc_g (dot_g - 32 sum_g): the offset from the activation sums per 16 */
+        __m256i sc_all = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(w + 192)));
+        __m256i off = _mm256_madd_epi16(sc_all, _mm256_loadu_si256((const __m256i *)(x.s + sb * 16)));
+        __m256i sum0 = _mm256_slli_epi32(_mm256_sub_epi32(_mm256_setzero_si256(), off), 5), sum1 = _mm256_setzero_si256();
+        for (int h = 0; h < 2; h++) {
+            const uint8_t *ql = w + 64 * h;
+            const int8_t *xq = x.q + sb * 256 + 128 * h;
+            __m256i l0 = _mm256_loadu_si256((const __m256i *)ql), l1 = _mm256_loadu_si256((const __m256i *)(ql + 32));
+            __m256i qh = _mm256_loadu_si256((const __m256i *)(w + 128 + 32 * h));
+            __m256i sc = _mm256_broadcastsi128_si256(_mm_cvtepi8_epi16(_mm_loadl_epi64((const __m128i *)(w + 192 + 8 * h))));
+            __m256i v0 = _mm256_or_si256(_mm256_and_si256(l0, m4), _mm256_slli_epi16(_mm256_and_si256(qh, m2), 4));
+            __m256i v1 = _mm256_or_si256(_mm256_and_si256(l1, m4),
+                                         _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2), m2), 4));
+            __m256i v2 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), m4),
+                                         _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 4), m2), 4));
+            __m256i v3 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), m4),
+                                         _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 6), m2), 4));
+            __m256i p0 = _mm256_maddubs_epi16(v0, _mm256_loadu_si256((const __m256i *)xq));
+            __m256i p1 = _mm256_maddubs_epi16(v1, _mm256_loadu_si256((const __m256i *)(xq + 32)));
+            __m256i p2 = _mm256_maddubs_epi16(v2, _mm256_loadu_si256((const __m256i *)(xq + 64)));
+            __m256i p3 = _mm256_maddubs_epi16(v3, _mm256_loadu_si256((const __m256i *)(xq + 96)));
+            sum0 = _mm256_add_epi32(sum0, _mm256_madd_epi16(p0, _mm256_shuffle_epi8(sc, pick16(0, 1))));
+            sum1 = _mm256_add_epi32(sum1, _mm256_madd_epi16(p1, _mm256_shuffle_epi8(sc, pick16(2, 3))));
+            sum0 = _mm256_add_epi32(sum0, _mm256_madd_epi16(p2, _mm256_shuffle_epi8(sc, pick16(4, 5))));
+            sum1 = _mm256_add_epi32(sum1, _mm256_madd_epi16(p3, _mm256_shuffle_epi8(sc, pick16(6, 7))));
+        }
+        float dd = _cvtsh_ss(rd16(w + 208)) * x.d[sb];
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(dd), _mm256_cvtepi32_ps(_mm256_add_epi32(sum0, sum1)), acc);
+    }
+    return hsum_ps(acc);
+}
+
+static int have_avx2(void) {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+}
+#else
+static int have_avx2(void) { return 0; }
+#endif
+
+static int use_avx2 = 0; /* set at import, may be lowered by set_isa() */
+
+static dot_fn pick_dot(int type) {
+#ifdef GL_X86
+    if (use_avx2) {
+        switch (type) {
+            case T_Q4_0: return dot_q4_0_avx2;
+            case T_Q4_1: return dot_q4_1_avx2;
+            case T_Q5_0: return dot_q5_0_avx2;
+            case T_Q5_1: return dot_q5_1_avx2;
+            case T_Q8_0: return dot_q8_0_avx2;
+            case T_Q4_K: return dot_q4_k_avx2;
+            case T_Q5_K: return dot_q5_k_avx2;
+            case T_Q6_K: return dot_q6_k_avx2;
+        }
+    }
+#endif
+    switch (type) {
+        case T_Q4_0: return dot_q4_0_c;
+        case T_Q4_1: return dot_q4_1_c;
+        case T_Q5_0: return dot_q5_0_c;
+        case T_Q5_1: return dot_q5_1_c;
+        case T_Q8_0: return dot_q8_0_c;
+        case T_Q4_K: return dot_q4_k_c;
+        case T_Q5_K: return dot_q5_k_c;
+        case T_Q6_K: return dot_q6_k_c;
+    }
+    return NULL;
+}
+
+/* ---------------------------------------------------------------- dequantization (gguf-py's order) */
+
+static void dequant_row(int type, const uint8_t *w, int64_t k, float *y) {
+    const int64_t bb = block_bytes(type), nb = k / block_values(type);
+    for (int64_t b = 0; b < nb; b++, w += bb) {
+        switch (type) {
+            case T_Q4_0: {
+                float d = rdh(w);
+                for (int j = 0; j < 16; j++) {
+                    y[j] = d * (float)((w[2 + j] & 15) - 8);
+                    y[j + 16] = d * (float)((w[2 + j] >> 4) - 8);
+                }
+                y += 32;
+                break;
+            }
+            case T_Q4_1: {
+                float d = rdh(w), m = rdh(w + 2);
+                for (int j = 0; j < 16; j++) {
+                    y[j] = d * (float)(w[4 + j] & 15) + m;
+                    y[j + 16] = d * (float)(w[4 + j] >> 4) + m;
+                }
+                y += 32;
+                break;
+            }
+            case T_Q5_0:
+            case T_Q5_1: {
+                int one = type == T_Q5_1, off = one ? 8 : 6;
+                float d = rdh(w), m = one ? rdh(w + 2) : 0.0f;
+                uint32_t qh;
+                memcpy(&qh, w + off - 4, 4);
+                for (int j = 0; j < 32; j++) {
+                    int v = q5_value(w + off, qh, j);
+                    y[j] = one ? d * (float)v + m : d * (float)(v - 16);
+                }
+                y += 32;
+                break;
+            }
+            case T_Q8_0: {
+                float d = rdh(w);
+                for (int j = 0; j < 32; j++) y[j] = (float)((const int8_t *)(w + 2))[j] * d;
+                y += 32;
+                break;
+            }
+            case T_Q4_K:
+            case T_Q5_K: {
+                int q5 = type == T_Q5_K;
+                float d = rdh(w), dmin = rdh(w + 2);
+                uint8_t sc[8], mn[8];
+                k_scale_min(w + 4, sc, mn);
+                const uint8_t *qh = w + 16, *qs = w + (q5 ? 48 : 16);
+                for (int j = 0; j < 8; j++) {
+                    float ds = d * (float)sc[j], dm = dmin * (float)mn[j];
+                    const uint8_t *ql = qs + 32 * (j / 2);
+                    for (int l = 0; l < 32; l++) {
+                        int v = (ql[l] >> (4 * (j & 1))) & 15;
+                        if (q5) v |= ((qh[l] >> j) & 1) << 4;
+                        y[32 * j + l] = ds * (float)v - dm;
+                    }
+                }
+                y += 256;
+                break;
+            }
+            case T_Q6_K: {
+                float d = rdh(w + 208);
+                const int8_t *sc = (const int8_t *)(w + 192);
+                for (int i = 0; i < 256; i++) y[i] = (d * (float)sc[i / 16]) * (float)(q6_value(w, i) - 32);
+                y += 256;
+                break;
+            }
+        }
+    }
+}
+
+/* ---------------------------------------------------------------- Python interface */
+
+static int check_type(int type, int64_t k) {
+    if (!block_bytes(type)) {
+        PyErr_Format(PyExc_ValueError, "ggml type %d has no kernel here", type);
+        return 0;
+    }
+    if (k % block_values(type)) {
+        PyErr_Format(PyExc_ValueError, "row width %lld is not a multiple of the block size %lld", (long long)k,
+                     (long long)block_values(type));
+        return 0;
+    }
+    return 1;
+}
+
+/* matmul(type, w_ptr, row_bytes, n, k, x_ptr, m, out_ptr, ldo, threads): out[i, j] = x[i] . W[j] */
+static PyObject *py_matmul(PyObject *self, PyObject *args) {
+    int type, threads;
+    Py_ssize_t wp, row_bytes, n, k, xp, m, op, ldo;
+    if (!PyArg_ParseTuple(args, "innnnnnnni", &type, &wp, &row_bytes, &n, &k, &xp, &m, &op, &ldo, &threads))
+        return NULL;
+    if (!check_type(type, k)) return NULL;
+    if (row_bytes != k / block_values(type) * block_bytes(type)) {
+        PyErr_SetString(PyExc_ValueError, "row_bytes does not match the type and width");
+        return NULL;
+    }
+    const uint8_t *w = (const uint8_t *)wp;
+    const float *x = (const float *)xp;
+    float *out = (float *)op;
+    dot_fn dot = pick_dot(type);
+    int8_t *xq = malloc((size_t)(m * k));
+    float *xd = malloc(sizeof(float) * (size_t)(m * k / 32));  /* enough for either block */
+    const int64_t qb = block_values(type); /* activation block: 32 or 256, as the weight's block */
+    int16_t *xs = malloc(sizeof(int16_t) * (size_t)(m * k / 16)), *xs32 = malloc(sizeof(int16_t) * (size_t)(m * k / 32));
+    if (!xq || !xd || !xs || !xs32) {
+        free(xq), free(xd), free(xs), free(xs32);
+        return PyErr_NoMemory();
+    }
+    Py_BEGIN_ALLOW_THREADS
+    quantize_rows(x, m, k, qb, xq, xd, xs, xs32);
+    /* Rows of W in chunks: each chunk's weights are read once and dotted with every x row. */
+    const int64_t chunk = 16, nchunks = (n + chunk - 1) / chunk;
+#ifdef _OPENMP
+    int nt = threads > 0 ? threads : 1;
+    if (nchunks < nt) nt = (int)nchunks;
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
+#endif
+    for (int64_t c = 0; c < nchunks; c++) {
+        int64_t end = (c + 1) * chunk < n ? (c + 1) * chunk : n;
+        for (int64_t j = c * chunk; j < end; j++) {
+            const uint8_t *row = w + j * row_bytes;
+            for (int64_t i = 0; i < m; i++) {
+                qx_t xi = {xq + i * k, xd + i * (k / qb), xs + i * (k / 16), xs32 + i * (k / 32)};
+                out[i * ldo + j] = dot(row, xi, k);
+            }
+        }
+    }
+    Py_END_ALLOW_THREADS
+    free(xq), free(xd), free(xs), free(xs32);
+    (void)threads;
+    Py_RETURN_NONE;
+}
+
+/* dequantize(type, w_ptr, row_bytes, n, k, out_ptr, threads): fp32 [n, k] */
+static PyObject *py_dequantize(PyObject *self, PyObject *args) {
+    int type, threads;
+    Py_ssize_t wp, row_bytes, n, k, op;
+    if (!PyArg_ParseTuple(args, "innnnni", &type, &wp, &row_bytes, &n, &k, &op, &threads)) return NULL;
+    if (!check_type(type, k)) return NULL;
+    const uint8_t *w = (const uint8_t *)wp;
+    float *out = (float *)op;
+    Py_BEGIN_ALLOW_THREADS
+#ifdef _OPENMP
+    int nt = threads > 0 ? threads : 1;
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1 && n > 1)
+#endif
+    for (int64_t j = 0; j < n; j++) dequant_row(type, w + j * row_bytes, k, out + j * k);
+    Py_END_ALLOW_THREADS
+    (void)threads;
+    Py_RETURN_NONE;
+}
+
+/* set_isa("avx2" | "portable"): returns the path now in use ("avx2" only where the CPU has it). */
+static PyObject *py_set_isa(PyObject *self, PyObject *args) {
+    const char *name;
+    if (!PyArg_ParseTuple(args, "s", &name)) return NULL;
+    if (strcmp(name, "avx2") == 0) {
+        use_avx2 = have_avx2();
+    } else if (strcmp(name, "portable") == 0) {
+        use_avx2 = 0;
+    } else {
+        PyErr_Format(PyExc_ValueError, "unknown instruction set %s (expected avx2 or portable)", name);
+        return NULL;
+    }
+    return PyUnicode_FromString(use_avx2 ? "avx2" : "portable");
+}
+
+static PyObject *py_isa(PyObject *self, PyObject *noargs) {
+    return PyUnicode_FromString(use_avx2 ? "avx2" : "portable");
+}
+
+static PyObject *py_openmp(PyObject *self, PyObject *noargs) {
+#ifdef _OPENMP
+    Py_RETURN_TRUE;
+#else
+    Py_RETURN_FALSE;
+#endif
+}
+
+static PyMethodDef methods[] = {
+    {"matmul", py_matmul, METH_VARARGS, "out[m, n] = x[m, k] @ W[n, k]^T on GGUF blocks (activations int8 per 32)."},
+    {"dequantize", py_dequantize, METH_VARARGS, "GGUF blocks -> fp32 rows, as gguf-py computes them."},
+    {"set_isa", py_set_isa, METH_VARARGS, "Choose the code path: avx2 (where supported) or portable."},
+    {"isa", py_isa, METH_NOARGS, "The code path in use."},
+    {"openmp", py_openmp, METH_NOARGS, "Whether the build uses OpenMP threads."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_qkernels", NULL, -1, methods};
+
+PyMODINIT_FUNC PyInit__qkernels(void) {
+    use_avx2 = have_avx2();
+    return PyModule_Create(&module);
+}

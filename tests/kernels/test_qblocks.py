@@ -1,0 +1,119 @@
+"""The C kernels on GGUF blocks (graftlm._qkernels) against gguf-py and dequantize-then-fp32.
+
+Both code paths are tested where the CPU allows: the AVX2 one and the portable C one.
+"""
+
+from __future__ import annotations
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+from graftlm.kernels.cpu import qblocks
+
+Q = gguf.GGMLQuantizationType
+TYPES = sorted(qblocks.TYPES)
+
+pytestmark = pytest.mark.skipif(not qblocks.available(), reason="graftlm._qkernels is not built")
+
+
+def blocks(qtype: Q, n: int, k: int, rng: np.random.Generator) -> np.ndarray:
+    """Realistic blocks: gguf-py's quantizer where it has one, else random bytes with sane fp16 scales."""
+    if qtype in (Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0):
+        return gguf.quants.quantize(rng.standard_normal((n, k)).astype(np.float32), qtype).reshape(n, -1)
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    raw = rng.integers(0, 256, size=(n, k // block, size), dtype=np.uint8)
+    halves = rng.uniform(1e-3, 1e-2, size=(n, k // block, 2)).astype(np.float16).view(np.uint8)
+    if qtype == Q.Q6_K:
+        raw[..., -2:] = halves[..., :2]  # d is last
+    else:
+        raw[..., 0:4] = halves  # d, dmin
+    return raw.reshape(n, -1)
+
+
+def reference(qtype: Q, raw: np.ndarray, n: int, k: int) -> torch.Tensor:
+    return torch.from_numpy(gguf.quants.dequantize(raw.reshape(-1), qtype).reshape(n, k).astype(np.float32))
+
+
+def quantized_activations(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """x as the kernels round it (int8 per block, scale d = max|x|/127, q = rint(x * (1/d)) in fp32),
+    and that scale per value, in fp64."""
+    m, k = x.shape
+    xb = x.float().reshape(m, k // block, block)
+    d = xb.abs().amax(-1, keepdim=True) / 127.0
+    inv = torch.where(d > 0, 1.0 / d, torch.zeros_like(d))
+    q = torch.round(xb * inv).clamp(-127, 127)
+    return (q.double() * d.double()).reshape(m, k), d.double().expand_as(xb).reshape(m, k)
+
+
+@pytest.fixture(params=["avx2", "portable"])
+def isa(request):
+    got = qblocks.set_isa(request.param)
+    if got != request.param:
+        pytest.skip(f"this CPU has no {request.param} path")
+    yield got
+    qblocks.set_isa("avx2")
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_dequantize_matches_gguf_py_bit_for_bit(qtype: Q):
+    rng = np.random.default_rng(int(qtype))
+    n, k = 24, 512
+    raw = blocks(qtype, n, k, rng)
+    got = qblocks.dequantize(qtype, qblocks.as_rows(raw, qtype, n, k), k)
+    want = reference(qtype, raw, n, k)
+    assert torch.equal(got.view(torch.int32), want.view(torch.int32))
+    part = qblocks.dequantize(qtype, qblocks.as_rows(raw, qtype, n, k), k, 5, 17)
+    assert torch.equal(part, want[5:17])
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("m", [1, 3, 40])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_matmul_is_the_product_with_int8_activations(qtype: Q, m: int, threads: int, isa: str):
+    """Exactly (to fp32 rounding) dequantized W times x as the kernel rounds it; and within the stated
+    bound of the product with x itself."""
+    rng = np.random.default_rng(100 + int(qtype))
+    n, k = 67, 768  # rows not a multiple of the kernel's chunk; three K-quant super-blocks
+    raw = blocks(qtype, n, k, rng)
+    w = reference(qtype, raw, n, k).double()
+    x = torch.from_numpy(rng.standard_normal((m, k)).astype(np.float32))
+    x[0, :32] = 0.0  # an all-zero block
+    x[-1, 40] = 30.0  # an outlier
+    torch.set_num_threads(threads)
+    try:
+        y = qblocks.matmul(qtype, qblocks.as_rows(raw, qtype, n, k), x)
+    finally:
+        torch.set_num_threads(1)
+    assert y.shape == (m, n) and y.dtype == torch.float32
+    xr, d = quantized_activations(x, gguf.GGML_QUANT_SIZES[qtype][0])  # per 32, or 256 for K-quants
+    exact = xr @ w.t()
+    scale = (xr.abs() @ w.abs().t()).clamp_min(1e-30)
+    assert ((y.double() - exact).abs() / scale).max() < 1e-5
+    bound = (d / 2) @ w.abs().t()
+    assert ((y.double() - x.double() @ w.t()).abs() <= bound * 1.0001 + 1e-4 * scale).all()
+
+
+def test_matmul_writes_into_a_strided_output():
+    rng = np.random.default_rng(5)
+    n, k = 32, 256
+    raw = blocks(Q.Q4_K, n, k, rng)
+    rows = qblocks.as_rows(raw, Q.Q4_K, n, k)
+    x = torch.randn(2, k)
+    out = torch.full((2, 3 * n), 7.0)
+    qblocks.matmul(Q.Q4_K, rows, x, out=out[:, n : 2 * n])
+    assert torch.equal(out[:, n : 2 * n], qblocks.matmul(Q.Q4_K, rows, x))
+    assert (out[:, :n] == 7).all() and (out[:, 2 * n :] == 7).all()
+
+
+def test_bad_arguments_raise():
+    rows = np.zeros((4, 144), np.uint8)
+    with pytest.raises(ValueError, match="block size"):
+        qblocks._qkernels.matmul(int(Q.Q4_K), rows.ctypes.data, 144, 4, 100, 0, 1, 0, 4, 1)
+    with pytest.raises(ValueError, match="no kernel"):
+        qblocks._qkernels.matmul(int(Q.Q2_K), rows.ctypes.data, 84, 4, 256, 0, 1, 0, 4, 1)
+    with pytest.raises(ValueError, match="row_bytes"):
+        qblocks._qkernels.matmul(int(Q.Q4_K), rows.ctypes.data, 143, 4, 256, 0, 1, 0, 4, 1)
+    with pytest.raises(ValueError, match="instruction set"):
+        qblocks.set_isa("avx9000")
