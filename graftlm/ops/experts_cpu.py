@@ -15,7 +15,7 @@ from graftlm.weights.source import QuantizedTensor
 class ExpertsCPU(PackedExperts, name="experts.cpu"):
     """Routed experts computed per expert on repacked quantized weights."""
 
-    layouts = ("auto", "int4", "int8", "bf16", "f32")
+    layouts = ("auto", "gguf", "int4", "int8", "bf16", "f32")
 
     def __init__(self, key, source, config, orig_module, int8_activations: bool = False, **kwargs) -> None:
         super().__init__(key, source, config, orig_module, **kwargs)

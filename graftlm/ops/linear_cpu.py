@@ -15,7 +15,7 @@ from graftlm.weights.source import QuantizedTensor
 class LinearCPU(PackedLinear, name="linear.cpu"):
     """y = x W^T + b on a repacked quantized W (int4 group-32, int8 per row, bf16 or fp32)."""
 
-    layouts = ("auto", "int4", "int8", "bf16", "f32")
+    layouts = ("auto", "gguf", "int4", "int8", "bf16", "f32")
 
     def __init__(self, key, source, config, orig_module, int8_activations: bool = False, **kwargs) -> None:
         super().__init__(key, source, config, orig_module, **kwargs)

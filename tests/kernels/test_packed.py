@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from graftlm.kernels.cpu.packed import PREFILL_ROWS, pack
+from graftlm.kernels.cpu import qblocks
+from graftlm.kernels.cpu.packed import PREFILL_ROWS, QBLOCK_ROWS, pack
 from graftlm.weights.dequant import dequantize
 from graftlm.weights.source import QuantizedTensor
 
@@ -61,7 +62,7 @@ def one_thread():
 def test_packed_matmul_within_bound(qtype, layout, rows, int8_activations):
     rng = np.random.default_rng(int(qtype) * 7 + rows)
     data = _blocks(qtype, rng)
-    p = pack(QuantizedTensor("w", qtype, (N, K), data), int8_activations=int8_activations)
+    p = pack(QuantizedTensor("w", qtype, (N, K), data), layout, int8_activations=int8_activations)
     assert p.layout == layout and (p.n, p.k) == (N, K)
     ref_w = dequantize(data, qtype, (N, K))
     x = torch.from_numpy(rng.standard_normal((rows, K)).astype(np.float32))
@@ -97,7 +98,7 @@ def test_int4_needs_rows_multiple_of_16():
     rng = np.random.default_rng(0)
     data = gguf.quants.quantize(rng.standard_normal((8, K)).astype(np.float32), Q.Q4_0)
     q = QuantizedTensor("w", Q.Q4_0, (8, K), data)
-    assert pack(q).layout == "int8"  # auto falls back
+    assert pack(q).layout == ("gguf" if qblocks.available() else "int8")  # auto: never int4 here
     with pytest.raises(ValueError, match="multiple of 16"):
         pack(q, "int4")
 
@@ -111,7 +112,7 @@ def test_many_row_int8_gemm_equals_the_weight_only_kernel(monkeypatch, dtype):
     monkeypatch.setattr(packed, "gemm_dtype", lambda: dtype)
     rng = np.random.default_rng(3)
     data = _blocks(Q.Q8_0, rng)
-    p = pack(QuantizedTensor("w", Q.Q8_0, (N, K), data))
+    p = pack(QuantizedTensor("w", Q.Q8_0, (N, K), data), "int8")
     x = torch.from_numpy(rng.standard_normal((PREFILL_ROWS + 9, K)).astype(np.float32))
     exact = x.to(dtype).float() @ (p.weight.float() * p.scales[:, None]).t()
     whole = p.matmul(x)
@@ -122,3 +123,40 @@ def test_many_row_int8_gemm_equals_the_weight_only_kernel(monkeypatch, dtype):
     assert ((sliced - whole).norm() / whole.norm()).item() < tol
     kernel = torch.ops.aten._weight_int8pack_mm(x.bfloat16(), p.weight, p.scales.bfloat16()).float()
     assert ((whole - kernel).norm() / kernel.norm()).item() < 1e-2
+
+
+@pytest.mark.skipif(not qblocks.available(), reason="graftlm._qkernels is not built")
+@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q5_0, Q.Q8_0, Q.Q4_K, Q.Q5_K, Q.Q6_K], ids=lambda t: t.name)
+@pytest.mark.parametrize("rows", [1, QBLOCK_ROWS, QBLOCK_ROWS + 1, PREFILL_ROWS + 9])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_auto_keeps_the_gguf_blocks(monkeypatch, qtype, rows, dtype):
+    """auto computes on the GGUF blocks, without a copy; few rows run the C kernel (int8 activations per
+    32), many rows a GEMM on slices dequantized as gguf-py does them."""
+    from graftlm.kernels.cpu import packed
+
+    monkeypatch.setattr(packed, "gemm_dtype", lambda: dtype)
+    monkeypatch.setattr(packed, "GEMM_SLICE_BYTES", 7 * K * 4)  # slices of 7 rows
+    rng = np.random.default_rng(int(qtype) + rows)
+    data = _blocks(qtype, rng)
+    p = pack(QuantizedTensor("w", qtype, (N, K), data))
+    assert p.layout == "gguf" and np.shares_memory(p.weight, data)
+    ref_w = dequantize(data, qtype, (N, K))
+    assert torch.equal(p.dequantized(), ref_w)
+    x = torch.from_numpy(rng.standard_normal((rows, K)).astype(np.float32))
+    got = p.matmul(x)
+    if rows <= QBLOCK_ROWS:
+        tol = 2e-2  # int8 activations per block of 32
+    else:
+        tol = 1e-5 if dtype == torch.float32 else 2**-7
+    exact = x.to(dtype).float() @ ref_w.t()
+    assert got.dtype == torch.float32 and ((got - exact).norm() / exact.norm()).item() < tol
+
+
+@pytest.mark.skipif(not qblocks.available(), reason="graftlm._qkernels is not built")
+def test_types_without_a_c_kernel_keep_torch_layouts():
+    rng = np.random.default_rng(1)
+    for qtype in (Q.Q2_K, Q.Q3_K):
+        q = QuantizedTensor("w", qtype, (N, K), _blocks(qtype, rng))
+        assert pack(q).layout == "int8"
+        with pytest.raises(ValueError, match="gguf layout"):
+            pack(q, "gguf")

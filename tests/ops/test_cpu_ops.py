@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import graftlm
+from graftlm.kernels.cpu import qblocks
 from graftlm.ops.experts_cpu import ExpertsCPU
 from graftlm.ops.linear_cpu import LinearCPU
 from graftlm.weights.convert import convert
@@ -46,8 +47,19 @@ def quantized(request, tmp_path_factory):
     return request.param, {t: convert(folder, folder / f"{t}.gguf", t) for t in ("q4_0", "q8_0")}
 
 
-@pytest.mark.parametrize("qtype,bound", [("q4_0", 0.01), ("q8_0", 0.03)])
-def test_cpu_operators_match_torch_operators(quantized, qtype, bound):
+@pytest.fixture(params=["gguf", "torch"])
+def kernels(request, monkeypatch):
+    """gguf: the C kernels on the GGUF blocks (where built); torch: the repacked layouts they fall back to."""
+    if request.param == "gguf" and not qblocks.available():
+        pytest.skip("graftlm._qkernels is not built")
+    if request.param == "torch":
+        monkeypatch.setattr(qblocks, "_MODE", "torch")
+    return request.param
+
+
+# gguf rounds activations to int8 per block of 32 (as llama.cpp does), int4 to bf16, int8 requantizes weights.
+@pytest.mark.parametrize("qtype,bound", [("q4_0", 0.02), ("q8_0", 0.03)])
+def test_cpu_operators_match_torch_operators(quantized, kernels, qtype, bound):
     name, paths = quantized
     ref = graftlm.load(paths[qtype], rules=TORCH_RULES, progress=False)
     fast = graftlm.load(paths[qtype], rules=CPU_RULES, progress=False)
@@ -62,13 +74,16 @@ def test_cpu_operators_match_torch_operators(quantized, qtype, bound):
         assert rel < bound, (name, qtype, length, rel)
 
 
-def test_linear_cpu_uses_the_quantized_blocks(quantized):
+def test_linear_cpu_uses_the_quantized_blocks(quantized, kernels):
     name, paths = quantized
     fast = graftlm.load(paths["q4_0"], rules=CPU_RULES, progress=False)
     layouts = {m.packed.layout for m in fast.model.modules() if isinstance(m, LinearCPU)}
-    assert "int4" in layouts  # tensors with 16-multiple rows go int4; the rest int8
+    if kernels == "gguf":
+        assert "gguf" in layouts and not layouts & {"int4", "int8"}  # quantized matrices keep their blocks
+    else:
+        assert "int4" in layouts  # tensors with 16-multiple rows go int4; the rest int8
     for m in fast.model.modules():
-        if isinstance(m, LinearCPU) and m.packed.layout == "int4":
+        if isinstance(m, LinearCPU) and m.packed.layout in ("int4", "gguf"):
             assert m.packed.nbytes < m.out_features * m.in_features  # under a byte per weight
 
 

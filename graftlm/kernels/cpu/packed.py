@@ -2,12 +2,17 @@
 
 | GGUF type            | layout            | decode kernel (few rows)         | prefill kernel (many rows)        |
 |----------------------|-------------------|----------------------------------|-----------------------------------|
+| Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K, where graftlm._qkernels is built | `gguf`: the GGUF blocks themselves, no copy | graftlm's C kernel on the blocks, activations int8 per block of 32 (graftlm/kernels/cpu/qblocks.py) | `F.linear` on the blocks dequantized a slice at a time (as gguf-py does), in `gemm_dtype()` |
 | Q4_0, Q4_1, Q4_K     | `int4` group 32   | `_weight_int4pack_mm_for_cpu`    | the same                          |
 | other quantized types| `int8` per row    | `_weight_int8pack_mm`            | `F.linear` on the int8 weights dequantized a slice at a time, in bf16 where the CPU has native bf16 (AVX-512 BF16, AMX), else fp32; with `int8_activations`, `torch._int_mm` (AMX/VNNI) on int8 activations per row |
 | F16, BF16            | `bf16`            | `F.linear`                       | `F.linear`                        |
 | F32                  | `f32` (exact)     | `F.linear`                       | `F.linear`                        |
 
-Error bounds against dequantize-then-fp32 (tested in tests/kernels/test_packed.py):
+Error bounds against dequantize-then-fp32 (tested in tests/kernels/test_packed.py and, for `gguf`,
+tests/kernels/test_qblocks.py):
+- `gguf`: weights exact; few-row products round each block of 32 activations to int8 with scale
+  d = max|x|/127 (|error| <= sum over blocks of d/2 * sum |w|); many-row products exact in fp32
+  (bf16 activations where `gemm_dtype()` is bf16).
 - `int4`: lossless in the 4-bit values; each group's scale and zero are rounded to bf16, a relative
   error of at most 2^-9 on each, and activations are rounded to bf16 (2^-9 relative).
 - `int8`: each row is requantized to int8 with scale max|w|/127: an absolute error of at most half
@@ -28,6 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from graftlm.kernels.cpu import qblocks
 from graftlm.weights.dequant import dequantize
 from graftlm.weights.source import QuantizedTensor
 
@@ -40,6 +46,8 @@ GROUP = 32
 # int8 x int8 GEMM. Where the GEMM overtakes `_weight_int8pack_mm`: `python bench/int8_prefill.py`
 # (AMD AVX2 machine: at ~16 rows; BENCHMARKS.md).
 PREFILL_ROWS = 16
+# Up to this many rows, `gguf` matrices run the C kernel on their blocks; above, a sliced GEMM.
+QBLOCK_ROWS = 8
 GEMM_SLICE_BYTES = 64 << 20  # dequantized weight held at once by the many-row int8 path
 
 INT4_TYPES = frozenset({Q.Q4_0, Q.Q4_1, Q.Q4_K})
@@ -90,10 +98,12 @@ def q4_groups(q: QuantizedTensor) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
 class PackedMatrix:
     """One weight matrix [N, K] in a fast layout; `matmul(x)` computes x @ W^T."""
 
-    layout: str  # "int4" | "int8" | "bf16" | "f32"
+    layout: str  # "gguf" | "int4" | "int8" | "bf16" | "f32"
     n: int
     k: int
-    weight: torch.Tensor  # int4: packed uint8; int8: int8 [N, K]; bf16, f32: [N, K]
+    weight: (
+        torch.Tensor | np.ndarray
+    )  # gguf: uint8 blocks [N, row bytes] (numpy, often the mmap); int4: packed uint8; int8: int8 [N, K]; bf16, f32: [N, K]
     scales: torch.Tensor | None = None  # int4: bf16 [K/32, N, 2]; int8: fp32 [N]
     source_type: str = ""
     # Opt-in: many-row int8 matmuls quantize activations to int8 per row and use torch._int_mm.
@@ -109,6 +119,13 @@ class PackedMatrix:
         """x [M, K] (any float dtype) -> [M, N] in fp32."""
         if self.layout == "f32":
             return F.linear(x.float(), self.weight)
+        if self.layout == "gguf":
+            qtype = Q[self.source_type]
+            if x.shape[0] <= QBLOCK_ROWS:
+                return qblocks.matmul(qtype, self.weight, x)
+            return _sliced_gemm(
+                x, self.n, self.k, lambda a, b: qblocks.dequantize(qtype, self.weight, self.k, a, b)
+            )
         if self.layout == "int8" and x.shape[0] > PREFILL_ROWS:
             gemm = _int8_gemm if self.int8_activations else _dequantized_gemm
             return gemm(x, self.weight, self.scales)
@@ -123,6 +140,8 @@ class PackedMatrix:
 
     def dequantized(self) -> torch.Tensor:
         """The weights this layout computes with, in fp32 (for tests and error bounds)."""
+        if self.layout == "gguf":
+            return qblocks.dequantize(Q[self.source_type], self.weight, self.k)
         if self.layout == "int8":
             return self.weight.float() * self.scales[:, None]
         if self.layout in ("bf16", "f32"):
@@ -142,20 +161,29 @@ def gemm_dtype() -> torch.dtype:
     return torch.bfloat16 if native else torch.float32
 
 
-def _dequantized_gemm(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
-    """x @ (w * w_scale)^T for int8 w [N, K], dequantized GEMM_SLICE_BYTES at a time: the same
-    products as `_weight_int8pack_mm` (exact int8 weights, the scale applied per output)."""
+def _sliced_gemm(
+    x: torch.Tensor, n: int, k: int, rows_fp32, scale: torch.Tensor | None = None
+) -> torch.Tensor:
+    """x @ W^T with W's rows produced GEMM_SLICE_BYTES at a time by `rows_fp32(start, stop)`, each
+    slice multiplied in `gemm_dtype()`; `scale` [N] multiplies each output column."""
     dtype = gemm_dtype()
     xd = x.to(dtype)
-    n, k = w.shape
-    step = max(1, GEMM_SLICE_BYTES // (k * dtype.itemsize))
-    if step >= n:
-        return F.linear(xd, w.to(dtype)).float().mul_(w_scale)
+    step = max(1, GEMM_SLICE_BYTES // (k * 4))
     out = torch.empty(x.shape[0], n, dtype=torch.float32, device=x.device)
     for start in range(0, n, step):
-        part = slice(start, start + step)
-        torch.mul(F.linear(xd, w[part].to(dtype)).float(), w_scale[part], out=out[:, part])
+        stop = min(start + step, n)
+        y = F.linear(xd, rows_fp32(start, stop).to(dtype))
+        if scale is not None:
+            torch.mul(y.float(), scale[start:stop], out=out[:, start:stop])
+        else:
+            out[:, start:stop] = y
     return out
+
+
+def _dequantized_gemm(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
+    """x @ (w * w_scale)^T for int8 w [N, K], dequantized a slice at a time: the same products as
+    `_weight_int8pack_mm` (exact int8 weights, the scale applied per output)."""
+    return _sliced_gemm(x, w.shape[0], w.shape[1], lambda a, b: w[a:b].float(), w_scale)
 
 
 def _int8_gemm(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
@@ -168,13 +196,18 @@ def _int8_gemm(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor) -> torch
 
 
 def pack(q: QuantizedTensor, layout: str = "auto", *, int8_activations: bool = False) -> PackedMatrix:
-    """Repack one GGUF matrix [N, K]. `layout`: auto, int4, int8, bf16 or f32."""
+    """Repack one GGUF matrix [N, K]. `layout`: auto, gguf, int4, int8, bf16 or f32.
+
+    auto: `gguf` (the blocks as they are) where the C kernels are built and have the type, else
+    the torch layout for the type."""
     if len(q.shape) != 2:
         raise ValueError(f"{q.name}: expected a matrix, got shape {q.shape}")
     n, k = q.shape
     int4_ok = q.qtype in INT4_TYPES and k % GROUP == 0 and n % 16 == 0  # torch's packer needs N % 16
     if layout == "auto":
-        if int4_ok:
+        if qblocks.supports(q.qtype, k):
+            layout = "gguf"
+        elif int4_ok:
             layout = "int4"
         elif q.qtype == Q.F32:
             layout = "f32"
@@ -182,6 +215,15 @@ def pack(q: QuantizedTensor, layout: str = "auto", *, int8_activations: bool = F
             layout = "bf16"
         else:
             layout = "int8"
+    if layout == "gguf":
+        if not qblocks.supports(q.qtype, k):
+            why = (
+                "graftlm._qkernels is not built"
+                if not qblocks.available()
+                else f"{q.qtype.name} {q.shape} has no kernel"
+            )
+            raise ValueError(f"{q.name}: the gguf layout needs the C kernels for its type: {why}")
+        return PackedMatrix("gguf", n, k, qblocks.as_rows(q.data, q.qtype, n, k), None, q.qtype.name)
     if layout == "int4":
         if not int4_ok:
             raise ValueError(
@@ -201,4 +243,4 @@ def pack(q: QuantizedTensor, layout: str = "auto", *, int8_activations: bool = F
         scale = w.abs().amax(dim=1).clamp_min(1e-12) / 127.0
         w8 = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
         return PackedMatrix("int8", n, k, w8.contiguous(), scale, q.qtype.name, int8_activations)
-    raise ValueError(f"unknown layout {layout!r}; expected auto, int4, int8, bf16 or f32")
+    raise ValueError(f"unknown layout {layout!r}; expected auto, gguf, int4, int8, bf16 or f32")
