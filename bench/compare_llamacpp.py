@@ -40,6 +40,7 @@ def llama_bench(exe: str, model: Path, threads: int, prompt: int, gen: int, repe
     env = dict(os.environ)
     if graftlm.WAIT_POLICY_SET_BY_GRAFTLM:  # llama.cpp keeps its own default thread waiting
         env.pop("OMP_WAIT_POLICY", None)
+        env.pop("GOMP_SPINCOUNT", None)
     out = subprocess.run(
         [
             exe,
