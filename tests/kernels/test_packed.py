@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from graftlm.kernels.cpu import qblocks
-from graftlm.kernels.cpu.packed import PREFILL_ROWS, QBLOCK_ROWS, pack
+from graftlm.kernels.cpu.packed import PREFILL_ROWS, QBLOCK_ROWS, QBLOCK_ROWS_NATIVE_BF16, pack
 from graftlm.weights.dequant import dequantize
 from graftlm.weights.source import QuantizedTensor
 
@@ -127,7 +127,7 @@ def test_many_row_int8_gemm_equals_the_weight_only_kernel(monkeypatch, dtype):
 
 @pytest.mark.skipif(not qblocks.available(), reason="graftlm._qkernels is not built")
 @pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q5_0, Q.Q8_0, Q.Q4_K, Q.Q5_K, Q.Q6_K], ids=lambda t: t.name)
-@pytest.mark.parametrize("rows", [1, QBLOCK_ROWS, QBLOCK_ROWS + 1, PREFILL_ROWS + 9])
+@pytest.mark.parametrize("rows", [1, QBLOCK_ROWS_NATIVE_BF16, QBLOCK_ROWS_NATIVE_BF16 + 1, QBLOCK_ROWS + 1])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_auto_keeps_the_gguf_blocks(monkeypatch, qtype, rows, dtype):
     """auto computes on the GGUF blocks, without a copy; few rows run the C kernel (int8 activations per
@@ -144,7 +144,9 @@ def test_auto_keeps_the_gguf_blocks(monkeypatch, qtype, rows, dtype):
     assert torch.equal(p.dequantized(), ref_w)
     x = torch.from_numpy(rng.standard_normal((rows, K)).astype(np.float32))
     got = p.matmul(x)
-    if rows <= QBLOCK_ROWS:
+    if rows <= packed.qblock_rows(
+        qtype
+    ):  # K-quants always, others up to QBLOCK_ROWS (fewer with native bf16)
         tol = 2e-2  # int8 activations per block of 32
     else:
         tol = 1e-5 if dtype == torch.float32 else 2**-7

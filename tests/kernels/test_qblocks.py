@@ -69,7 +69,7 @@ def test_dequantize_matches_gguf_py_bit_for_bit(qtype: Q):
 
 
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
-@pytest.mark.parametrize("m", [1, 3, 40])
+@pytest.mark.parametrize("m", [1, 3, 6, 70])  # 4-row tiles with leftovers; two x blocks of 64
 @pytest.mark.parametrize("threads", [1, 2])
 def test_matmul_is_the_product_with_int8_activations(qtype: Q, m: int, threads: int, isa: str):
     """Exactly (to fp32 rounding) dequantized W times x as the kernel rounds it; and within the stated

@@ -46,8 +46,14 @@ GROUP = 32
 # int8 x int8 GEMM. Where the GEMM overtakes `_weight_int8pack_mm`: `python bench/int8_prefill.py`
 # (AMD AVX2 machine: at ~16 rows; BENCHMARKS.md).
 PREFILL_ROWS = 16
-# Up to this many rows, `gguf` matrices run the C kernel on their blocks; above, a sliced GEMM.
-QBLOCK_ROWS = 8
+# Up to this many rows, `gguf` matrices run the C kernel on their blocks; above, a sliced GEMM of
+# dequantized weights. `python bench/int8_prefill.py --qblocks` times both (AMD AVX2 machine, 2 threads,
+# expert-sized matrices: the C kernel runs K-quants at 75-100 GOPS against the fp32 GEMM's 57-80, so it
+# wins at every row count; Q5_0/Q8_0 at 45-55 GOPS, behind from ~48 rows). Where the CPU has native bf16
+# (AMX), oneDNN's bf16 GEMM is several times faster, so many rows go to it early.
+QBLOCK_ROWS = 32
+QBLOCK_ROWS_NATIVE_BF16 = 16
+K_QUANTS = frozenset({Q.Q4_K, Q.Q5_K, Q.Q6_K})
 GEMM_SLICE_BYTES = 64 << 20  # dequantized weight held at once by the many-row int8 path
 
 INT4_TYPES = frozenset({Q.Q4_0, Q.Q4_1, Q.Q4_K})
@@ -121,7 +127,7 @@ class PackedMatrix:
             return F.linear(x.float(), self.weight)
         if self.layout == "gguf":
             qtype = Q[self.source_type]
-            if x.shape[0] <= QBLOCK_ROWS:
+            if x.shape[0] <= qblock_rows(qtype):
                 return qblocks.matmul(qtype, self.weight, x)
             return _sliced_gemm(
                 x, self.n, self.k, lambda a, b: qblocks.dequantize(qtype, self.weight, self.k, a, b)
@@ -159,6 +165,13 @@ def gemm_dtype() -> torch.dtype:
     except (AttributeError, RuntimeError):
         native = False
     return torch.bfloat16 if native else torch.float32
+
+
+def qblock_rows(qtype: Q) -> int:
+    """The most rows of activations a `gguf` matrix of this type multiplies with the C kernel."""
+    if gemm_dtype() == torch.bfloat16:
+        return QBLOCK_ROWS_NATIVE_BF16
+    return 1 << 62 if qtype in K_QUANTS else QBLOCK_ROWS
 
 
 def _sliced_gemm(

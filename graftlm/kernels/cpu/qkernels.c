@@ -44,6 +44,8 @@ typedef struct {
 } qx_t;
 
 typedef float (*dot_fn)(const uint8_t *w, qx_t x, int64_t k);
+typedef void (*dot4_fn)(const uint8_t *w, const qx_t *x, int64_t k, float *out);
+#define R4 4
 
 static float f16_to_f32(uint16_t h) {
     uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, bits;
@@ -434,6 +436,119 @@ AVX2_FN static float dot_q6_k_avx2(const uint8_t *w, qx_t x, int64_t k) {
     return hsum_ps(acc);
 }
 
+
+/* ---------------------------------------------------------------- AVX2, four activation rows at once
+   (many-row products: each weight block is unpacked once and dotted with four rows) */
+
+
+AVX2_FN static inline void k45_4_avx2(const uint8_t *w, const qx_t *x, int64_t k, float *out, int q5) {
+    const int64_t bb = q5 ? 176 : 144;
+    const __m256i m4 = _mm256_set1_epi8(15), s16 = _mm256_set1_epi8(16);
+    __m256 acc[R4];
+    float mins[R4] = {0};
+    for (int r = 0; r < R4; r++) acc[r] = _mm256_setzero_ps();
+    for (int64_t sb = 0; sb < k / 256; sb++, w += bb) {
+        const float d = _cvtsh_ss(rd16(w)), dmin = _cvtsh_ss(rd16(w + 2));
+        __m128i scmn = k_scale_min_128(w + 4);
+        __m256i sc16 = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(scmn));
+        __m128i mn16 = _mm_cvtepu8_epi16(_mm_unpackhi_epi64(scmn, scmn));
+        const uint8_t *qs = w + (q5 ? 48 : 16);
+        __m256i hbits = q5 ? _mm256_loadu_si256((const __m256i *)(w + 16)) : _mm256_setzero_si256();
+        __m256i sum[R4];
+        for (int r = 0; r < R4; r++) sum[r] = _mm256_setzero_si256();
+        for (int c = 0; c < 4; c++) {
+            __m256i q = _mm256_loadu_si256((const __m256i *)(qs + 32 * c));
+            __m256i lo = _mm256_and_si256(q, m4), hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), m4);
+            if (q5) {
+                __m256i b0 = _mm256_set1_epi8((char)(1 << (2 * c))), b1 = _mm256_set1_epi8((char)(2 << (2 * c)));
+                lo = _mm256_or_si256(lo, _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(hbits, b0), b0), s16));
+                hi = _mm256_or_si256(hi, _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(hbits, b1), b1), s16));
+            }
+            __m256i sc0 = _mm256_shuffle_epi8(sc16, pick16(2 * c, 2 * c));
+            __m256i sc1 = _mm256_shuffle_epi8(sc16, pick16(2 * c + 1, 2 * c + 1));
+            for (int r = 0; r < R4; r++) {
+                const int8_t *xq = x[r].q + sb * 256 + 64 * c;
+                __m256i p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i *)xq)), sc0);
+                __m256i p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i *)(xq + 32))), sc1);
+                sum[r] = _mm256_add_epi32(sum[r], _mm256_add_epi32(p0, p1));
+            }
+        }
+        for (int r = 0; r < R4; r++) {
+            const float xd = x[r].d[sb];
+            acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d * xd), _mm256_cvtepi32_ps(sum[r]), acc[r]);
+            __m128i pm = _mm_madd_epi16(mn16, _mm_loadu_si128((const __m128i *)(x[r].s32 + sb * 8)));
+            pm = _mm_add_epi32(pm, _mm_shuffle_epi32(pm, 0x4e));
+            pm = _mm_add_epi32(pm, _mm_shuffle_epi32(pm, 0xb1));
+            mins[r] += dmin * xd * (float)_mm_cvtsi128_si32(pm);
+        }
+    }
+    for (int r = 0; r < R4; r++) out[r] = hsum_ps(acc[r]) - mins[r];
+}
+
+AVX2_FN static void dot4_q4_k_avx2(const uint8_t *w, const qx_t *x, int64_t k, float *out) { k45_4_avx2(w, x, k, out, 0); }
+AVX2_FN static void dot4_q5_k_avx2(const uint8_t *w, const qx_t *x, int64_t k, float *out) { k45_4_avx2(w, x, k, out, 1); }
+
+AVX2_FN static void dot4_q6_k_avx2(const uint8_t *w, const qx_t *x, int64_t k, float *out) {
+    const __m256i m4 = _mm256_set1_epi8(15), m2 = _mm256_set1_epi8(3);
+    __m256 acc[R4];
+    for (int r = 0; r < R4; r++) acc[r] = _mm256_setzero_ps();
+    for (int64_t sb = 0; sb < k / 256; sb++, w += 210) {
+        __m256i sc_all = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(w + 192)));
+        __m256i sum[R4];
+        for (int r = 0; r < R4; r++) {
+            __m256i off = _mm256_madd_epi16(sc_all, _mm256_loadu_si256((const __m256i *)(x[r].s + sb * 16)));
+            sum[r] = _mm256_slli_epi32(_mm256_sub_epi32(_mm256_setzero_si256(), off), 5);
+        }
+        for (int h = 0; h < 2; h++) {
+            const uint8_t *ql = w + 64 * h;
+            __m256i l0 = _mm256_loadu_si256((const __m256i *)ql), l1 = _mm256_loadu_si256((const __m256i *)(ql + 32));
+            __m256i qh = _mm256_loadu_si256((const __m256i *)(w + 128 + 32 * h));
+            __m256i sc = _mm256_broadcastsi128_si256(_mm_cvtepi8_epi16(_mm_loadl_epi64((const __m128i *)(w + 192 + 8 * h))));
+            __m256i v[4], scv[4];
+            v[0] = _mm256_or_si256(_mm256_and_si256(l0, m4), _mm256_slli_epi16(_mm256_and_si256(qh, m2), 4));
+            v[1] = _mm256_or_si256(_mm256_and_si256(l1, m4), _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2), m2), 4));
+            v[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), m4),
+                                   _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 4), m2), 4));
+            v[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), m4),
+                                   _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 6), m2), 4));
+            scv[0] = _mm256_shuffle_epi8(sc, pick16(0, 1));
+            scv[1] = _mm256_shuffle_epi8(sc, pick16(2, 3));
+            scv[2] = _mm256_shuffle_epi8(sc, pick16(4, 5));
+            scv[3] = _mm256_shuffle_epi8(sc, pick16(6, 7));
+            for (int j = 0; j < 4; j++)
+                for (int r = 0; r < R4; r++) {
+                    const int8_t *xq = x[r].q + sb * 256 + 128 * h + 32 * j;
+                    __m256i p = _mm256_maddubs_epi16(v[j], _mm256_loadu_si256((const __m256i *)xq));
+                    sum[r] = _mm256_add_epi32(sum[r], _mm256_madd_epi16(p, scv[j]));
+                }
+        }
+        const float d = _cvtsh_ss(rd16(w + 208));
+        for (int r = 0; r < R4; r++)
+            acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d * x[r].d[sb]), _mm256_cvtepi32_ps(sum[r]), acc[r]);
+    }
+    for (int r = 0; r < R4; r++) out[r] = hsum_ps(acc[r]);
+}
+
+#define LEGACY4_AVX2(NAME, BYTES, VALUES)                                                                     \
+    AVX2_FN static void NAME(const uint8_t *w, const qx_t *x, int64_t k, float *out) {                        \
+        __m256 acc[R4];                                                                                       \
+        for (int r = 0; r < R4; r++) acc[r] = _mm256_setzero_ps();                                            \
+        for (int64_t b = 0; b < k / 32; b++, w += (BYTES)) {                                                  \
+            __m256i v = VALUES(w), av = _mm256_sign_epi8(v, v);                                               \
+            const float dw = _cvtsh_ss(rd16(w));                                                              \
+            for (int r = 0; r < R4; r++) {                                                                    \
+                __m256i xv = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)(x[r].q + b * 32)), v);     \
+                __m256i p = dot_us(av, xv);                                                                   \
+                acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(dw * x[r].d[b]), _mm256_cvtepi32_ps(p), acc[r]);      \
+            }                                                                                                 \
+        }                                                                                                     \
+        for (int r = 0; r < R4; r++) out[r] = hsum_ps(acc[r]);                                                \
+    }
+
+LEGACY4_AVX2(dot4_q4_0_avx2, 18, q4_0_values)
+LEGACY4_AVX2(dot4_q5_0_avx2, 22, q5_0_values)
+LEGACY4_AVX2(dot4_q8_0_avx2, 34, q8_0_values)
+
 static int have_avx2(void) {
     __builtin_cpu_init();
     return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
@@ -443,6 +558,22 @@ static int have_avx2(void) { return 0; }
 #endif
 
 static int use_avx2 = 0; /* set at import, may be lowered by set_isa() */
+
+static dot4_fn pick_dot4(int type) {
+#ifdef GL_X86
+    if (use_avx2) {
+        switch (type) {
+            case T_Q4_0: return dot4_q4_0_avx2;
+            case T_Q5_0: return dot4_q5_0_avx2;
+            case T_Q8_0: return dot4_q8_0_avx2;
+            case T_Q4_K: return dot4_q4_k_avx2;
+            case T_Q5_K: return dot4_q5_k_avx2;
+            case T_Q6_K: return dot4_q6_k_avx2;
+        }
+    }
+#endif
+    return NULL; /* one row at a time */
+}
 
 static dot_fn pick_dot(int type) {
 #ifdef GL_X86
@@ -585,8 +716,10 @@ static PyObject *py_matmul(PyObject *self, PyObject *args) {
     }
     Py_BEGIN_ALLOW_THREADS
     quantize_rows(x, m, k, qb, xq, xd, xs, xs32);
-    /* Rows of W in chunks: each chunk's weights are read once and dotted with every x row. */
-    const int64_t chunk = 16, nchunks = (n + chunk - 1) / chunk;
+    /* Threads split W's rows; each takes x in blocks of XBLOCK rows (kept in L2), and for each of its
+       W rows (kept in L1) dots that row with the block four x rows at a time. */
+    dot4_fn dot4 = pick_dot4(type);
+    const int64_t XBLOCK = 64, chunk = 16, nchunks = (n + chunk - 1) / chunk;
 #ifdef _OPENMP
     int nt = threads > 0 ? threads : 1;
     if (nchunks < nt) nt = (int)nchunks;
@@ -594,11 +727,26 @@ static PyObject *py_matmul(PyObject *self, PyObject *args) {
 #endif
     for (int64_t c = 0; c < nchunks; c++) {
         int64_t end = (c + 1) * chunk < n ? (c + 1) * chunk : n;
-        for (int64_t j = c * chunk; j < end; j++) {
-            const uint8_t *row = w + j * row_bytes;
-            for (int64_t i = 0; i < m; i++) {
-                qx_t xi = {xq + i * k, xd + i * (k / qb), xs + i * (k / 16), xs32 + i * (k / 32)};
-                out[i * ldo + j] = dot(row, xi, k);
+        for (int64_t i0 = 0; i0 < m; i0 += XBLOCK) {
+            int64_t i1 = i0 + XBLOCK < m ? i0 + XBLOCK : m;
+            for (int64_t j = c * chunk; j < end; j++) {
+                const uint8_t *row = w + j * row_bytes;
+                int64_t i = i0;
+                if (dot4) {
+                    for (; i + R4 <= i1; i += R4) {
+                        qx_t xs4[R4];
+                        float o[R4];
+                        for (int r = 0; r < R4; r++)
+                            xs4[r] = (qx_t){xq + (i + r) * k, xd + (i + r) * (k / qb), xs + (i + r) * (k / 16),
+                                            xs32 + (i + r) * (k / 32)};
+                        dot4(row, xs4, k, o);
+                        for (int r = 0; r < R4; r++) out[(i + r) * ldo + j] = o[r];
+                    }
+                }
+                for (; i < i1; i++) {
+                    qx_t xi = {xq + i * k, xd + i * (k / qb), xs + i * (k / 16), xs32 + i * (k / 32)};
+                    out[i * ldo + j] = dot(row, xi, k);
+                }
             }
         }
     }
