@@ -117,3 +117,21 @@ def test_bad_arguments_raise():
         qblocks._qkernels.matmul(int(Q.Q4_K), rows.ctypes.data, 143, 4, 256, 0, 1, 0, 4, 1)
     with pytest.raises(ValueError, match="instruction set"):
         qblocks.set_isa("avx9000")
+
+
+@pytest.mark.parametrize("qtype", [Q.Q4_K, Q.Q6_K, Q.Q8_0], ids=lambda t: t.name)
+@pytest.mark.parametrize("shared", [True, False])
+def test_matmul_experts_is_matmul_per_matrix(qtype: Q, shared: bool, isa: str):
+    """A decode step's experts in one call: row e of the result is x (or x[e]) through matrix e."""
+    rng = np.random.default_rng(9)
+    e, n, k = 5, 40, 512
+    mats = [qblocks.as_rows(blocks(qtype, n, k, rng), qtype, n, k) for _ in range(e)]
+    order = [3, 0, 4, 4]  # any subset, repeats allowed
+    ptrs = torch.tensor([qblocks.address(mats[i]) for i in order])
+    x = torch.randn(1 if shared else len(order), k)
+    got = qblocks.matmul_experts(qtype, ptrs, mats[0].shape[1], n, x)
+    for row, i in enumerate(order):
+        want = qblocks.matmul(qtype, mats[i], x[0 if shared else row : (0 if shared else row) + 1])
+        assert torch.equal(got[row : row + 1], want)
+    with pytest.raises(ValueError, match="rows for"):
+        qblocks.matmul_experts(qtype, ptrs, mats[0].shape[1], n, torch.randn(2, k))

@@ -70,16 +70,29 @@ def as_rows(data: np.ndarray, qtype: Q, n: int, k: int) -> np.ndarray:
     return rows
 
 
-def matmul(qtype: Q, rows: np.ndarray, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """x [M, K] @ W^T for W [N, K] in GGUF blocks `rows` (from `as_rows`) -> fp32 [M, N]."""
+def address(rows: np.ndarray) -> int:
+    """The address of `rows`' first byte (keep `rows` alive while it is used)."""
+    return rows.__array_interface__["data"][0]
+
+
+def matmul(
+    qtype: Q, rows: np.ndarray, x: torch.Tensor, out: torch.Tensor | None = None, ptr: int | None = None
+) -> torch.Tensor:
+    """x [M, K] @ W^T for W [N, K] in GGUF blocks `rows` (from `as_rows`; `ptr` its `address`, when the
+    caller has it) -> fp32 [M, N]. `out` may be a column slice of a wider matrix."""
     n, k = rows.shape[0], x.shape[-1]
     xf = x.to(torch.float32).contiguous()
     m = xf.shape[0]
     if out is None:
         out = torch.empty(m, n, dtype=torch.float32)
+    elif out.shape != (m, n) or out.stride(1) != 1 or out.dtype != torch.float32:
+        raise ValueError(
+            f"out must be fp32 [{m}, {n}] with contiguous rows, not {out.dtype} {tuple(out.shape)}"
+        )
+    ptr = address(rows) if ptr is None else ptr
     _qkernels.matmul(
         int(qtype),
-        rows.ctypes.data,
+        ptr,
         rows.shape[1],
         n,
         k,
@@ -92,12 +105,37 @@ def matmul(qtype: Q, rows: np.ndarray, x: torch.Tensor, out: torch.Tensor | None
     return out
 
 
+def matmul_experts(qtype: Q, ptrs: torch.Tensor, row_bytes: int, n: int, x: torch.Tensor) -> torch.Tensor:
+    """One row through each of E matrices [N, K] of type `qtype` at addresses `ptrs` (int64 [E]):
+    x [1, K] (the same row for all) or [E, K] (a row each) -> fp32 [E, N]. The caller keeps the
+    matrices alive."""
+    count, k = ptrs.shape[0], x.shape[-1]
+    xf = x.to(torch.float32).contiguous()
+    if xf.shape[0] not in (1, count):
+        raise ValueError(f"x has {xf.shape[0]} rows for {count} matrices")
+    out = torch.empty(count, n, dtype=torch.float32)
+    ptrs = ptrs.contiguous()
+    _qkernels.matmul_experts(
+        int(qtype),
+        ptrs.data_ptr(),
+        count,
+        row_bytes,
+        n,
+        k,
+        xf.data_ptr(),
+        xf.shape[0],
+        out.data_ptr(),
+        torch.get_num_threads(),
+    )
+    return out
+
+
 def dequantize(qtype: Q, rows: np.ndarray, k: int, start: int = 0, stop: int | None = None) -> torch.Tensor:
     """Rows start..stop of W as fp32 [rows, K], computed as gguf-py computes them."""
     stop = rows.shape[0] if stop is None else stop
     out = torch.empty(stop - start, k, dtype=torch.float32)
     part = rows[start:stop]
     _qkernels.dequantize(
-        int(qtype), part.ctypes.data, rows.shape[1], stop - start, k, out.data_ptr(), torch.get_num_threads()
+        int(qtype), address(part), rows.shape[1], stop - start, k, out.data_ptr(), torch.get_num_threads()
     )
     return out

@@ -29,6 +29,13 @@
 #define GL_X86 1
 #include <immintrin.h>
 #define AVX2_FN __attribute__((target("avx2,fma,f16c")))
+/* Software prefetch this many bytes ahead of the weight row being read: with it one thread streams
+   Q6_K blocks from DRAM at the rate it computes them in cache (17.8 vs 11.4 GB/s here). */
+#ifndef PREFETCH
+#define PREFETCH 4096
+#endif
+#define PREFETCH_BLOCK(p, bytes) \
+    for (int pf_ = 0; pf_ < (bytes); pf_ += 64) _mm_prefetch((const char *)(p) + PREFETCH + pf_, _MM_HINT_T0)
 #endif
 
 /* ggml type ids */
@@ -294,6 +301,7 @@ AVX2_FN static inline __m256i dot_ss(__m256i a, __m256i b) { return dot_us(_mm25
         __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();                                        \
         int64_t b = 0, nb = k / 32;                                                                           \
         for (; b + 1 < nb; b += 2, w += 2 * (BYTES)) {                                                        \
+            _mm_prefetch((const char *)w + PREFETCH, _MM_HINT_T0);                                            \
             __m256i p0 = dot_ss(VALUES(w), _mm256_loadu_si256((const __m256i *)(x.q + b * 32)));              \
             __m256i p1 = dot_ss(VALUES(w + (BYTES)), _mm256_loadu_si256((const __m256i *)(x.q + b * 32 + 32))); \
             acc0 = _mm256_fmadd_ps(_mm256_set1_ps(_cvtsh_ss(rd16(w)) * x.d[b]), _mm256_cvtepi32_ps(p0), acc0); \
@@ -367,6 +375,7 @@ AVX2_FN static inline float dot_k45_avx2(const uint8_t *w, qx_t x, int64_t k, in
     __m256 acc = _mm256_setzero_ps();
     __m128 accm = _mm_setzero_ps();
     for (int64_t sb = 0; sb < k / 256; sb++, w += bb) {
+        PREFETCH_BLOCK(w, bb);
         const float xd = x.d[sb];
         __m128i scmn = k_scale_min_128(w + 4);
         __m256i sc16 = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(scmn));
@@ -400,10 +409,13 @@ AVX2_FN static inline float dot_k45_avx2(const uint8_t *w, qx_t x, int64_t k, in
 AVX2_FN static float dot_q4_k_avx2(const uint8_t *w, qx_t x, int64_t k) { return dot_k45_avx2(w, x, k, 0); }
 AVX2_FN static float dot_q5_k_avx2(const uint8_t *w, qx_t x, int64_t k) { return dot_k45_avx2(w, x, k, 1); }
 
+#ifndef PREFETCH
+#endif
 AVX2_FN static float dot_q6_k_avx2(const uint8_t *w, qx_t x, int64_t k) {
     const __m256i m4 = _mm256_set1_epi8(15), m2 = _mm256_set1_epi8(3);
     __m256 acc = _mm256_setzero_ps();
     for (int64_t sb = 0; sb < k / 256; sb++, w += 210) {
+        PREFETCH_BLOCK(w, 210);
         /* sum_g sc_g (dot_g - 32 sum_g): the offset from the activation sums per 16 */
         __m256i sc_all = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(w + 192)));
         __m256i off = _mm256_madd_epi16(sc_all, _mm256_loadu_si256((const __m256i *)(x.s + sb * 16)));
@@ -448,6 +460,7 @@ AVX2_FN static inline void k45_4_avx2(const uint8_t *w, const qx_t *x, int64_t k
     float mins[R4] = {0};
     for (int r = 0; r < R4; r++) acc[r] = _mm256_setzero_ps();
     for (int64_t sb = 0; sb < k / 256; sb++, w += bb) {
+        PREFETCH_BLOCK(w, bb);
         const float d = _cvtsh_ss(rd16(w)), dmin = _cvtsh_ss(rd16(w + 2));
         __m128i scmn = k_scale_min_128(w + 4);
         __m256i sc16 = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(scmn));
@@ -493,6 +506,7 @@ AVX2_FN static void dot4_q6_k_avx2(const uint8_t *w, const qx_t *x, int64_t k, f
     __m256 acc[R4];
     for (int r = 0; r < R4; r++) acc[r] = _mm256_setzero_ps();
     for (int64_t sb = 0; sb < k / 256; sb++, w += 210) {
+        PREFETCH_BLOCK(w, 210);
         __m256i sc_all = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(w + 192)));
         __m256i sum[R4];
         for (int r = 0; r < R4; r++) {
@@ -534,6 +548,7 @@ AVX2_FN static void dot4_q6_k_avx2(const uint8_t *w, const qx_t *x, int64_t k, f
         __m256 acc[R4];                                                                                       \
         for (int r = 0; r < R4; r++) acc[r] = _mm256_setzero_ps();                                            \
         for (int64_t b = 0; b < k / 32; b++, w += (BYTES)) {                                                  \
+            _mm_prefetch((const char *)w + PREFETCH, _MM_HINT_T0);                                            \
             __m256i v = VALUES(w), av = _mm256_sign_epi8(v, v);                                               \
             const float dw = _cvtsh_ss(rd16(w));                                                              \
             for (int r = 0; r < R4; r++) {                                                                    \
@@ -756,6 +771,52 @@ static PyObject *py_matmul(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* matmul_experts(type, ptrs_ptr, count, row_bytes, n, k, x_ptr, x_rows, out_ptr, threads):
+   out[e] = x[e] @ W_e^T (x[0] for every e when x_rows is 1) for `count` matrices W_e [n, k] of one type,
+   whose addresses are the int64 array at ptrs_ptr: a decode step's routed experts in one parallel call. */
+static PyObject *py_matmul_experts(PyObject *self, PyObject *args) {
+    int type, threads;
+    Py_ssize_t pp, count, row_bytes, n, k, xp, x_rows, op;
+    if (!PyArg_ParseTuple(args, "innnnnnnni", &type, &pp, &count, &row_bytes, &n, &k, &xp, &x_rows, &op, &threads))
+        return NULL;
+    if (!check_type(type, k)) return NULL;
+    if (row_bytes != k / block_values(type) * block_bytes(type) || (x_rows != 1 && x_rows != count) || count < 1) {
+        PyErr_SetString(PyExc_ValueError, "row_bytes, count or x_rows do not match");
+        return NULL;
+    }
+    const int64_t *ptrs = (const int64_t *)pp;
+    const float *x = (const float *)xp;
+    float *out = (float *)op;
+    dot_fn dot = pick_dot(type);
+    const int64_t qb = block_values(type);
+    int8_t *xq = malloc((size_t)(x_rows * k));
+    float *xd = malloc(sizeof(float) * (size_t)(x_rows * k / 32));
+    int16_t *xs = malloc(sizeof(int16_t) * (size_t)(x_rows * k / 16)), *xs32 = malloc(sizeof(int16_t) * (size_t)(x_rows * k / 32));
+    if (!xq || !xd || !xs || !xs32) {
+        free(xq), free(xd), free(xs), free(xs32);
+        return PyErr_NoMemory();
+    }
+    Py_BEGIN_ALLOW_THREADS
+    quantize_rows(x, x_rows, k, qb, xq, xd, xs, xs32);
+    const int64_t chunk = 16, per = (n + chunk - 1) / chunk, total = count * per;
+#ifdef _OPENMP
+    int nt = threads > 0 ? threads : 1;
+    if (total < nt) nt = (int)total;
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
+#endif
+    for (int64_t t = 0; t < total; t++) {
+        int64_t e = t / per, c = t % per, i = x_rows == 1 ? 0 : e;
+        const uint8_t *w = (const uint8_t *)ptrs[e];
+        qx_t xi = {xq + i * k, xd + i * (k / qb), xs + i * (k / 16), xs32 + i * (k / 32)};
+        int64_t end = (c + 1) * chunk < n ? (c + 1) * chunk : n;
+        for (int64_t j = c * chunk; j < end; j++) out[e * n + j] = dot(w + j * row_bytes, xi, k);
+    }
+    Py_END_ALLOW_THREADS
+    free(xq), free(xd), free(xs), free(xs32);
+    (void)threads;
+    Py_RETURN_NONE;
+}
+
 /* dequantize(type, w_ptr, row_bytes, n, k, out_ptr, threads): fp32 [n, k] */
 static PyObject *py_dequantize(PyObject *self, PyObject *args) {
     int type, threads;
@@ -804,6 +865,7 @@ static PyObject *py_openmp(PyObject *self, PyObject *noargs) {
 
 static PyMethodDef methods[] = {
     {"matmul", py_matmul, METH_VARARGS, "out[m, n] = x[m, k] @ W[n, k]^T on GGUF blocks (activations int8 per 32)."},
+    {"matmul_experts", py_matmul_experts, METH_VARARGS, "One row through each of several matrices of one type, in one call."},
     {"dequantize", py_dequantize, METH_VARARGS, "GGUF blocks -> fp32 rows, as gguf-py computes them."},
     {"set_isa", py_set_isa, METH_VARARGS, "Choose the code path: avx2 (where supported) or portable."},
     {"isa", py_isa, METH_NOARGS, "The code path in use."},
