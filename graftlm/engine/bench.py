@@ -85,7 +85,10 @@ def machine_description() -> str:
                 break
     except OSError:
         pass
-    return f"{cpu}; torch {torch.__version__}; {torch.backends.cpu.get_cpu_capability()}"
+    from graftlm.kernels.cpu import qblocks
+
+    kernels = f"graftlm C kernels {qblocks.isa()}" if qblocks.available() else "torch kernels only"
+    return f"{cpu}; torch {torch.__version__}; {torch.backends.cpu.get_cpu_capability()}; {kernels}"
 
 
 def run_bench(
