@@ -1,6 +1,9 @@
 """Prefill on int8-layout weights (Q5_0/Q6_K/Q8_0): torch's weight-only kernel against a GEMM on
 the weights dequantized (graftlm/kernels/cpu/packed.py `_dequantized_gemm`), per row count.
 
+The int8 layout is now the fallback (no C kernels, or `layout: int8`); with the C kernels built,
+`rules="auto"` keeps GGUF blocks and bench/qblocks.py measures that path.
+
     python bench/int8_prefill.py [--threads 1] [--models PATH ...] [--repeat 2]
 
 Part 1 times one expert-sized matrix (1408 x 2048, and its transpose) at 4-512 rows:

@@ -47,7 +47,7 @@ GROUP = 32
 # (AMD AVX2 machine: at ~16 rows; BENCHMARKS.md).
 PREFILL_ROWS = 16
 # Up to this many rows, `gguf` matrices run the C kernel on their blocks; above, a sliced GEMM of
-# dequantized weights. `python bench/int8_prefill.py --qblocks` times both (AMD AVX2 machine, 2 threads,
+# dequantized weights. `python bench/qblocks.py` times both (AMD AVX2 machine, 2 threads,
 # expert-sized matrices: the C kernel runs K-quants at 75-100 GOPS against the fp32 GEMM's 57-80, so it
 # wins at every row count; Q5_0/Q8_0 at 45-55 GOPS, behind from ~48 rows). Where the CPU has native bf16
 # (AMX), oneDNN's bf16 GEMM is several times faster, so many rows go to it early.

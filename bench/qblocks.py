@@ -1,0 +1,105 @@
+"""graftlm's C kernels on GGUF blocks (graftlm/kernels/cpu/qkernels.c): decode GB/s and prefill GOPS.
+
+    python bench/qblocks.py [--threads 1 2] [--isa avx2|portable]
+
+Part 1 (decode): one activation row against matrices of each type, 2048 wide, small enough for the
+L3 cache (4096 rows) and far larger (65536 rows, read from DRAM): microseconds and GB/s of blocks read.
+Part 2 (prefill): expert-sized matrices at 4-512 activation rows, the C kernel against the path it
+replaces above `qblock_rows()` (the blocks dequantized a slice at a time, then an fp32/bf16 GEMM), in
+GOPS (2 x rows x N x K per second). Blocks are random bytes with sane fp16 scales, as in the tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import gguf
+import numpy as np
+import torch
+
+from graftlm.kernels.cpu import packed, qblocks
+
+Q = gguf.GGMLQuantizationType
+
+
+def random_blocks(qtype: Q, n: int, k: int, rng: np.random.Generator) -> np.ndarray:
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    raw = rng.integers(0, 256, size=(n, k // block, size), dtype=np.uint8)
+    halves = rng.uniform(1e-3, 1e-2, size=(n, k // block, 2)).astype(np.float16).view(np.uint8)
+    if qtype == Q.Q6_K:
+        raw[..., -2:] = halves[..., :2]
+    else:
+        raw[..., 0:4] = halves  # d (and dmin or m where the type has one)
+    return raw.reshape(n, -1)
+
+
+def best_s(fn, reps: int = 5) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def kernel_s(qtype: Q, rows: np.ndarray, x: torch.Tensor) -> float:
+    out = torch.empty(x.shape[0], rows.shape[0])
+    return best_s(lambda: qblocks.matmul(qtype, rows, x, out))
+
+
+def gemm_s(qtype: Q, rows: np.ndarray, x: torch.Tensor) -> float:
+    n, k = rows.shape[0], x.shape[1]
+    return best_s(lambda: packed._sliced_gemm(x, n, k, lambda a, b: qblocks.dequantize(qtype, rows, k, a, b)))
+
+
+def decode(rng: np.random.Generator) -> None:
+    print("| type | rows x 2048 | MB | us | GB/s |\n|---|---|---|---|---|")
+    for qtype in (Q.Q4_0, Q.Q5_0, Q.Q8_0, Q.Q4_K, Q.Q5_K, Q.Q6_K):
+        for n in (4096, 65536):
+            rows = qblocks.as_rows(random_blocks(qtype, n, 2048, rng), qtype, n, 2048)
+            s = kernel_s(qtype, rows, torch.randn(1, 2048))
+            print(
+                f"| {qtype.name} | {n} | {rows.nbytes / 1e6:.1f} | {s * 1e6:.0f} | {rows.nbytes / s / 1e9:.1f} |"
+            )
+
+
+def prefill(rng: np.random.Generator) -> None:
+    print("\n| type | N x K | rows | C kernel ms (GOPS) | dequantize + GEMM ms (GOPS) | GEMM / kernel |")
+    print("|---|---|---|---|---|---|")
+    for qtype, n, k in (
+        (Q.Q4_K, 2816, 2048),
+        (Q.Q6_K, 2048, 1280),
+        (Q.Q5_0, 2048, 1408),
+        (Q.Q8_0, 2048, 1408),
+    ):
+        rows = qblocks.as_rows(random_blocks(qtype, n, k, rng), qtype, n, k)
+        for m in (4, 16, 48, 128, 512):
+            x = torch.randn(m, k)
+            a, b = kernel_s(qtype, rows, x), gemm_s(qtype, rows, x)
+            ops = 2 * m * n * k / 1e9
+            print(
+                f"| {qtype.name} | {n} x {k} | {m} | {a * 1e3:.2f} ({ops / a:.0f}) | {b * 1e3:.2f} ({ops / b:.0f}) "
+                f"| {b / a:.2f} |"
+            )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, nargs="*", default=[1, 2])
+    ap.add_argument("--isa", default="avx2", choices=["avx2", "portable"])
+    args = ap.parse_args()
+    if not qblocks.available():
+        raise SystemExit("graftlm._qkernels is not built (pip install -e . with a C compiler)")
+    print(f"kernels: {qblocks.set_isa(args.isa)}; GEMM dtype {packed.gemm_dtype()}")
+    rng = np.random.default_rng(0)
+    for t in args.threads:
+        torch.set_num_threads(t)
+        print(f"\n## {t} thread(s)\n")
+        decode(rng)
+        prefill(rng)
+
+
+if __name__ == "__main__":
+    main()
