@@ -135,3 +135,29 @@ def test_matmul_experts_is_matmul_per_matrix(qtype: Q, shared: bool, isa: str):
         assert torch.equal(got[row : row + 1], want)
     with pytest.raises(ValueError, match="rows for"):
         qblocks.matmul_experts(qtype, ptrs, mats[0].shape[1], n, torch.randn(2, k))
+
+
+def test_empty_inputs_give_empty_outputs():
+    rows = qblocks.as_rows(blocks(Q.Q4_K, 8, 256, np.random.default_rng(0)), Q.Q4_K, 8, 256)
+    assert qblocks.matmul(Q.Q4_K, rows, torch.randn(0, 256)).shape == (0, 8)
+
+
+def test_non_finite_activations_give_nan_never_a_finite_guess(isa: str):
+    rows = qblocks.as_rows(blocks(Q.Q8_0, 8, 256, np.random.default_rng(0)), Q.Q8_0, 8, 256)
+    x = torch.randn(3, 256)
+    x[0, 5], x[1, 200] = float("nan"), float("inf")
+    y = qblocks.matmul(Q.Q8_0, rows, x)
+    assert y[:2].isnan().all() and y[2].isfinite().all()
+
+
+def test_wrapper_rejects_what_c_would_misread():
+    n, k = 4, 256
+    rows = qblocks.as_rows(blocks(Q.Q4_K, n, k, np.random.default_rng(0)), Q.Q4_K, n, k)
+    with pytest.raises(ValueError, match="CPU matrix"):
+        qblocks.matmul(Q.Q4_K, rows, torch.randn(k))  # 1-D: would read K rows
+    with pytest.raises(ValueError, match="C-contiguous uint8"):
+        qblocks.matmul(Q.Q4_K, rows, torch.randn(1, 2 * k))  # width does not match the blocks
+    with pytest.raises(ValueError, match="out of"):
+        qblocks.dequantize(Q.Q4_K, rows, k, 0, n + 3)
+    with pytest.raises(ValueError, match="row_bytes"):
+        qblocks._qkernels.dequantize(int(Q.Q4_K), qblocks.address(rows), 144, n, 4096, 0, 1)

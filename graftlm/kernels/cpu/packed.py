@@ -2,7 +2,7 @@
 
 | GGUF type            | layout            | decode kernel (few rows)         | prefill kernel (many rows)        |
 |----------------------|-------------------|----------------------------------|-----------------------------------|
-| Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K, where graftlm._qkernels is built | `gguf`: the GGUF blocks themselves, no copy | graftlm's C kernel on the blocks, activations int8 per block of 32 (graftlm/kernels/cpu/qblocks.py) | `F.linear` on the blocks dequantized a slice at a time (as gguf-py does), in `gemm_dtype()` |
+| Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K, where graftlm._qkernels is built | `gguf`: the GGUF blocks themselves, no copy | graftlm's C kernel on the blocks, activations int8 per block of 32 (256 for K-quants; graftlm/kernels/cpu/qblocks.py) | `F.linear` on the blocks dequantized a slice at a time (as gguf-py does), in `gemm_dtype()` |
 | Q4_0, Q4_1, Q4_K     | `int4` group 32   | `_weight_int4pack_mm_for_cpu`    | the same                          |
 | other quantized types| `int8` per row    | `_weight_int8pack_mm`            | `F.linear` on the int8 weights dequantized a slice at a time, in bf16 where the CPU has native bf16 (AVX-512 BF16, AMX), else fp32; with `int8_activations`, `torch._int_mm` (AMX/VNNI) on int8 activations per row |
 | F16, BF16            | `bf16`            | `F.linear`                       | `F.linear`                        |
@@ -10,8 +10,8 @@
 
 Error bounds against dequantize-then-fp32 (tested in tests/kernels/test_packed.py and, for `gguf`,
 tests/kernels/test_qblocks.py):
-- `gguf`: weights exact; few-row products round each block of 32 activations to int8 with scale
-  d = max|x|/127 (|error| <= sum over blocks of d/2 * sum |w|); many-row products exact in fp32
+- `gguf`: weights exact; C-kernel products round each block of 32 activations (256 for K-quants) to
+  int8 with scale d = max|x|/127 (|error| <= sum over blocks of d/2 * sum |w|); many-row products exact in fp32
   (bf16 activations where `gemm_dtype()` is bf16).
 - `int4`: lossless in the 4-bit values; each group's scale and zero are rounded to bf16, a relative
   error of at most 2^-9 on each, and activations are rounded to bf16 (2^-9 relative).

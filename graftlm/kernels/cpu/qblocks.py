@@ -1,7 +1,8 @@
 """Matrix products computed directly on GGUF blocks by the C extension `graftlm._qkernels`.
 
-The extension (graftlm/kernels/cpu/qkernels.c, built by setup.py) quantizes activations per block
-of 32 to int8 with an fp32 scale and takes each block's dot product in integers, as llama.cpp does;
+The extension (graftlm/kernels/cpu/qkernels.c, built by setup.py) quantizes activations to int8 with
+an fp32 scale per block (32 values for the 32-value types, 256 for K-quants, as ggml's Q8_0 and Q8_K)
+and takes each block's dot product in integers, as llama.cpp does;
 weights stay in their GGUF blocks, memory-mapped, with no repacked copy. Its AVX2 path is chosen at
 run time where the CPU has AVX2, FMA and F16C, portable C elsewhere.
 
@@ -70,6 +71,19 @@ def as_rows(data: np.ndarray, qtype: Q, n: int, k: int) -> np.ndarray:
     return rows
 
 
+def _check_rows(qtype: Q, rows: np.ndarray, k: int) -> None:
+    if (
+        rows.dtype != np.uint8
+        or rows.ndim != 2
+        or not rows.flags.c_contiguous
+        or rows.shape[1] != row_bytes(qtype, k)
+    ):
+        raise ValueError(
+            f"blocks must be C-contiguous uint8 [N, {row_bytes(qtype, k)}] for {qtype.name} rows of {k}, "
+            f"not {rows.dtype} {rows.shape}"
+        )
+
+
 def address(rows: np.ndarray) -> int:
     """The address of `rows`' first byte (keep `rows` alive while it is used)."""
     return rows.__array_interface__["data"][0]
@@ -80,27 +94,22 @@ def matmul(
 ) -> torch.Tensor:
     """x [M, K] @ W^T for W [N, K] in GGUF blocks `rows` (from `as_rows`; `ptr` its `address`, when the
     caller has it) -> fp32 [M, N]. `out` may be a column slice of a wider matrix."""
-    n, k = rows.shape[0], x.shape[-1]
+    if x.dim() != 2 or x.device.type != "cpu":
+        raise ValueError(f"x must be a CPU matrix [M, K], not {tuple(x.shape)} on {x.device}")
+    n, k = rows.shape[0], x.shape[1]
+    _check_rows(qtype, rows, k)
     xf = x.to(torch.float32).contiguous()
     m = xf.shape[0]
     if out is None:
         out = torch.empty(m, n, dtype=torch.float32)
-    elif out.shape != (m, n) or out.stride(1) != 1 or out.dtype != torch.float32:
+    elif out.shape != (m, n) or out.stride(1) != 1 or out.dtype != torch.float32 or out.device.type != "cpu":
         raise ValueError(
-            f"out must be fp32 [{m}, {n}] with contiguous rows, not {out.dtype} {tuple(out.shape)}"
+            f"out must be fp32 [{m}, {n}] on the CPU, rows contiguous; not {out.dtype} {tuple(out.shape)}"
         )
     ptr = address(rows) if ptr is None else ptr
+    threads = torch.get_num_threads()
     _qkernels.matmul(
-        int(qtype),
-        ptr,
-        rows.shape[1],
-        n,
-        k,
-        xf.data_ptr(),
-        m,
-        out.data_ptr(),
-        out.stride(0),
-        torch.get_num_threads(),
+        int(qtype), ptr, rows.shape[1], n, k, xf.data_ptr(), m, out.data_ptr(), out.stride(0), threads
     )
     return out
 
@@ -110,10 +119,16 @@ def matmul_experts(qtype: Q, ptrs: torch.Tensor, row_bytes: int, n: int, x: torc
     x [1, K] (the same row for all) or [E, K] (a row each) -> fp32 [E, N]. The caller keeps the
     matrices alive."""
     count, k = ptrs.shape[0], x.shape[-1]
+    if x.dim() != 2 or x.device.type != "cpu" or ptrs.dtype != torch.int64:
+        raise ValueError(
+            f"x must be a CPU matrix and ptrs int64, not {tuple(x.shape)} on {x.device}, {ptrs.dtype}"
+        )
     xf = x.to(torch.float32).contiguous()
     if xf.shape[0] not in (1, count):
         raise ValueError(f"x has {xf.shape[0]} rows for {count} matrices")
     out = torch.empty(count, n, dtype=torch.float32)
+    if count == 0:
+        return out
     ptrs = ptrs.contiguous()
     _qkernels.matmul_experts(
         int(qtype),
@@ -133,6 +148,9 @@ def matmul_experts(qtype: Q, ptrs: torch.Tensor, row_bytes: int, n: int, x: torc
 def dequantize(qtype: Q, rows: np.ndarray, k: int, start: int = 0, stop: int | None = None) -> torch.Tensor:
     """Rows start..stop of W as fp32 [rows, K], computed as gguf-py computes them."""
     stop = rows.shape[0] if stop is None else stop
+    _check_rows(qtype, rows, k)
+    if not 0 <= start <= stop <= rows.shape[0]:
+        raise ValueError(f"rows {start}:{stop} out of 0:{rows.shape[0]}")
     out = torch.empty(stop - start, k, dtype=torch.float32)
     part = rows[start:stop]
     _qkernels.dequantize(

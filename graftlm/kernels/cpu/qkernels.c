@@ -27,6 +27,7 @@
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define GL_X86 1
+#include <cpuid.h>
 #include <immintrin.h>
 #define AVX2_FN __attribute__((target("avx2,fma,f16c")))
 /* Software prefetch this many bytes ahead of the weight row being read: with it one thread streams
@@ -118,8 +119,14 @@ static void quantize_rows(const float *x, int64_t m, int64_t k, int64_t block, i
         for (int64_t b = 0; b < k / block; b++) {
             const float *xb = x + r * k + b * block;
             float amax = 0.0f;
-            for (int64_t j = 0; j < block; j++) amax = fmaxf(amax, fabsf(xb[j]));
+            int finite = 1;
+            for (int64_t j = 0; j < block; j++) {
+                amax = fmaxf(amax, fabsf(xb[j]));
+                finite &= isfinite(xb[j]) != 0;
+            }
             float db = amax / 127.0f, id = db > 0.0f ? 1.0f / db : 0.0f;
+            if (!isfinite(id)) db = id = 0.0f; /* |x| < ~1e-36: rounds to zero */
+            if (!finite) db = NAN, id = 0.0f;  /* a NaN or Inf activation makes the outputs NaN, never finite */
             int8_t *qb = q + r * k + b * block;
             for (int64_t j = 0; j < block; j++) {
                 int v = (int)lrintf(xb[j] * id);
@@ -409,8 +416,6 @@ AVX2_FN static inline float dot_k45_avx2(const uint8_t *w, qx_t x, int64_t k, in
 AVX2_FN static float dot_q4_k_avx2(const uint8_t *w, qx_t x, int64_t k) { return dot_k45_avx2(w, x, k, 0); }
 AVX2_FN static float dot_q5_k_avx2(const uint8_t *w, qx_t x, int64_t k) { return dot_k45_avx2(w, x, k, 1); }
 
-#ifndef PREFETCH
-#endif
 AVX2_FN static float dot_q6_k_avx2(const uint8_t *w, qx_t x, int64_t k) {
     const __m256i m4 = _mm256_set1_epi8(15), m2 = _mm256_set1_epi8(3);
     __m256 acc = _mm256_setzero_ps();
@@ -566,7 +571,10 @@ LEGACY4_AVX2(dot4_q8_0_avx2, 34, q8_0_values)
 
 static int have_avx2(void) {
     __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+    /* F16C through cpuid: older compilers reject __builtin_cpu_supports("f16c") */
+    unsigned a, b, c, d;
+    int f16c = __get_cpuid(1, &a, &b, &c, &d) && (c & (1u << 29));
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && f16c;
 }
 #else
 static int have_avx2(void) { return 0; }
@@ -717,10 +725,16 @@ static PyObject *py_matmul(PyObject *self, PyObject *args) {
         PyErr_SetString(PyExc_ValueError, "row_bytes does not match the type and width");
         return NULL;
     }
+    if (ldo < n) {
+        PyErr_SetString(PyExc_ValueError, "ldo is smaller than n");
+        return NULL;
+    }
+    if (m <= 0 || n <= 0) Py_RETURN_NONE; /* nothing to compute (and malloc(0) may return NULL) */
     const uint8_t *w = (const uint8_t *)wp;
     const float *x = (const float *)xp;
     float *out = (float *)op;
     dot_fn dot = pick_dot(type);
+    dot4_fn dot4 = pick_dot4(type);
     int8_t *xq = malloc((size_t)(m * k));
     float *xd = malloc(sizeof(float) * (size_t)(m * k / 32));  /* enough for either block */
     const int64_t qb = block_values(type); /* activation block: 32 or 256, as the weight's block */
@@ -733,7 +747,6 @@ static PyObject *py_matmul(PyObject *self, PyObject *args) {
     quantize_rows(x, m, k, qb, xq, xd, xs, xs32);
     /* Threads split W's rows; each takes x in blocks of XBLOCK rows (kept in L2), and for each of its
        W rows (kept in L1) dots that row with the block four x rows at a time. */
-    dot4_fn dot4 = pick_dot4(type);
     const int64_t XBLOCK = 64, chunk = 16, nchunks = (n + chunk - 1) / chunk;
 #ifdef _OPENMP
     int nt = threads > 0 ? threads : 1;
@@ -784,6 +797,7 @@ static PyObject *py_matmul_experts(PyObject *self, PyObject *args) {
         PyErr_SetString(PyExc_ValueError, "row_bytes, count or x_rows do not match");
         return NULL;
     }
+    if (n <= 0) Py_RETURN_NONE;
     const int64_t *ptrs = (const int64_t *)pp;
     const float *x = (const float *)xp;
     float *out = (float *)op;
@@ -823,6 +837,10 @@ static PyObject *py_dequantize(PyObject *self, PyObject *args) {
     Py_ssize_t wp, row_bytes, n, k, op;
     if (!PyArg_ParseTuple(args, "innnnni", &type, &wp, &row_bytes, &n, &k, &op, &threads)) return NULL;
     if (!check_type(type, k)) return NULL;
+    if (row_bytes != k / block_values(type) * block_bytes(type)) {
+        PyErr_SetString(PyExc_ValueError, "row_bytes does not match the type and width");
+        return NULL;
+    }
     const uint8_t *w = (const uint8_t *)wp;
     float *out = (float *)op;
     Py_BEGIN_ALLOW_THREADS
