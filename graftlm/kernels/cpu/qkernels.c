@@ -145,60 +145,42 @@ static void quantize_rows(const float *x, int64_t m, int64_t k, int64_t block, i
 
 /* ---------------------------------------------------------------- portable dot products */
 
-static float dot_q4_0_c(const uint8_t *w, qx_t x, int64_t k) {
-    float acc = 0.0f;
-    for (int64_t b = 0; b < k / 32; b++, w += 18) {
-        const int8_t *xq = x.q + b * 32;
-        int32_t isum = 0;
-        for (int j = 0; j < 16; j++) isum += (w[2 + j] & 15) * xq[j] + (w[2 + j] >> 4) * xq[j + 16];
-        isum -= 8 * (x.s[2 * b] + x.s[2 * b + 1]);
-        acc += rdh(w) * x.d[b] * (float)isum;
-    }
-    return acc;
-}
-
-static float dot_q4_1_c(const uint8_t *w, qx_t x, int64_t k) {
-    float acc = 0.0f;
-    for (int64_t b = 0; b < k / 32; b++, w += 20) {
-        const int8_t *xq = x.q + b * 32;
-        int32_t isum = 0;
-        for (int j = 0; j < 16; j++) isum += (w[4 + j] & 15) * xq[j] + (w[4 + j] >> 4) * xq[j + 16];
-        acc += x.d[b] * (rdh(w) * (float)isum + rdh(w + 2) * (float)(x.s[2 * b] + x.s[2 * b + 1]));
-    }
-    return acc;
-}
-
 static inline int q5_value(const uint8_t *w, uint32_t qh, int j) {
     int lo = j < 16 ? (w[j] & 15) : (w[j - 16] >> 4);
     return lo | (((qh >> j) & 1) << 4);
 }
 
-static float dot_q5_0_c(const uint8_t *w, qx_t x, int64_t k) {
+/* Value j (unsigned) of a Q4_0, Q4_1, Q5_0 or Q5_1 block: w = d * (v - 8 or 16), or d * v + m. */
+static inline int legacy_value(const uint8_t *blk, int type, int j) {
+    uint32_t qh;
+    switch (type) {
+        case T_Q4_0: return j < 16 ? blk[2 + j] & 15 : blk[2 + j - 16] >> 4;
+        case T_Q4_1: return j < 16 ? blk[4 + j] & 15 : blk[4 + j - 16] >> 4;
+        case T_Q5_0: memcpy(&qh, blk + 2, 4); return q5_value(blk + 6, qh, j);
+        default: memcpy(&qh, blk + 4, 4); return q5_value(blk + 8, qh, j); /* Q5_1 */
+    }
+}
+
+static float dot_legacy_c(const uint8_t *w, qx_t x, int64_t k, int type) {
+    const int64_t bytes = block_bytes(type);
+    const int has_min = type == T_Q4_1 || type == T_Q5_1, offset = type == T_Q4_0 ? 8 : 16;
     float acc = 0.0f;
-    for (int64_t b = 0; b < k / 32; b++, w += 22) {
+    for (int64_t b = 0; b < k / 32; b++, w += bytes) {
         const int8_t *xq = x.q + b * 32;
-        uint32_t qh;
-        memcpy(&qh, w + 2, 4);
-        int32_t isum = 0;
-        for (int j = 0; j < 32; j++) isum += q5_value(w + 6, qh, j) * xq[j];
-        isum -= 16 * (x.s[2 * b] + x.s[2 * b + 1]);
-        acc += rdh(w) * x.d[b] * (float)isum;
+        int32_t isum = 0, xsum = x.s[2 * b] + x.s[2 * b + 1];
+        for (int j = 0; j < 32; j++) isum += legacy_value(w, type, j) * xq[j];
+        if (has_min)
+            acc += x.d[b] * (rdh(w) * (float)isum + rdh(w + 2) * (float)xsum);
+        else
+            acc += rdh(w) * x.d[b] * (float)(isum - offset * xsum);
     }
     return acc;
 }
 
-static float dot_q5_1_c(const uint8_t *w, qx_t x, int64_t k) {
-    float acc = 0.0f;
-    for (int64_t b = 0; b < k / 32; b++, w += 24) {
-        const int8_t *xq = x.q + b * 32;
-        uint32_t qh;
-        memcpy(&qh, w + 4, 4);
-        int32_t isum = 0;
-        for (int j = 0; j < 32; j++) isum += q5_value(w + 8, qh, j) * xq[j];
-        acc += x.d[b] * (rdh(w) * (float)isum + rdh(w + 2) * (float)(x.s[2 * b] + x.s[2 * b + 1]));
-    }
-    return acc;
-}
+static float dot_q4_0_c(const uint8_t *w, qx_t x, int64_t k) { return dot_legacy_c(w, x, k, T_Q4_0); }
+static float dot_q4_1_c(const uint8_t *w, qx_t x, int64_t k) { return dot_legacy_c(w, x, k, T_Q4_1); }
+static float dot_q5_0_c(const uint8_t *w, qx_t x, int64_t k) { return dot_legacy_c(w, x, k, T_Q5_0); }
+static float dot_q5_1_c(const uint8_t *w, qx_t x, int64_t k) { return dot_legacy_c(w, x, k, T_Q5_1); }
 
 static float dot_q8_0_c(const uint8_t *w, qx_t x, int64_t k) {
     float acc = 0.0f;
@@ -376,9 +358,22 @@ AVX2_FN static inline __m256i pick16(int lo, int hi) {
                             2 * hi + 1, 2 * hi, 2 * hi + 1, 2 * hi, 2 * hi + 1);
 }
 
+/* Q4_K / Q5_K chunk c (0..3) of a super-block: sub-blocks 2c (lo) and 2c+1 (hi), 32 unsigned bytes each;
+   Q5_K's fifth bits come from hbits (its 32 qh bytes). */
+AVX2_FN static inline void k45_values(const uint8_t *qs, __m256i hbits, int c, int q5, __m256i *lo, __m256i *hi) {
+    const __m256i m4 = _mm256_set1_epi8(15), s16 = _mm256_set1_epi8(16);
+    __m256i q = _mm256_loadu_si256((const __m256i *)(qs + 32 * c));
+    *lo = _mm256_and_si256(q, m4);
+    *hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), m4);
+    if (q5) {
+        __m256i b0 = _mm256_set1_epi8((char)(1 << (2 * c))), b1 = _mm256_set1_epi8((char)(2 << (2 * c)));
+        *lo = _mm256_or_si256(*lo, _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(hbits, b0), b0), s16));
+        *hi = _mm256_or_si256(*hi, _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(hbits, b1), b1), s16));
+    }
+}
+
 AVX2_FN static inline float dot_k45_avx2(const uint8_t *w, qx_t x, int64_t k, int q5) {
     const int64_t bb = q5 ? 176 : 144;
-    const __m256i m4 = _mm256_set1_epi8(15), s16 = _mm256_set1_epi8(16);
     __m256 acc = _mm256_setzero_ps();
     __m128 accm = _mm_setzero_ps();
     for (int64_t sb = 0; sb < k / 256; sb++, w += bb) {
@@ -394,13 +389,8 @@ AVX2_FN static inline float dot_k45_avx2(const uint8_t *w, qx_t x, int64_t k, in
         __m256i hbits = q5 ? _mm256_loadu_si256((const __m256i *)(w + 16)) : _mm256_setzero_si256();
         __m256i sum0 = _mm256_setzero_si256(), sum1 = _mm256_setzero_si256();
         for (int c = 0; c < 4; c++) {
-            __m256i q = _mm256_loadu_si256((const __m256i *)(qs + 32 * c));
-            __m256i lo = _mm256_and_si256(q, m4), hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), m4);
-            if (q5) {
-                __m256i b0 = _mm256_set1_epi8((char)(1 << (2 * c))), b1 = _mm256_set1_epi8((char)(2 << (2 * c)));
-                lo = _mm256_or_si256(lo, _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(hbits, b0), b0), s16));
-                hi = _mm256_or_si256(hi, _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(hbits, b1), b1), s16));
-            }
+            __m256i lo, hi;
+            k45_values(qs, hbits, c, q5, &lo, &hi);
             __m256i p0 = _mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i *)(xq + 64 * c)));
             __m256i p1 = _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i *)(xq + 64 * c + 32)));
             sum0 = _mm256_add_epi32(sum0, _mm256_madd_epi16(p0, _mm256_shuffle_epi8(sc16, pick16(2 * c, 2 * c))));
@@ -460,7 +450,6 @@ AVX2_FN static float dot_q6_k_avx2(const uint8_t *w, qx_t x, int64_t k) {
 
 AVX2_FN static inline void k45_4_avx2(const uint8_t *w, const qx_t *x, int64_t k, float *out, int q5) {
     const int64_t bb = q5 ? 176 : 144;
-    const __m256i m4 = _mm256_set1_epi8(15), s16 = _mm256_set1_epi8(16);
     __m256 acc[R4];
     float mins[R4] = {0};
     for (int r = 0; r < R4; r++) acc[r] = _mm256_setzero_ps();
@@ -475,13 +464,8 @@ AVX2_FN static inline void k45_4_avx2(const uint8_t *w, const qx_t *x, int64_t k
         __m256i sum[R4];
         for (int r = 0; r < R4; r++) sum[r] = _mm256_setzero_si256();
         for (int c = 0; c < 4; c++) {
-            __m256i q = _mm256_loadu_si256((const __m256i *)(qs + 32 * c));
-            __m256i lo = _mm256_and_si256(q, m4), hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), m4);
-            if (q5) {
-                __m256i b0 = _mm256_set1_epi8((char)(1 << (2 * c))), b1 = _mm256_set1_epi8((char)(2 << (2 * c)));
-                lo = _mm256_or_si256(lo, _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(hbits, b0), b0), s16));
-                hi = _mm256_or_si256(hi, _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(hbits, b1), b1), s16));
-            }
+            __m256i lo, hi;
+            k45_values(qs, hbits, c, q5, &lo, &hi);
             __m256i sc0 = _mm256_shuffle_epi8(sc16, pick16(2 * c, 2 * c));
             __m256i sc1 = _mm256_shuffle_epi8(sc16, pick16(2 * c + 1, 2 * c + 1));
             for (int r = 0; r < R4; r++) {
@@ -632,33 +616,17 @@ static void dequant_row(int type, const uint8_t *w, int64_t k, float *y) {
     const int64_t bb = block_bytes(type), nb = k / block_values(type);
     for (int64_t b = 0; b < nb; b++, w += bb) {
         switch (type) {
-            case T_Q4_0: {
-                float d = rdh(w);
-                for (int j = 0; j < 16; j++) {
-                    y[j] = d * (float)((w[2 + j] & 15) - 8);
-                    y[j + 16] = d * (float)((w[2 + j] >> 4) - 8);
-                }
-                y += 32;
-                break;
-            }
-            case T_Q4_1: {
-                float d = rdh(w), m = rdh(w + 2);
-                for (int j = 0; j < 16; j++) {
-                    y[j] = d * (float)(w[4 + j] & 15) + m;
-                    y[j + 16] = d * (float)(w[4 + j] >> 4) + m;
-                }
-                y += 32;
-                break;
-            }
+            case T_Q4_0:
+            case T_Q4_1:
             case T_Q5_0:
             case T_Q5_1: {
-                int one = type == T_Q5_1, off = one ? 8 : 6;
-                float d = rdh(w), m = one ? rdh(w + 2) : 0.0f;
-                uint32_t qh;
-                memcpy(&qh, w + off - 4, 4);
-                for (int j = 0; j < 32; j++) {
-                    int v = q5_value(w + off, qh, j);
-                    y[j] = one ? d * (float)v + m : d * (float)(v - 16);
+                float d = rdh(w);
+                if (type == T_Q4_1 || type == T_Q5_1) {
+                    float m = rdh(w + 2);
+                    for (int j = 0; j < 32; j++) y[j] = d * (float)legacy_value(w, type, j) + m;
+                } else {
+                    int offset = type == T_Q4_0 ? 8 : 16;
+                    for (int j = 0; j < 32; j++) y[j] = d * (float)(legacy_value(w, type, j) - offset);
                 }
                 y += 32;
                 break;
@@ -699,6 +667,29 @@ static void dequant_row(int type, const uint8_t *w, int64_t k, float *y) {
     }
 }
 
+/* Activations of one call, quantized (quantize_rows) into buffers of its own. */
+typedef struct {
+    int8_t *q;
+    float *d;
+    int16_t *s, *s32;
+    int64_t k, block;
+} xbuf_t;
+
+static int xbuf_alloc(xbuf_t *b, int64_t m, int64_t k, int64_t block) {
+    b->k = k, b->block = block;
+    b->q = malloc((size_t)(m * k));
+    b->d = malloc(sizeof(float) * (size_t)(m * k / 32)); /* enough for either block size */
+    b->s = malloc(sizeof(int16_t) * (size_t)(m * k / 16));
+    b->s32 = malloc(sizeof(int16_t) * (size_t)(m * k / 32));
+    return b->q && b->d && b->s && b->s32;
+}
+
+static void xbuf_free(xbuf_t *b) { free(b->q), free(b->d), free(b->s), free(b->s32); }
+
+static inline qx_t xbuf_row(const xbuf_t *b, int64_t i) {
+    return (qx_t){b->q + i * b->k, b->d + i * (b->k / b->block), b->s + i * (b->k / 16), b->s32 + i * (b->k / 32)};
+}
+
 /* ---------------------------------------------------------------- Python interface */
 
 static int check_type(int type, int64_t k) {
@@ -735,16 +726,13 @@ static PyObject *py_matmul(PyObject *self, PyObject *args) {
     float *out = (float *)op;
     dot_fn dot = pick_dot(type);
     dot4_fn dot4 = pick_dot4(type);
-    int8_t *xq = malloc((size_t)(m * k));
-    float *xd = malloc(sizeof(float) * (size_t)(m * k / 32));  /* enough for either block */
-    const int64_t qb = block_values(type); /* activation block: 32 or 256, as the weight's block */
-    int16_t *xs = malloc(sizeof(int16_t) * (size_t)(m * k / 16)), *xs32 = malloc(sizeof(int16_t) * (size_t)(m * k / 32));
-    if (!xq || !xd || !xs || !xs32) {
-        free(xq), free(xd), free(xs), free(xs32);
+    xbuf_t xb; /* activation block: 32 or 256 values, as the weight's block */
+    if (!xbuf_alloc(&xb, m, k, block_values(type))) {
+        xbuf_free(&xb);
         return PyErr_NoMemory();
     }
     Py_BEGIN_ALLOW_THREADS
-    quantize_rows(x, m, k, qb, xq, xd, xs, xs32);
+    quantize_rows(x, m, k, xb.block, xb.q, xb.d, xb.s, xb.s32);
     /* Threads split W's rows; each takes x in blocks of XBLOCK rows (kept in L2), and for each of its
        W rows (kept in L1) dots that row with the block four x rows at a time. */
     const int64_t XBLOCK = 64, chunk = 16, nchunks = (n + chunk - 1) / chunk;
@@ -764,22 +752,17 @@ static PyObject *py_matmul(PyObject *self, PyObject *args) {
                     for (; i + R4 <= i1; i += R4) {
                         qx_t xs4[R4];
                         float o[R4];
-                        for (int r = 0; r < R4; r++)
-                            xs4[r] = (qx_t){xq + (i + r) * k, xd + (i + r) * (k / qb), xs + (i + r) * (k / 16),
-                                            xs32 + (i + r) * (k / 32)};
+                        for (int r = 0; r < R4; r++) xs4[r] = xbuf_row(&xb, i + r);
                         dot4(row, xs4, k, o);
                         for (int r = 0; r < R4; r++) out[(i + r) * ldo + j] = o[r];
                     }
                 }
-                for (; i < i1; i++) {
-                    qx_t xi = {xq + i * k, xd + i * (k / qb), xs + i * (k / 16), xs32 + i * (k / 32)};
-                    out[i * ldo + j] = dot(row, xi, k);
-                }
+                for (; i < i1; i++) out[i * ldo + j] = dot(row, xbuf_row(&xb, i), k);
             }
         }
     }
     Py_END_ALLOW_THREADS
-    free(xq), free(xd), free(xs), free(xs32);
+    xbuf_free(&xb);
     (void)threads;
     Py_RETURN_NONE;
 }
@@ -802,16 +785,13 @@ static PyObject *py_matmul_experts(PyObject *self, PyObject *args) {
     const float *x = (const float *)xp;
     float *out = (float *)op;
     dot_fn dot = pick_dot(type);
-    const int64_t qb = block_values(type);
-    int8_t *xq = malloc((size_t)(x_rows * k));
-    float *xd = malloc(sizeof(float) * (size_t)(x_rows * k / 32));
-    int16_t *xs = malloc(sizeof(int16_t) * (size_t)(x_rows * k / 16)), *xs32 = malloc(sizeof(int16_t) * (size_t)(x_rows * k / 32));
-    if (!xq || !xd || !xs || !xs32) {
-        free(xq), free(xd), free(xs), free(xs32);
+    xbuf_t xb;
+    if (!xbuf_alloc(&xb, x_rows, k, block_values(type))) {
+        xbuf_free(&xb);
         return PyErr_NoMemory();
     }
     Py_BEGIN_ALLOW_THREADS
-    quantize_rows(x, x_rows, k, qb, xq, xd, xs, xs32);
+    quantize_rows(x, x_rows, k, xb.block, xb.q, xb.d, xb.s, xb.s32);
     const int64_t chunk = 16, per = (n + chunk - 1) / chunk, total = count * per;
 #ifdef _OPENMP
     int nt = threads > 0 ? threads : 1;
@@ -821,12 +801,12 @@ static PyObject *py_matmul_experts(PyObject *self, PyObject *args) {
     for (int64_t t = 0; t < total; t++) {
         int64_t e = t / per, c = t % per, i = x_rows == 1 ? 0 : e;
         const uint8_t *w = (const uint8_t *)ptrs[e];
-        qx_t xi = {xq + i * k, xd + i * (k / qb), xs + i * (k / 16), xs32 + i * (k / 32)};
+        qx_t xi = xbuf_row(&xb, i);
         int64_t end = (c + 1) * chunk < n ? (c + 1) * chunk : n;
         for (int64_t j = c * chunk; j < end; j++) out[e * n + j] = dot(w + j * row_bytes, xi, k);
     }
     Py_END_ALLOW_THREADS
-    free(xq), free(xd), free(xs), free(xs32);
+    xbuf_free(&xb);
     (void)threads;
     Py_RETURN_NONE;
 }
