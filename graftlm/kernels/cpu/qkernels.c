@@ -266,15 +266,18 @@ AVX2_FN static inline __m256i nibbles32(const uint8_t *p) {
     return _mm256_and_si256(b, _mm256_set1_epi8(15));
 }
 
-/* bit j of a 32-bit word -> 0x10 in byte j, else 0 */
-AVX2_FN static inline __m256i bits32_x16(const uint8_t *p) {
+/* bit j of a 32-bit word -> 0xff in byte j, else 0 */
+AVX2_FN static inline __m256i bits32_mask(const uint8_t *p) {
     uint32_t v;
     memcpy(&v, p, 4);
     const __m256i shuf = _mm256_set_epi64x(0x0303030303030303LL, 0x0202020202020202LL, 0x0101010101010101LL, 0);
     __m256i bytes = _mm256_shuffle_epi8(_mm256_set1_epi32((int)v), shuf);
     bytes = _mm256_or_si256(bytes, _mm256_set1_epi64x(0x7fbfdfeff7fbfdfeLL));
-    return _mm256_and_si256(_mm256_cmpeq_epi8(bytes, _mm256_set1_epi64x(-1)), _mm256_set1_epi8(16));
+    return _mm256_cmpeq_epi8(bytes, _mm256_set1_epi64x(-1));
 }
+
+/* bit j of a 32-bit word -> 0x10 in byte j, else 0 */
+AVX2_FN static inline __m256i bits32_x16(const uint8_t *p) { return _mm256_and_si256(bits32_mask(p), _mm256_set1_epi8(16)); }
 
 /* unsigned bytes u (0..127) times signed bytes s -> 8 int32 partial sums */
 AVX2_FN static inline __m256i dot_us(__m256i u, __m256i s) {
@@ -306,7 +309,8 @@ AVX2_FN static inline __m256i dot_ss(__m256i a, __m256i b) { return dot_us(_mm25
 /* each type's 32 weights as signed bytes */
 AVX2_FN static inline __m256i q4_0_values(const uint8_t *w) { return _mm256_sub_epi8(nibbles32(w + 2), _mm256_set1_epi8(8)); }
 AVX2_FN static inline __m256i q5_0_values(const uint8_t *w) {
-    return _mm256_sub_epi8(_mm256_or_si256(nibbles32(w + 6), bits32_x16(w + 2)), _mm256_set1_epi8(16));
+    /* v - 16 as a signed byte: the nibble where the fifth bit is set, the nibble | 0xf0 (= nibble - 16) where not */
+    return _mm256_or_si256(nibbles32(w + 6), _mm256_andnot_si256(bits32_mask(w + 2), _mm256_set1_epi8((char)0xf0)));
 }
 AVX2_FN static inline __m256i q8_0_values(const uint8_t *w) { return _mm256_loadu_si256((const __m256i *)(w + 2)); }
 
