@@ -21,27 +21,18 @@ import time
 
 import torch
 import torch.nn.functional as F
+from timing import median_ms  # noqa: E402  (bench/ is not a package)
 
 from graftlm.kernels.cpu import packed
-
-
-def _median_ms(fn, n: int = 7) -> float:
-    fn()
-    times = []
-    for _ in range(n):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return sorted(times)[n // 2] * 1e3
 
 
 def _times(w: torch.Tensor, s: torch.Tensor, x: torch.Tensor) -> list[float]:
     """ms of: the weight-only kernel on bf16 rows; the fp32 GEMM; the bf16 GEMM (dequantized w)."""
     xb = x.bfloat16()
     return [
-        _median_ms(lambda: torch.ops.aten._weight_int8pack_mm(xb, w, s.bfloat16())),
-        _median_ms(lambda: F.linear(x, w.float()) * s),
-        _median_ms(lambda: F.linear(xb, w.bfloat16()).float() * s),
+        median_ms(lambda: torch.ops.aten._weight_int8pack_mm(xb, w, s.bfloat16())),
+        median_ms(lambda: F.linear(x, w.float()) * s),
+        median_ms(lambda: F.linear(xb, w.bfloat16()).float() * s),
     ]
 
 

@@ -26,7 +26,6 @@ import json
 import logging
 import platform
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -41,6 +40,7 @@ from graftlm.ops.attention.mla import MLAttention
 
 sys.path.insert(0, str(Path(__file__).parent))
 from make_models import SHAPES  # noqa: E402  (bench/ is not a package)
+from timing import best_ms  # noqa: E402
 
 log = logging.getLogger("bench.mla_attention")
 
@@ -53,16 +53,6 @@ def build(dtype: torch.dtype, seed: int = 0):
     op = MLAttention("model.layers.0.self_attn", None, config, copy.deepcopy(hf), dtype=dtype)
     op.load()
     return config, hf, op, DeepseekV2RotaryEmbedding(config)
-
-
-def best_ms(fn, repeat: int) -> float:
-    fn()  # warm-up
-    best = float("inf")
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best * 1e3
 
 
 def filled_caches(op: MLAttention, context: int, dtype: torch.dtype, seed: int):

@@ -2,63 +2,58 @@
 
     python bench/qblocks.py [--threads 1 2] [--isa avx2|portable]
 
-Part 1 (decode): one activation row against matrices of each type, 2048 wide, small enough for the
-L3 cache (4096 rows) and far larger (65536 rows, read from DRAM): microseconds and GB/s of blocks read.
+Part 1 (decode): the memory bandwidth (torch.sum over 1 GiB), then one activation row against
+matrices of each type, 2048 wide, small enough for the L3 cache (4096 rows) and far larger (65536
+rows, read from DRAM): microseconds and GB/s of blocks read. To see what the kernels' software
+prefetch gives, rebuild without it: `CFLAGS=-DPREFETCH=0 pip install -e .`.
 Part 2 (prefill): expert-sized matrices at 4-512 activation rows, the C kernel against the path it
 replaces above `qblock_rows()` (the blocks dequantized a slice at a time, then an fp32/bf16 GEMM), in
-GOPS (2 x rows x N x K per second). Blocks are random bytes with sane fp16 scales, as in the tests.
+GOPS (2 x rows x N x K per second). Blocks come from the tests' generator (tests/weights/blocks.py).
 """
 
 from __future__ import annotations
 
 import argparse
-import time
+import sys
+from pathlib import Path
 
 import gguf
 import numpy as np
 import torch
+from timing import best_ms  # (bench/ is not a package: run as python bench/qblocks.py)
 
 from graftlm.kernels.cpu import packed, qblocks
+
+sys.path.insert(0, str(Path(__file__).parents[1]))
+from tests.weights.blocks import random_blocks  # noqa: E402  (the tests' valid random blocks)
 
 Q = gguf.GGMLQuantizationType
 
 
-def random_blocks(qtype: Q, n: int, k: int, rng: np.random.Generator) -> np.ndarray:
-    block, size = gguf.GGML_QUANT_SIZES[qtype]
-    raw = rng.integers(0, 256, size=(n, k // block, size), dtype=np.uint8)
-    halves = rng.uniform(1e-3, 1e-2, size=(n, k // block, 2)).astype(np.float16).view(np.uint8)
-    if qtype == Q.Q6_K:
-        raw[..., -2:] = halves[..., :2]
-    else:
-        raw[..., 0:4] = halves  # d (and dmin or m where the type has one)
-    return raw.reshape(n, -1)
-
-
-def best_s(fn, reps: int = 5) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best
-
-
 def kernel_s(qtype: Q, rows: np.ndarray, x: torch.Tensor) -> float:
     out = torch.empty(x.shape[0], rows.shape[0])
-    return best_s(lambda: qblocks.matmul(qtype, rows, x, out))
+    return best_ms(lambda: qblocks.matmul(qtype, rows, x, out)) / 1e3
 
 
 def gemm_s(qtype: Q, rows: np.ndarray, x: torch.Tensor) -> float:
     n, k = rows.shape[0], x.shape[1]
-    return best_s(lambda: packed._sliced_gemm(x, n, k, lambda a, b: qblocks.dequantize(qtype, rows, k, a, b)))
+    return (
+        best_ms(lambda: packed._sliced_gemm(x, n, k, lambda a, b: qblocks.dequantize(qtype, rows, k, a, b)))
+        / 1e3
+    )
+
+
+def bandwidth() -> None:
+    """What one pass over memory can read: torch.sum over 1 GiB of fp32 (the decode bound)."""
+    x = torch.ones(1 << 28)
+    print(f"torch.sum over 1 GiB: {x.nbytes / best_ms(x.sum, 5) / 1e6:.1f} GB/s\n")
 
 
 def decode(rng: np.random.Generator) -> None:
     print("| type | rows x 2048 | MB | us | GB/s |\n|---|---|---|---|---|")
     for qtype in (Q.Q4_0, Q.Q5_0, Q.Q8_0, Q.Q4_K, Q.Q5_K, Q.Q6_K):
         for n in (4096, 65536):
-            rows = qblocks.as_rows(random_blocks(qtype, n, 2048, rng), qtype, n, 2048)
+            rows = qblocks.as_rows(random_blocks(qtype, n, 2048, rng, scales=(1e-3, 1e-2)), qtype, n, 2048)
             s = kernel_s(qtype, rows, torch.randn(1, 2048))
             print(
                 f"| {qtype.name} | {n} | {rows.nbytes / 1e6:.1f} | {s * 1e6:.0f} | {rows.nbytes / s / 1e9:.1f} |"
@@ -74,7 +69,7 @@ def prefill(rng: np.random.Generator) -> None:
         (Q.Q5_0, 2048, 1408),
         (Q.Q8_0, 2048, 1408),
     ):
-        rows = qblocks.as_rows(random_blocks(qtype, n, k, rng), qtype, n, k)
+        rows = qblocks.as_rows(random_blocks(qtype, n, k, rng, scales=(1e-3, 1e-2)), qtype, n, k)
         for m in (4, 16, 48, 128, 512):
             x = torch.randn(m, k)
             a, b = kernel_s(qtype, rows, x), gemm_s(qtype, rows, x)
@@ -97,6 +92,7 @@ def main() -> None:
     for t in args.threads:
         torch.set_num_threads(t)
         print(f"\n## {t} thread(s)\n")
+        bandwidth()
         decode(rng)
         prefill(rng)
 

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 import transformers
+from timing import median_ms  # noqa: E402  (bench/ is not a package)
 
 from graftlm.engine.block_cache import BlockLayer
 from graftlm.models.compat import cache_arg
@@ -39,16 +40,6 @@ from graftlm.ops.attention.sparse import SparseAttention, SparseSettings, partia
 
 ANCHORS = ("max", "mean", "quest", "dynamic", "oracle")
 INITIAL, LOCAL = 1, 256  # selection measurement: the initial block and local window left out of it
-
-
-def _median_ms(fn, n: int) -> float:
-    fn()
-    times = []
-    for _ in range(n):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return sorted(times)[n // 2] * 1e3
 
 
 def _operator(settings: SparseSettings, heads=32, kv_heads=8, dim=128) -> SparseAttention:
@@ -99,12 +90,12 @@ def _time_context(op, settings, context: int, repeat: int, heads: int, kv_heads:
     q = torch.randn(1, heads, 1, dim, generator=g).bfloat16()
     op._layer = layer
     op.configure(settings.replace(enabled=False))
-    dense = _median_ms(lambda: op.attend(q, layer.keys, layer.values, None, scaling), repeat)
+    dense = median_ms(lambda: op.attend(q, layer.keys, layer.values, None, scaling), repeat)
     qg = q.view(1, kv_heads, heads // kv_heads, dim)
-    grouped = _median_ms(lambda: partial_attention(qg, layer.keys, layer.values, scaling), repeat)
+    grouped = median_ms(lambda: partial_attention(qg, layer.keys, layer.values, scaling), repeat)
     op.configure(settings)
     before = op.stats["attended"]
-    sparse = _median_ms(lambda: op.attend(q, layer.keys, layer.values, None, scaling), repeat)
+    sparse = median_ms(lambda: op.attend(q, layer.keys, layer.values, None, scaling), repeat)
     attended = (op.stats["attended"] - before) // (repeat + 1)
     op._layer = None
     return dict(

@@ -11,30 +11,14 @@ from graftlm.kernels.cpu import qblocks
 from graftlm.kernels.cpu.packed import PREFILL_ROWS, QBLOCK_ROWS, QBLOCK_ROWS_NATIVE_BF16, pack
 from graftlm.weights.dequant import dequantize
 from graftlm.weights.source import QuantizedTensor
+from tests.weights.blocks import random_blocks
 
 Q = gguf.GGMLQuantizationType
 N, K = 48, 512
 
 
 def _blocks(qtype: Q, rng: np.random.Generator) -> np.ndarray:
-    """Realistic blocks: gguf-py's quantizer where it has one, else random bytes with sane scales."""
-    if qtype in (Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0):
-        return gguf.quants.quantize(rng.standard_normal((N, K)).astype(np.float32), qtype)
-    block, size = gguf.GGML_QUANT_SIZES[qtype]
-    raw = rng.integers(0, 256, size=(N, K // block, size), dtype=np.uint8)
-
-    def halves(count: int) -> np.ndarray:
-        return rng.uniform(1e-3, 1e-2, size=(N, K // block, count)).astype(np.float16).view(np.uint8)
-
-    if qtype in (Q.Q4_K, Q.Q5_K):
-        raw[..., 0:4] = halves(2)  # d, dmin
-    elif qtype in (Q.Q6_K,):
-        raw[..., -2:] = halves(1)  # d
-    elif qtype in (Q.Q2_K,):
-        raw[..., -4:] = halves(2)
-    elif qtype in (Q.Q3_K,):
-        raw[..., -2:] = halves(1)
-    return raw.reshape(N, -1)
+    return random_blocks(qtype, N, K, rng, scales=(1e-3, 1e-2))  # weights of realistic size
 
 
 @pytest.fixture(autouse=True)

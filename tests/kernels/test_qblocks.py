@@ -11,25 +11,12 @@ import pytest
 import torch
 
 from graftlm.kernels.cpu import qblocks
+from tests.weights.blocks import random_blocks
 
 Q = gguf.GGMLQuantizationType
 TYPES = sorted(qblocks.TYPES)
 
 pytestmark = pytest.mark.skipif(not qblocks.available(), reason="graftlm._qkernels is not built")
-
-
-def blocks(qtype: Q, n: int, k: int, rng: np.random.Generator) -> np.ndarray:
-    """Realistic blocks: gguf-py's quantizer where it has one, else random bytes with sane fp16 scales."""
-    if qtype in (Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0):
-        return gguf.quants.quantize(rng.standard_normal((n, k)).astype(np.float32), qtype).reshape(n, -1)
-    block, size = gguf.GGML_QUANT_SIZES[qtype]
-    raw = rng.integers(0, 256, size=(n, k // block, size), dtype=np.uint8)
-    halves = rng.uniform(1e-3, 1e-2, size=(n, k // block, 2)).astype(np.float16).view(np.uint8)
-    if qtype == Q.Q6_K:
-        raw[..., -2:] = halves[..., :2]  # d is last
-    else:
-        raw[..., 0:4] = halves  # d, dmin
-    return raw.reshape(n, -1)
 
 
 def reference(qtype: Q, raw: np.ndarray, n: int, k: int) -> torch.Tensor:
@@ -60,7 +47,7 @@ def isa(request):
 def test_dequantize_matches_gguf_py_bit_for_bit(qtype: Q):
     rng = np.random.default_rng(int(qtype))
     n, k = 24, 512
-    raw = blocks(qtype, n, k, rng)
+    raw = random_blocks(qtype, n, k, rng)
     got = qblocks.dequantize(qtype, qblocks.as_rows(raw, qtype, n, k), k)
     want = reference(qtype, raw, n, k)
     assert torch.equal(got.view(torch.int32), want.view(torch.int32))
@@ -76,7 +63,7 @@ def test_matmul_is_the_product_with_int8_activations(qtype: Q, m: int, threads: 
     bound of the product with x itself."""
     rng = np.random.default_rng(100 + int(qtype))
     n, k = 67, 768  # rows not a multiple of the kernel's chunk; three K-quant super-blocks
-    raw = blocks(qtype, n, k, rng)
+    raw = random_blocks(qtype, n, k, rng)
     w = reference(qtype, raw, n, k).double()
     x = torch.from_numpy(rng.standard_normal((m, k)).astype(np.float32))
     x[0, :32] = 0.0  # an all-zero block
@@ -98,7 +85,7 @@ def test_matmul_is_the_product_with_int8_activations(qtype: Q, m: int, threads: 
 def test_matmul_writes_into_a_strided_output():
     rng = np.random.default_rng(5)
     n, k = 32, 256
-    raw = blocks(Q.Q4_K, n, k, rng)
+    raw = random_blocks(Q.Q4_K, n, k, rng)
     rows = qblocks.as_rows(raw, Q.Q4_K, n, k)
     x = torch.randn(2, k)
     out = torch.full((2, 3 * n), 7.0)
@@ -125,7 +112,7 @@ def test_matmul_experts_is_matmul_per_matrix(qtype: Q, shared: bool, isa: str):
     """A decode step's experts in one call: row e of the result is x (or x[e]) through matrix e."""
     rng = np.random.default_rng(9)
     e, n, k = 5, 40, 512
-    mats = [qblocks.as_rows(blocks(qtype, n, k, rng), qtype, n, k) for _ in range(e)]
+    mats = [qblocks.as_rows(random_blocks(qtype, n, k, rng), qtype, n, k) for _ in range(e)]
     order = [3, 0, 4, 4]  # any subset, repeats allowed
     ptrs = torch.tensor([qblocks.address(mats[i]) for i in order])
     x = torch.randn(1 if shared else len(order), k)
@@ -138,12 +125,12 @@ def test_matmul_experts_is_matmul_per_matrix(qtype: Q, shared: bool, isa: str):
 
 
 def test_empty_inputs_give_empty_outputs():
-    rows = qblocks.as_rows(blocks(Q.Q4_K, 8, 256, np.random.default_rng(0)), Q.Q4_K, 8, 256)
+    rows = qblocks.as_rows(random_blocks(Q.Q4_K, 8, 256, np.random.default_rng(0)), Q.Q4_K, 8, 256)
     assert qblocks.matmul(Q.Q4_K, rows, torch.randn(0, 256)).shape == (0, 8)
 
 
 def test_non_finite_activations_give_nan_never_a_finite_guess(isa: str):
-    rows = qblocks.as_rows(blocks(Q.Q8_0, 8, 256, np.random.default_rng(0)), Q.Q8_0, 8, 256)
+    rows = qblocks.as_rows(random_blocks(Q.Q8_0, 8, 256, np.random.default_rng(0)), Q.Q8_0, 8, 256)
     x = torch.randn(3, 256)
     x[0, 5], x[1, 200] = float("nan"), float("inf")
     y = qblocks.matmul(Q.Q8_0, rows, x)
@@ -152,7 +139,7 @@ def test_non_finite_activations_give_nan_never_a_finite_guess(isa: str):
 
 def test_wrapper_rejects_what_c_would_misread():
     n, k = 4, 256
-    rows = qblocks.as_rows(blocks(Q.Q4_K, n, k, np.random.default_rng(0)), Q.Q4_K, n, k)
+    rows = qblocks.as_rows(random_blocks(Q.Q4_K, n, k, np.random.default_rng(0)), Q.Q4_K, n, k)
     with pytest.raises(ValueError, match="CPU matrix"):
         qblocks.matmul(Q.Q4_K, rows, torch.randn(k))  # 1-D: would read K rows
     with pytest.raises(ValueError, match="C-contiguous uint8"):

@@ -15,21 +15,14 @@ from gguf import GGMLQuantizationType as T
 from graftlm.errors import GGUFFormatError, GraftError, UnsupportedQuantType
 from graftlm.weights import dequant
 from graftlm.weights.dequant import SUPPORTED_TYPES, core, dequantize, is_supported
+from tests.weights.blocks import random_blocks
 
 # The types worth a torch kernel; the rest may take gguf-py's numpy path.
 HOT = {
     T.F32, T.F16, T.BF16, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0,
     T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K, T.IQ4_NL, T.IQ4_XS,
 }  # fmt: skip
-# gguf-py can produce valid blocks of these from floats.
-QUANTIZABLE = {T.F32, T.F16, T.BF16, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.TQ1_0, T.TQ2_0, T.MXFP4}
 NATIVE = {T.I8: np.int8, T.I16: np.int16, T.I32: np.int32, T.I64: np.int64, T.F64: np.float64}
-# Byte offsets of the float16 scales in each block, from ggml's block structs.
-F16_SCALES = {
-    T.Q2_K: (80, 82), T.Q3_K: (108,), T.Q4_K: (0, 2), T.Q5_K: (0, 2), T.Q6_K: (208,),
-    T.IQ4_NL: (0,), T.IQ4_XS: (0,), T.IQ2_XXS: (0,), T.IQ2_XS: (0,), T.IQ2_S: (0,),
-    T.IQ3_XXS: (0,), T.IQ3_S: (0,), T.IQ1_S: (0,), T.NVFP4: (),
-}  # fmt: skip
 DECODED = sorted(SUPPORTED_TYPES - set(NATIVE), key=lambda t: t.value)
 
 
@@ -39,23 +32,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def _random_blocks(qtype: T, rows: int, cols: int, rng: np.random.Generator) -> np.ndarray:
-    """Valid stored bytes [rows, bytes_per_row] (or typed values) with finite, moderate scales."""
-    if qtype in QUANTIZABLE:
-        return gguf.quants.quantize(rng.standard_normal((rows, cols)).astype(np.float32), qtype)
-    block_size, type_size = GGML_QUANT_SIZES[qtype]
-    raw = rng.integers(0, 256, size=(rows, cols // block_size * type_size), dtype=np.uint8)
-    blocks = raw.reshape(-1, type_size)
-    for offset in F16_SCALES.get(qtype, ()):
-        halves = rng.uniform(-1.0, 1.0, size=(blocks.shape[0], 1)).astype(np.float16)
-        blocks[:, offset : offset + 2] = halves.view(np.uint8)
-    if qtype == T.IQ1_M:
-        # Its float16 scale is spread over the top nibbles of four uint16s; clearing bit 14 of it
-        # (bit 6 of byte 55) keeps the exponent below 31, so it is finite.
-        blocks[:, 55] &= 0xBF
-    return raw
 
 
 def _reference(data: np.ndarray, qtype: T, shape: tuple[int, ...]) -> torch.Tensor:
@@ -99,7 +75,7 @@ def test_matches_gguf_py(qtype: T, make_shape, monkeypatch: pytest.MonkeyPatch):
     block_size = GGML_QUANT_SIZES[qtype][0]
     shape = make_shape(max(block_size, 32))
     rng = np.random.default_rng([qtype.value, len(shape), shape[0]])
-    data = _random_blocks(qtype, int(np.prod(shape[:-1])), shape[-1], rng)
+    data = random_blocks(qtype, int(np.prod(shape[:-1])), shape[-1], rng)
     data = data.reshape(*shape[:-1], -1)
     want = _reference(data, qtype, shape)
     assert want.isfinite().all()
@@ -127,7 +103,7 @@ def test_arbitrary_bytes_with_nan_and_inf_scales(qtype: T):
 def test_other_dtypes_are_the_float32_result_cast(qtype: T, dtype: torch.dtype, monkeypatch):
     block_size = GGML_QUANT_SIZES[qtype][0]
     shape = (9, 2 * max(block_size, 32))
-    data = _random_blocks(qtype, shape[0], shape[1], np.random.default_rng(qtype.value))
+    data = random_blocks(qtype, shape[0], shape[1], np.random.default_rng(qtype.value))
     want = dequantize(data, qtype, shape).to(dtype)
     monkeypatch.setattr(core, "CHUNK_ELEMENTS", 2 * block_size)
     got = dequantize(data, qtype, shape, dtype)
@@ -151,7 +127,7 @@ def test_plain_numeric_types_cast_without_a_float32_stage(qtype: T):
 
 def test_input_forms_and_read_only_data_are_left_alone():
     shape = (4, 512)
-    data = _random_blocks(T.Q4_K, *shape, np.random.default_rng(5))
+    data = random_blocks(T.Q4_K, *shape, np.random.default_rng(5))
     want = _reference(data, T.Q4_K, shape)
     data.flags.writeable = False
     before = data.copy()
