@@ -24,6 +24,7 @@ class ExpertsCPU(PackedExperts, name="experts.cpu"):
     def __init__(self, key, source, config, orig_module, int8_activations: bool = False, **kwargs) -> None:
         super().__init__(key, source, config, orig_module, **kwargs)
         self.int8_activations = int8_activations
+        self._batched: tuple | None = None  # see after_load
         if self.device.type != "cpu":
             raise ValueError(f"experts.cpu at {key!r} runs on the CPU, not {self.device}")
 
@@ -52,7 +53,7 @@ class ExpertsCPU(PackedExperts, name="experts.cpu"):
         super().unload()
 
     def forward(self, hidden_states, top_k_index, top_k_weights):
-        if getattr(self, "_batched", None) is None or hidden_states.shape[0] != 1:
+        if self._batched is None or hidden_states.shape[0] != 1:
             return super().forward(hidden_states, top_k_index, top_k_weights)
         index = top_k_index.reshape(-1).to(self.device)
         keep = index < self.num_experts  # HF pads with num_experts

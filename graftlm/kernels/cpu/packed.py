@@ -47,10 +47,12 @@ GROUP = 32
 # (AMD AVX2 machine: at ~16 rows; BENCHMARKS.md).
 PREFILL_ROWS = 16
 # Up to this many rows, `gguf` matrices run the C kernel on their blocks; above, a sliced GEMM of
-# dequantized weights. `python bench/qblocks.py` times both (AMD AVX2 machine, 2 threads,
-# expert-sized matrices: the C kernel runs K-quants at 75-100 GOPS against the fp32 GEMM's 57-80, so it
-# wins at every row count; Q5_0/Q8_0 at 45-55 GOPS, behind from ~48 rows). Where the CPU has native bf16
-# (AMX), oneDNN's bf16 GEMM is several times faster, so many rows go to it early.
+# dequantized weights. `python bench/qblocks.py` times both (bench/results/qblocks-20261130-1154.md,
+# AMD AVX2 machine, 2 threads, expert-sized matrices): the C kernel runs Q4_K/Q6_K at 102-147 GOPS,
+# the dequantize + fp32 GEMM path 4-159, ahead only at 512 rows (by up to 12%), so K-quants always
+# take the kernel; Q5_0/Q8_0 run at 79-100 GOPS and fall behind between 48 and 128 rows. Where the CPU
+# has native bf16 (AMX: ~890 GFLOP/s per core for oneDNN's bf16 GEMM on the Intel machine, as issue 4
+# records), many rows go to the GEMM from 16 rows; that threshold is not yet measured on such a CPU.
 QBLOCK_ROWS = 32
 QBLOCK_ROWS_NATIVE_BF16 = 16
 K_QUANTS = frozenset({Q.Q4_K, Q.Q5_K, Q.Q6_K})
@@ -107,9 +109,9 @@ class PackedMatrix:
     layout: str  # "gguf" | "int4" | "int8" | "bf16" | "f32"
     n: int
     k: int
-    weight: (
-        torch.Tensor | np.ndarray
-    )  # gguf: uint8 blocks [N, row bytes] (numpy, often the mmap); int4: packed uint8; int8: int8 [N, K]; bf16, f32: [N, K]
+    # gguf: uint8 blocks [N, row bytes] (numpy, often a view of the mmap); int4: packed uint8;
+    # int8: int8 [N, K]; bf16, f32: [N, K]
+    weight: torch.Tensor | np.ndarray
     scales: torch.Tensor | None = None  # int4: bf16 [K/32, N, 2]; int8: fp32 [N]
     source_type: str = ""
     # Opt-in: many-row int8 matmuls quantize activations to int8 per row and use torch._int_mm.

@@ -67,8 +67,7 @@ def row_bytes(qtype: Q, k: int) -> int:
 
 def as_rows(data: np.ndarray, qtype: Q, n: int, k: int) -> np.ndarray:
     """GGUF block bytes as a C-contiguous uint8 [n, row_bytes] array (a view where possible)."""
-    rows = np.ascontiguousarray(data).view(np.uint8).reshape(n, row_bytes(qtype, k))
-    return rows
+    return np.ascontiguousarray(data).view(np.uint8).reshape(n, row_bytes(qtype, k))
 
 
 def _check_rows(qtype: Q, rows: np.ndarray, k: int) -> None:
