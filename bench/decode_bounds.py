@@ -3,26 +3,26 @@
     python bench/decode_bounds.py [--model PATH] [--threads 1] [--steps 5]
 
 Part 1 times one-row matmuls on matrices too large for the caches (so the figures are DRAM reads):
-torch's int8 and int4 weight-only kernels against plain fp32 and bf16 GEMV. Part 2 (with --model)
-loads the model with rules="auto" and profiles `--steps` decode steps, printing each op's share.
+torch's int8 and int4 weight-only kernels against plain fp32 and bf16 GEMV (graftlm's own C kernels:
+bench/qblocks.py). Part 2 (with --model) loads the model with rules="auto" and times `--steps` decode
+steps three ways: as they run, with the time inside graftlm's C kernels summed, and with those kernels
+replaced by no-ops (what Python, transformers' modules and the small torch ops cost alone). Then it
+prints the torch ops' shares of a step (the profiler does not see the C kernels).
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+from types import SimpleNamespace
 
+import graftlm  # first: it sets OpenMP's thread waiting, which libgomp reads when torch loads it
+
+# isort: split
 import torch
+from timing import median_ms  # (bench/ is not a package: run as python bench/decode_bounds.py)
 
-
-def _median_ms(fn, n: int = 7) -> float:
-    fn()
-    times = []
-    for _ in range(n):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return sorted(times)[n // 2] * 1e3
+from graftlm.kernels.cpu import qblocks
 
 
 def kernels() -> None:
@@ -46,27 +46,60 @@ def kernels() -> None:
     }
     print(f"one-row matmul on a {n} x {k} matrix, {torch.get_num_threads()} thread(s)")
     for name, (fn, bytes_per_weight) in cases.items():
-        ms = _median_ms(fn)
+        ms = median_ms(fn)
         print(f"  {name:38s} {ms:8.1f} ms  {n * k * bytes_per_weight / ms / 1e6:5.1f} GB/s of weights")
 
 
 def profile(path: str, steps: int) -> None:
-    import graftlm
-
     llm = graftlm.load(path, rules="auto", progress=False)
     engine = llm.engine
-    logits, cache = engine.prefill(list(range(100, 164)))
+    _, cache = engine.prefill(list(range(100, 164)))
     token = torch.tensor([[5]])
-    for i in range(2):  # warm-up
-        logits, cache = engine.forward(token, cache, 64 + i)
+    position = 64
+
+    def step_ms() -> float:
+        nonlocal cache, position
+        start = time.perf_counter()
+        for _ in range(steps):
+            _, cache = engine.forward(token, cache, position)
+            position += 1
+        return (time.perf_counter() - start) / steps * 1e3
+
+    step_ms()  # warm-up
+    print(f"\n{steps} decode steps of {path}: {step_ms():.1f} ms per step")
+    if qblocks.available():
+        real, spent = qblocks._qkernels, [0.0]
+
+        def timed(fn):
+            def call(*args):
+                start = time.perf_counter()
+                fn(*args)
+                spent[0] += time.perf_counter() - start
+
+            return call
+
+        try:
+            qblocks._qkernels = SimpleNamespace(
+                matmul=timed(real.matmul),
+                matmul_experts=timed(real.matmul_experts),
+                dequantize=real.dequantize,
+            )
+            total = step_ms()
+            print(f"  in graftlm's C kernels: {spent[0] / steps * 1e3:.1f} of {total:.1f} ms")
+            noop = SimpleNamespace(
+                matmul=lambda *a: None, matmul_experts=lambda *a: None, dequantize=real.dequantize
+            )
+            qblocks._qkernels = noop
+            print(f"  with the C kernels as no-ops: {step_ms():.1f} ms (Python, modules, small torch ops)")
+        finally:
+            qblocks._qkernels = real
     with torch.profiler.profile() as prof:
-        for i in range(steps):
-            logits, cache = engine.forward(token, cache, 66 + i)
+        step_ms()
     events = prof.key_averages()
     total = sum(e.self_cpu_time_total for e in events)
-    print(f"\n{steps} decode steps of {path}: {total / steps / 1e3:.1f} ms per step; ops by share of time")
+    print("  torch ops by share of the profiled time:")
     for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:8]:
-        print(f"  {e.key:40s} {100 * e.self_cpu_time_total / total:5.1f}%")
+        print(f"    {e.key:40s} {100 * e.self_cpu_time_total / total:5.1f}%")
 
 
 def main() -> None:

@@ -7,8 +7,9 @@ import os
 # spinner (Gemma 3 270M decode at 2 threads beside one busy process: 2.1 tok/s spinning, 15.9 tok/s
 # passive). Fully passive waiting costs decode a futex wake-up per parallel op instead (Gemma decode
 # at 2 threads on a quiet machine: 15.8 tok/s passive, 26.1 spinning). So threads spin briefly, then
-# sleep: PASSIVE with GOMP_SPINCOUNT=10000 (about 0.1-0.3 ms of spinning) keeps most of the quiet-machine
-# speed (22.5 tok/s) and never holds a core once work stops. libgomp reads these once, when torch
+# sleep: PASSIVE with GOMP_SPINCOUNT=10000 (libgomp reckons ~100,000 spins per ms, so ~0.1 ms) kept most
+# of the quiet-machine speed (22.5 tok/s) and never holds a core once work stops. BENCHMARKS.md
+# ("Thread waiting") has the commands behind these figures. libgomp reads these once, when torch
 # loads it, so they are set before graftlm imports torch; a policy or spin count the user set is kept.
 WAIT_POLICY_SET_BY_GRAFTLM = "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ
 if WAIT_POLICY_SET_BY_GRAFTLM:
