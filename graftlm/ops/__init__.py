@@ -10,6 +10,7 @@ from graftlm.ops import (  # noqa: F401  (each registers its operators)
     linear_gpu,
     model,
     moe,
+    norm_cpu,
     rope,
 )
 from graftlm.ops.base import InjectedModule, LinearBase

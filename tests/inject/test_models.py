@@ -27,11 +27,14 @@ def test_builtin_rules_match_hf_logits(arch):
     assert rules.source == f"builtin:{builtin}"
 
     ops = {m.op_name for m in model.modules() if isinstance(m, InjectedModule)}
-    expected = {"embedding.cpu", "rope", "linear.cpu"} | ({"moe", "experts.cpu"} if arch in MOE else set())
+    expected = {"embedding.cpu", "rope", "linear.cpu", "norm.cpu"} | (
+        {"moe", "experts.cpu"} if arch in MOE else set()
+    )
     if builtin == "deepseek2":
         expected.add("attention.mla")  # MLA over the latent cache is DeepSeek's default attention
     assert ops == expected
     assert not any(isinstance(m, torch.nn.Linear) for m in model.model.layers.modules())
+    assert not any(type(m).__name__.endswith("RMSNorm") for m in model.modules())  # all norm.cpu
     assert not any(t.is_meta for t in [*model.parameters(), *model.buffers()])
 
     ids = torch.randint(0, hf.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
