@@ -13,8 +13,8 @@ prints the torch ops' shares of a step (the profiler does not see the C kernels)
 from __future__ import annotations
 
 import argparse
+import ctypes
 import time
-from types import SimpleNamespace
 
 import graftlm  # first: it sets OpenMP's thread waiting, which libgomp reads when torch loads it
 
@@ -50,6 +50,27 @@ def kernels() -> None:
         print(f"  {name:38s} {ms:8.1f} ms  {n * k * bytes_per_weight / ms / 1e6:5.1f} GB/s of weights")
 
 
+def zero_matmul(qtype, w, row_bytes, n, k, x, m, out, ldo, threads) -> None:
+    """A no-op product that writes zeros (garbage from torch.empty could be subnormal floats, which
+    would slow the operators downstream)."""
+    for i in range(m):
+        ctypes.memset(out + i * ldo * 4, 0, n * 4)
+
+
+def zero_matmul_experts(qtype, ptrs, count, row_bytes, n, k, x, x_rows, out, threads) -> None:
+    ctypes.memset(out, 0, count * n * 4)
+
+
+class Kernels:
+    """The extension with its matrix products replaced (the fused row operators stay real)."""
+
+    def __init__(self, real, matmul, matmul_experts) -> None:
+        self.real, self.matmul, self.matmul_experts = real, matmul, matmul_experts
+
+    def __getattr__(self, name: str):
+        return getattr(self.real, name)
+
+
 def profile(path: str, steps: int) -> None:
     llm = graftlm.load(path, rules="auto", progress=False)
     engine = llm.engine
@@ -79,17 +100,10 @@ def profile(path: str, steps: int) -> None:
             return call
 
         try:
-            qblocks._qkernels = SimpleNamespace(
-                matmul=timed(real.matmul),
-                matmul_experts=timed(real.matmul_experts),
-                dequantize=real.dequantize,
-            )
+            qblocks._qkernels = Kernels(real, timed(real.matmul), timed(real.matmul_experts))
             total = step_ms()
             print(f"  in graftlm's C kernels: {spent[0] / steps * 1e3:.1f} of {total:.1f} ms")
-            noop = SimpleNamespace(
-                matmul=lambda *a: None, matmul_experts=lambda *a: None, dequantize=real.dequantize
-            )
-            qblocks._qkernels = noop
+            qblocks._qkernels = Kernels(real, zero_matmul, zero_matmul_experts)
             print(f"  with the C kernels as no-ops: {step_ms():.1f} ms (Python, modules, small torch ops)")
         finally:
             qblocks._qkernels = real

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import gguf
 import numpy as np
@@ -118,7 +118,18 @@ class PackedMatrix:
     # Faster prefill, but on Gemma 270M top-1 agreement with llama.cpp drops from 96.5% to 92.9%
     # (bench/gemma_agreement.py): activation outliers make a row's int8 step coarse.
     int8_activations: bool = False
-    ptr: int = 0  # gguf: the address of the first block (saves a lookup per call)
+    # gguf: the address of the first block, the C kernel's fixed arguments (checked once: a decode
+    # step makes over a hundred calls) and the most rows of activations it takes
+    ptr: int = field(default=0, init=False)
+    prepared: tuple = field(default=(), init=False, repr=False)
+    kernel_rows: int = field(default=0, init=False)
+
+    def __post_init__(self) -> None:
+        if self.layout == "gguf":
+            qtype = Q[self.source_type]
+            self.prepared = qblocks.prepare(qtype, self.weight, self.k)
+            self.ptr = self.prepared[1]
+            self.kernel_rows = qblock_rows(qtype)
 
     @property
     def nbytes(self) -> int:
@@ -129,9 +140,9 @@ class PackedMatrix:
         if self.layout == "f32":
             return F.linear(x.float(), self.weight)
         if self.layout == "gguf":
+            if x.shape[0] <= self.kernel_rows:
+                return qblocks.matmul_prepared(self.prepared, x)
             qtype = Q[self.source_type]
-            if x.shape[0] <= qblock_rows(qtype):
-                return qblocks.matmul(qtype, self.weight, x, ptr=self.ptr)
             return _sliced_gemm(
                 x, self.n, self.k, lambda a, b: qblocks.dequantize(qtype, self.weight, self.k, a, b)
             )
@@ -240,7 +251,7 @@ def pack(q: QuantizedTensor, layout: str = "auto", *, int8_activations: bool = F
             )
             raise ValueError(f"{q.name}: the gguf layout needs the C kernels for its type: {why}")
         rows = qblocks.as_rows(q.data, q.qtype, n, k)
-        return PackedMatrix("gguf", n, k, rows, None, q.qtype.name, ptr=qblocks.address(rows))
+        return PackedMatrix("gguf", n, k, rows, None, q.qtype.name)
     if layout == "int4":
         if not int4_ok:
             raise ValueError(

@@ -113,6 +113,25 @@ def matmul(
     return out
 
 
+def prepare(qtype: Q, rows: np.ndarray, k: int) -> tuple[int, int, int, int, int]:
+    """The checked, fixed arguments of `matmul_prepared` for one matrix [N, K] (keep `rows` alive)."""
+    _check_rows(qtype, rows, k)
+    return int(qtype), address(rows), rows.shape[1], rows.shape[0], k
+
+
+def matmul_prepared(prepared: tuple[int, int, int, int, int], x: torch.Tensor) -> torch.Tensor:
+    """`matmul` on a matrix checked once by `prepare`: x [M, K] -> fp32 [M, N]. A decode step makes
+    over a hundred of these calls, so this path does only the checks that depend on x."""
+    n, k = prepared[3], prepared[4]
+    if x.dim() != 2 or x.shape[1] != k or x.device.type != "cpu":
+        raise ValueError(f"x must be a CPU matrix [M, {k}], not {tuple(x.shape)} on {x.device}")
+    x = x.to(torch.float32).contiguous()
+    m = x.shape[0]
+    out = torch.empty(m, n, dtype=torch.float32)
+    _qkernels.matmul(*prepared, x.data_ptr(), m, out.data_ptr(), n, torch.get_num_threads())
+    return out
+
+
 def matmul_experts(qtype: Q, ptrs: torch.Tensor, row_bytes: int, n: int, x: torch.Tensor) -> torch.Tensor:
     """One row through each of E matrices [N, K] of type `qtype` at addresses `ptrs` (int64 [E]):
     x [1, K] (the same row for all) or [E, K] (a row each) -> fp32 [E, N]. The caller keeps the
