@@ -358,3 +358,55 @@ def test_latent_layer_speaks_transformers_cache_protocol():
         layer.append(torch.randn(1, 1, 9))
     with pytest.raises(ValueError, match="holds batch 1, got a write of batch 3"):
         layer.append(torch.randn(3, 1, 8))
+
+
+@pytest.mark.parametrize("qtype", ["q8_0", "q4_0"])
+def test_decode_on_the_files_k_b_and_v_b_blocks(qtype, tmp_path):
+    """One-token steps run W_UK and W_UV on attn_k_b / attn_v_b's quantized blocks (one C call over
+    the heads each); the result matches the fp32 matrices within the int8 activation rounding."""
+    import graftlm
+    from graftlm.kernels.cpu import qblocks
+    from graftlm.weights.convert import convert
+    from tests.models.tiny import make_tokenizer
+
+    if not qblocks.available():
+        pytest.skip("graftlm._qkernels is not built")
+    # widths the 32-value block types divide: nope 32 (attn_k_b's rows), rank 64 (attn_v_b's rows)
+    config = tiny_config("deepseek_v2_lite", qk_nope_head_dim=32, kv_lora_rank=64, v_head_dim=32)
+    folder = tmp_path / "hf"
+    random_model(config).save_pretrained(folder)
+    make_tokenizer(folder)
+    llm = graftlm.load(convert(folder, tmp_path / "m.gguf", qtype), rules="auto", progress=False)
+    ops = [m for m in llm.model.modules() if isinstance(m, MLAttention)]
+    assert ops and all(op.heads_q is not None for op in ops)
+    assert {op.heads_q[0][0].name for op in ops} == {qtype.upper()}
+    op = ops[1]
+    g = torch.Generator().manual_seed(0)
+    heads, r = op.num_heads, op.kv_lora_rank
+    q_nope = torch.randn(1, 1, heads, op.nope_dim, generator=g)
+    q_rope = torch.randn(1, 1, heads, op.rope_dim, generator=g)
+    kv = torch.randn(1, 20, r + op.rope_dim, generator=g)
+    fast = op._absorbed(q_nope, q_rope, kv, None, 19)
+    saved, op.heads_q = op.heads_q, None
+    try:
+        exact = op._absorbed(q_nope, q_rope, kv, None, 19)
+    finally:
+        op.heads_q = saved
+    assert fast.shape == exact.shape == (1, 1, heads, op.v_dim)
+    # int8 activations per block of 32: ~0.4% of each block's largest value, twice over
+    torch.testing.assert_close(fast, exact, rtol=0.05, atol=0.05 * exact.abs().max().item())
+    # a whole decode step through the model: the same next-token logits, up to that rounding
+    engine, ids = llm.engine, torch.randint(0, config.vocab_size, (12,), generator=g).tolist()
+
+    def step_logits() -> torch.Tensor:
+        _, cache = engine.prefill(ids)
+        return engine.forward(torch.tensor([[ids[-1]]]), cache, len(ids))[0].reshape(-1)
+
+    fast = step_logits()
+    saved = [op.heads_q for op in ops]
+    for op in ops:
+        op.heads_q = None
+    exact = step_logits()
+    for op, h in zip(ops, saved):
+        op.heads_q = h
+    torch.testing.assert_close(fast, exact, rtol=0.05, atol=0.05 * exact.abs().max().item())

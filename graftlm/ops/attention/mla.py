@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from transformers.cache_utils import Cache
 
 from graftlm.engine.latent_cache import LatentLayer
+from graftlm.kernels.cpu import qblocks
 from graftlm.models.compat import given_cache
 from graftlm.ops.base import InjectedModule
 
@@ -200,6 +201,7 @@ class MLAttention(InjectedModule, name="attention.mla"):
             )
         self.register_buffer("w_uk", None, persistent=False)
         self.register_buffer("w_uv", None, persistent=False)
+        self.heads_q: tuple | None = None  # decode's W_UK and W_UV on the file's blocks (_load_heads)
 
     # -- weights ---------------------------------------------------------------------------
 
@@ -224,9 +226,35 @@ class MLAttention(InjectedModule, name="attention.mla"):
         per_head = weight.view(self.num_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
         self.w_uk = per_head[:, : self.nope_dim].contiguous()  # [H, nope, rank]
         self.w_uv = per_head[:, self.nope_dim :].contiguous()  # [H, v, rank]
+        self.heads_q = self._load_heads()
+
+    def _load_heads(self) -> tuple | None:
+        """W_UK and W_UV as the file stores them, for one-token steps: per head, (type, int64 [H] head
+        addresses, row bytes) of attn_k_b [H, rank, nope] and attn_v_b [H, v, rank], the split pair
+        llama.cpp's converter writes. Each is then one `matmul_experts` call over the heads, reading
+        the quantized blocks (V2-Lite: ~1.3 MB a layer in Q4_K/Q5_0) instead of the fp32 matrices
+        (8.4 MB), with activations rounded to int8 per block as in every C-kernel product. None where
+        the file has the fused kv_b (whose W_UK rows run the wrong way), or the kernels lack a type."""
+        raw = getattr(self.source, "raw", None)
+        if self.device.type != "cpu" or raw is None or not qblocks.available():
+            return None
+        parts = raw(self.weight_name("kv_b_proj.weight"))
+        heads, r = self.num_heads, self.kv_lora_rank
+        if len(parts) != 2 or [p.shape for p in parts] != [(heads, r, self.nope_dim), (heads, self.v_dim, r)]:
+            return None
+        out = []
+        for part, (n, k) in zip(parts, [(r, self.nope_dim), (self.v_dim, r)]):
+            if not qblocks.supports(part.qtype, k):
+                return None
+            rows = qblocks.as_rows(part.data, part.qtype, heads * n, k)
+            step = n * rows.shape[1]
+            ptrs = torch.tensor([qblocks.address(rows) + h * step for h in range(heads)], dtype=torch.int64)
+            out.append((part.qtype, ptrs, rows.shape[1], n, rows))  # rows: keeps the blocks alive
+        return tuple(out)
 
     def unload(self) -> None:
         self.w_uk = self.w_uv = None
+        self.heads_q = None
 
     # -- cache -----------------------------------------------------------------------------
 
@@ -331,6 +359,8 @@ class MLAttention(InjectedModule, name="attention.mla"):
 
     def _absorbed(self, q_nope, q_rope, kv, allowed, past: int) -> torch.Tensor:
         batch, length, heads, _ = q_nope.shape
+        if batch * length == 1 and self.heads_q is not None and allowed is None:
+            return self._absorbed_step(q_nope, q_rope, kv)
         q_nope_h = q_nope.permute(2, 0, 1, 3).reshape(heads, batch * length, self.nope_dim)
         q_latent = torch.bmm(q_nope_h, self.w_uk).view(heads, batch, length, -1).permute(1, 2, 0, 3)
         q_cat = torch.cat([q_latent, q_rope], dim=-1).mul_(self.scaling)
@@ -341,6 +371,16 @@ class MLAttention(InjectedModule, name="attention.mla"):
         # without copying the weight (the transposed form copied it on every call: 5x slower).
         out = torch.bmm(self.w_uv, out_h)  # [H, v, B*S]
         return out.view(heads, self.v_dim, batch, length).permute(2, 3, 0, 1)
+
+    def _absorbed_step(self, q_nope, q_rope, kv) -> torch.Tensor:
+        """One query (decode) with W_UK and W_UV on the file's quantized blocks, one call over the heads each."""
+        heads = self.num_heads
+        (uk_type, uk_ptrs, uk_bytes, r, _), (uv_type, uv_ptrs, uv_bytes, v, _) = self.heads_q
+        q_latent = qblocks.matmul_experts(uk_type, uk_ptrs, uk_bytes, r, q_nope.reshape(heads, self.nope_dim))
+        q_cat = torch.cat([q_latent.view(1, 1, heads, r).to(q_rope.dtype), q_rope], dim=-1).mul_(self.scaling)
+        out_latent = absorbed_attention(q_cat, kv, r, None, None)
+        out = qblocks.matmul_experts(uv_type, uv_ptrs, uv_bytes, v, out_latent.reshape(heads, r))
+        return out.to(q_nope.dtype).view(1, 1, heads, v)
 
     def _expanded(self, q_nope, q_rope, kv, allowed, past: int) -> torch.Tensor:
         batch, length, heads, _ = q_nope.shape
