@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from graftlm.kernels.cpu import qblocks
 from graftlm.ops.base import InjectedModule
 from graftlm.ops.packed import quantized_param
 from graftlm.weights.dequant import dequantize
@@ -78,8 +79,13 @@ class EmbeddingCPU(InjectedModule, name="embedding.cpu"):
             raise IndexError(f"{self.key}: token id {bad} is out of range [0, {self.num_embeddings})")
         rows = np.take(self.table.data, ids.numpy(), axis=0)
         shape = (ids.numel(), self.embedding_dim)
-        name = f"{self.source.path}: {self.table.name}"
-        y = dequantize(rows, self.table.qtype, shape, torch.float32, name=name).to(self.dtype)
+        qtype = self.table.qtype
+        if qblocks.supports(qtype, self.embedding_dim):  # the C kernel: gguf-py's values, bit for bit
+            y = qblocks.dequantize(qtype, qblocks.as_rows(rows, qtype, *shape), self.embedding_dim)
+        else:
+            name = f"{self.source.path}: {self.table.name}"
+            y = dequantize(rows, self.table.qtype, shape, torch.float32, name=name)
+        y = y.to(self.dtype)
         if self.embed_scale is not None:
             y = y * self.embed_scale.to(self.dtype)
         return y.reshape(*input_ids.shape, self.embedding_dim).to(self.out_device or input_ids.device)
