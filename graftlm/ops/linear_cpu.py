@@ -7,6 +7,9 @@ without quantized blocks (safetensors, memory) the weight is packed from its val
 
 from __future__ import annotations
 
+import torch
+
+from graftlm.kernels.cpu import qblocks
 from graftlm.kernels.cpu.packed import PackedMatrix, pack
 from graftlm.ops.packed import PackedLinear
 from graftlm.weights.source import QuantizedTensor
@@ -25,3 +28,30 @@ class LinearCPU(PackedLinear, name="linear.cpu"):
 
     def pack_matrix(self, q: QuantizedTensor) -> PackedMatrix:
         return pack(q, self.layout, int8_activations=self.int8_activations)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # The common decode case straight into the C kernel: a linear layer is called over a hundred
+        # times per token, and the general path's reshapes, checks and conversions cost more than
+        # the kernel on small matrices (Gemma 3 270M: ~50 us against ~15 us per call).
+        packed = self.packed
+        if (
+            packed.prepared
+            and x.dtype == torch.float32
+            and x.device.type == "cpu"
+            and x.shape[-1] == self.in_features
+            and self.bias is None
+        ):
+            rows = x.numel() // self.in_features
+            if 0 < rows <= packed.kernel_rows:
+                x = x.contiguous()
+                y = torch.empty(*x.shape[:-1], self.out_features)
+                qblocks._qkernels.matmul(
+                    *packed.prepared,
+                    x.data_ptr(),
+                    rows,
+                    y.data_ptr(),
+                    self.out_features,
+                    torch.get_num_threads(),
+                )
+                return y if self.out_device is None else y.to(self.out_device)
+        return super().forward(x)

@@ -95,3 +95,23 @@ def test_cpu_linear_from_safetensors_packs_values(tmp_path):
     with torch.inference_mode():
         a, b = ref.model(ids).logits, fast.model(ids).logits
     assert ((a - b).norm() / a.norm()).item() < 1e-2  # bf16 layout from fp32 values
+
+
+def test_linear_cpu_direct_kernel_call_equals_the_general_path(quantized):
+    """LinearCPU.forward's shortcut into the C kernel (fp32 CPU input, few rows) gives exactly what
+    PackedLinear's general path gives, for 2-D, 3-D and non-contiguous inputs."""
+    if not qblocks.available():
+        pytest.skip("graftlm._qkernels is not built")
+    _, paths = quantized
+    fast = graftlm.load(paths["q8_0"], rules=CPU_RULES, progress=False)
+    op = next(m for m in fast.model.modules() if isinstance(m, LinearCPU) and m.packed.layout == "gguf")
+    g = torch.Generator().manual_seed(3)
+    wide = torch.randn(2, 3, 2 * op.in_features, generator=g)
+    for x in (wide[0, :1, : op.in_features], wide[:, :, : op.in_features], wide[:, :, ::2]):
+        with torch.inference_mode():
+            got = op(x)
+            want = super(LinearCPU, op).forward(x)  # PackedLinear.forward
+        assert got.shape == (*x.shape[:-1], op.out_features)
+        assert torch.equal(got, want)
+    with pytest.raises(RuntimeError):  # a wrong width never reaches the kernel
+        op(torch.randn(1, op.in_features + 32))
