@@ -32,6 +32,8 @@ def test_builtin_rules_match_hf_logits(arch):
     )
     if builtin == "deepseek2":
         expected.add("attention.mla")  # MLA over the latent cache is DeepSeek's default attention
+    else:
+        expected.add("attention.gqa")  # the Llama family's attention, RoPE in one C call
     assert ops == expected
     assert not any(isinstance(m, torch.nn.Linear) for m in model.model.layers.modules())
     assert not any(type(m).__name__.endswith("RMSNorm") for m in model.modules())  # all norm.cpu

@@ -29,3 +29,30 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         x.data_ptr(), x.numel() // dim, dim, weight.data_ptr(), eps, out.data_ptr(), torch.get_num_threads()
     )
     return out
+
+
+def rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding in place on x [B, S, H, D] (fp32, contiguous, on the CPU) with cos and sin
+    [B or 1, S, R] (R <= D, the rotated leading part): x * cos + rotate_half(x) * sin, exactly as
+    transformers' apply_rotary_pos_emb computes it. Returns x."""
+    batch, length, heads, dim = x.shape
+    rot = cos.shape[-1]
+    if (
+        x.dtype != torch.float32
+        or not x.is_contiguous()
+        or rot > dim
+        or rot % 2
+        or cos.shape != sin.shape
+        or cos.shape[-2] != length
+    ):
+        raise ValueError(f"rope_: x {x.dtype} {tuple(x.shape)} and cos/sin {tuple(cos.shape)} do not fit")
+    cos = cos.to(torch.float32).expand(batch, length, rot).contiguous()
+    sin = sin.to(torch.float32).expand(batch, length, rot).contiguous()
+    if not qblocks.available():
+        part = x[..., :rot]
+        half = rot // 2
+        rotated = torch.cat((-part[..., half:], part[..., :half]), dim=-1)
+        part.copy_(part * cos[:, :, None] + rotated * sin[:, :, None])
+        return x
+    qblocks._qkernels.rope(x.data_ptr(), batch * length, heads, dim, cos.data_ptr(), sin.data_ptr(), rot)
+    return x

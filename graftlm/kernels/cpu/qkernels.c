@@ -862,6 +862,34 @@ static PyObject *py_rmsnorm(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* rope(x_ptr, rows, heads, dim, cos_ptr, sin_ptr, rot): rotary embedding in place on fp32 x [rows, heads,
+   dim], with cos and sin [rows, rot] (rot <= dim, even): x[:rot] = x[:rot] * cos + rotate_half(x[:rot]) * sin,
+   rotate_half(x) = [-x2, x1], as transformers' apply_rotary_pos_emb computes it (the same products and sums,
+   in the same order: the build contracts no multiply-add, so results are identical). */
+static PyObject *py_rope(PyObject *self, PyObject *args) {
+    Py_ssize_t xp, rows, heads, dim, cp, sp, rot;
+    if (!PyArg_ParseTuple(args, "nnnnnnn", &xp, &rows, &heads, &dim, &cp, &sp, &rot)) return NULL;
+    if (rot > dim || rot % 2) {
+        PyErr_SetString(PyExc_ValueError, "rot must be even and at most dim");
+        return NULL;
+    }
+    float *x = (float *)xp;
+    const float *cs = (const float *)cp, *sn = (const float *)sp;
+    const int64_t half = rot / 2;
+    for (int64_t r = 0; r < rows; r++) {
+        const float *c = cs + r * rot, *s = sn + r * rot;
+        for (int64_t h = 0; h < heads; h++) {
+            float *v = x + (r * heads + h) * dim;
+            for (int64_t j = 0; j < half; j++) {
+                const float a = v[j], b = v[j + half];
+                v[j] = a * c[j] + -b * s[j];
+                v[j + half] = b * c[j + half] + a * s[j + half];
+            }
+        }
+    }
+    Py_RETURN_NONE;
+}
+
 /* set_isa("avx2" | "portable"): returns the path now in use ("avx2" only where the CPU has it). */
 static PyObject *py_set_isa(PyObject *self, PyObject *args) {
     const char *name;
@@ -894,6 +922,7 @@ static PyMethodDef methods[] = {
     {"matmul_experts", py_matmul_experts, METH_VARARGS, "One row through each of several matrices of one type, in one call."},
     {"dequantize", py_dequantize, METH_VARARGS, "GGUF blocks -> fp32 rows, as gguf-py computes them."},
     {"rmsnorm", py_rmsnorm, METH_VARARGS, "RMSNorm of fp32 rows with an fp32 weight, in one call."},
+    {"rope", py_rope, METH_VARARGS, "Rotary embedding (rotate-half form) in place on fp32 rows of heads."},
     {"set_isa", py_set_isa, METH_VARARGS, "Choose the code path: avx2 (where supported) or portable."},
     {"isa", py_isa, METH_NOARGS, "The code path in use."},
     {"openmp", py_openmp, METH_NOARGS, "Whether the build uses OpenMP threads."},

@@ -1,0 +1,144 @@
+"""`attention.gqa`: the multi-head / grouped-query attention of Llama, Mistral, Mixtral, Qwen2,
+Qwen2-MoE, Qwen3, Qwen3-MoE and Gemma 3, with less work between its projections.
+
+It replaces `model.layers.N.self_attn` and adopts `q_proj`, `k_proj`, `v_proj`, `o_proj` (and
+`q_norm`, `k_norm` where the model has them) under their HF names, so the linear and norm rules
+still reach them. It computes what those classes' forward computes (they share one body), in the
+same order, with the same KV-cache calls and the same attention function (`config._attn_implementation`),
+so sliding windows and masks behave as in transformers. What differs is the glue: RoPE runs in one
+C call, in place on the fresh projections (graftlm/kernels/cpu/fused.py; the same floating-point
+operations as `apply_rotary_pos_emb`, so the same bits), instead of about sixteen torch operations,
+and there is one transpose per tensor. A one-token step of Gemma 3 270M spent ~0.3 ms a layer in
+that glue (bench/decode_bounds.py).
+
+Other attention classes are refused by name: their forward may compute something else
+(logit soft-capping, gated or chunked attention, ...).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from graftlm.kernels.cpu import fused
+from graftlm.models.compat import given_cache
+from graftlm.ops.base import InjectedModule
+
+# Attention classes whose forward is Llama's (q/k/v projections, optional q/k RMSNorm over the
+# head dimension, rotate-half RoPE, cache.update, the configured attention function, o_proj).
+SUPPORTED = frozenset(
+    {
+        "LlamaAttention",
+        "MistralAttention",
+        "MixtralAttention",
+        "Qwen2Attention",
+        "Qwen2MoeAttention",
+        "Qwen3Attention",
+        "Qwen3MoeAttention",
+        "Gemma3Attention",
+    }
+)
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+class GQAttention(InjectedModule, name="attention.gqa"):
+    """Llama-style attention over transformers' KV cache, RoPE in one in-place call."""
+
+    def __init__(self, key, source, config, orig_module, **kwargs) -> None:
+        super().__init__(key, source, config, orig_module, **kwargs)
+        kind = type(orig_module).__name__
+        if kind not in SUPPORTED:
+            raise ValueError(
+                f"attention.gqa at {key!r} replaces {', '.join(sorted(SUPPORTED))}, not {kind} "
+                "(its forward may compute something else); keep it with class: default"
+            )
+        if getattr(orig_module, "attn_logit_softcapping", None) is not None:
+            raise ValueError(f"attention.gqa at {key!r}: logit soft-capping is not supported")
+        self.layer_idx = int(orig_module.layer_idx)
+        self.head_dim = int(orig_module.head_dim)
+        self.num_key_value_groups = int(orig_module.num_key_value_groups)
+        self.scaling = float(orig_module.scaling)
+        self.is_causal = bool(getattr(orig_module, "is_causal", True))
+        self.attention_dropout = 0.0  # inference only
+        window = getattr(orig_module, "sliding_window", None)
+        if kind in ("MistralAttention", "MixtralAttention"):
+            window = getattr(config, "sliding_window", None)
+        self.sliding_window = window
+        # eager attention is defined per modeling file; the other implementations are registered
+        self._eager = sys.modules[type(orig_module).__module__].eager_attention_forward
+        self.adopt(orig_module, *PROJECTIONS, "q_norm", "k_norm")
+        missing = [n for n in PROJECTIONS if n not in self._modules]
+        if missing:
+            raise ValueError(f"attention.gqa at {key!r}: {kind} has no {', '.join(missing)}")
+        self.has_qk_norm = "q_norm" in self._modules and "k_norm" in self._modules
+
+    def load(self) -> None:
+        """Nothing of its own: the adopted projections and norms load their weights."""
+
+    def unload(self) -> None:
+        pass
+
+    def _heads(self, name: str, x: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+        y = self._modules[name](x).view(shape)
+        norm = name[0] + "_norm"
+        return self._modules[norm](y) if self.has_qk_norm and name != "v_proj" else y
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        attention_mask: torch.Tensor | None = None,
+        cache=None,
+        past_key_values=None,  # the name before transformers 5.24
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if position_embeddings is None:
+            raise ValueError(
+                f"attention.gqa at {self.key!r} needs position_embeddings from the rotary module"
+            )
+        input_shape = hidden_states.shape[:-1]
+        shape = (*input_shape, -1, self.head_dim)  # [B, S, heads, D]
+        query = self._heads("q_proj", hidden_states, shape)
+        key = self._heads("k_proj", hidden_states, shape)
+        value = self._modules["v_proj"](hidden_states).view(shape)
+        cos, sin = position_embeddings
+        query, key = _rope(query, cos, sin), _rope(key, cos, sin)
+        query, key, value = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
+        past = given_cache(cache, past_key_values)
+        if past is not None:
+            key, value = past.update(key, value, self.layer_idx)
+        attend = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, self._eager)
+        out, weights = attend(
+            self,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=0.0,
+            scaling=self.scaling,
+            sliding_window=self.sliding_window,
+            **kwargs,
+        )
+        out = self._modules["o_proj"](out.reshape(*input_shape, -1).contiguous())
+        return out, weights
+
+    def extra_repr(self) -> str:
+        window = f", window={self.sliding_window}" if self.sliding_window else ""
+        return f"{super().extra_repr()}, layer={self.layer_idx}, head_dim={self.head_dim}{window}"
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE on x [B, S, H, D]: in place by the C kernel where it applies, else apply_rotary_pos_emb's formula."""
+    if (
+        x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and x.is_contiguous()
+        and cos.dim() == 3
+        and cos.shape[-1] <= x.shape[-1]
+    ):
+        return fused.rope_(x, cos, sin)
+    cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin

@@ -1,0 +1,108 @@
+"""`attention.gqa` against the transformers attention modules it replaces, and its refusals."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+import graftlm
+from graftlm.inject.registry import get_operator
+from graftlm.kernels.cpu import fused, qblocks
+from graftlm.models.compat import library_cache_arg
+from graftlm.ops.attention.gqa import GQAttention
+from graftlm.weights.convert import convert
+from tests.inject.helpers import random_model, tiny_config
+from tests.models.tiny import VOCAB, make_model
+
+CACHE = library_cache_arg()
+ARCHS = ["llama", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma3"]
+
+
+def _position_embeddings(model, x, positions, layer_idx):
+    rotary = model.model.rotary_emb
+    if isinstance(getattr(rotary, "rope_type", None), dict):  # Gemma 3: sliding and full frequencies
+        return rotary(x, positions, model.config.layer_types[layer_idx])
+    return rotary(x, positions)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("last", [False, True])  # Gemma 3: layer 0 slides, the last (of 6) is global
+def test_one_layer_matches_hf_through_prefill_and_decode(arch, last):
+    config = tiny_config(arch)
+    model = random_model(config)
+    layer = config.num_hidden_layers - 1 if last else 0
+    hf = model.model.layers[layer].self_attn
+    op = GQAttention(f"model.layers.{layer}.self_attn", None, config, copy.deepcopy(hf))
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 20, config.hidden_size, generator=g)
+    caches = DynamicCache(config=config), DynamicCache(config=config)
+    # a 12-token prompt, then 8 single tokens: past Gemma 3's sliding window of 8
+    spans = [(0, 12)] + [(t, t + 1) for t in range(12, 20)]
+    with torch.inference_mode():
+        for s0, s1 in spans:
+            positions = torch.arange(s0, s1)[None].expand(2, -1)
+            pe = _position_embeddings(model, x, positions, layer)
+            want = hf(x[:, s0:s1], position_embeddings=pe, attention_mask=None, **{CACHE: caches[0]})[0]
+            got = op(x[:, s0:s1], position_embeddings=pe, attention_mask=None, **{CACHE: caches[1]})[0]
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    for a, b in zip(caches[0].layers[layer].keys, caches[1].layers[layer].keys):
+        assert torch.equal(a, b)  # the cache holds the same keys, bit for bit
+
+
+def test_rope_kernel_is_apply_rotary_pos_emb_bit_for_bit():
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    g = torch.Generator().manual_seed(1)
+    for batch, length, heads, dim in [(1, 1, 4, 256), (2, 7, 3, 64)]:
+        q = torch.randn(batch, length, heads, dim, generator=g)
+        k = torch.randn(batch, length, 1, dim, generator=g)
+        angles = torch.randn(batch, length, dim // 2, generator=g) * 10
+        emb = torch.cat([angles, angles], dim=-1)
+        cos, sin = emb.cos(), emb.sin()
+        want_q, want_k = apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
+        assert torch.equal(fused.rope_(q.clone(), cos, sin).transpose(1, 2), want_q)
+        assert torch.equal(fused.rope_(k.clone(), cos[:1], sin[:1]).transpose(1, 2)[:1], want_k[:1])
+
+
+def test_rope_partial_rotation_leaves_the_rest(monkeypatch):
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(1, 3, 2, 16, generator=g)
+    angles = torch.randn(1, 3, 4, generator=g)
+    cos, sin = torch.cat([angles, angles], -1).cos(), torch.cat([angles, angles], -1).sin()
+    kernel = fused.rope_(x.clone(), cos, sin)
+    assert torch.equal(kernel[..., 8:], x[..., 8:])
+    monkeypatch.setattr(qblocks, "available", lambda: False)  # the torch fallback
+    torch.testing.assert_close(fused.rope_(x.clone(), cos, sin), kernel, rtol=0, atol=0)
+
+
+def test_refuses_other_attention_classes():
+    config = tiny_config("deepseek_v2")
+    hf = random_model(config).model.layers[0].self_attn
+    with pytest.raises(ValueError, match=r"attention\.gqa at 'a'.*not DeepseekV2Attention"):
+        GQAttention("a", None, config, hf)
+    assert get_operator("attention.gqa") is GQAttention
+
+
+@pytest.mark.parametrize("arch", ["gemma3", "qwen3"])
+def test_auto_rules_decode_matches_hf_past_the_window(arch, tmp_path):
+    """Token by token through the engine, 30 steps (Gemma 3's sliding window is 8): the same
+    next-token logits as the plain transformers model on the same file."""
+    folder = tmp_path / arch
+    make_model(arch, folder)
+    path = convert(folder, tmp_path / "f32.gguf", "f32")
+    plain, fast = graftlm.load(path, progress=False), graftlm.load(path, rules="auto", progress=False)
+    assert any(isinstance(m, GQAttention) for m in fast.model.modules())
+    ids = torch.randint(3, VOCAB, (10,), generator=torch.Generator().manual_seed(3)).tolist()
+    states = []
+    for llm in (plain, fast):
+        logits, cache = llm.engine.prefill(ids)
+        steps = [logits]
+        for t in range(30):
+            token = torch.tensor([[int(steps[-1].argmax())]])
+            logits, cache = llm.engine.forward(token, cache, len(ids) + t)
+            steps.append(logits)
+        states.append(torch.stack(steps))
+    torch.testing.assert_close(states[1], states[0], rtol=1e-4, atol=1e-4)
