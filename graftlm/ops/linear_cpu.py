@@ -39,7 +39,6 @@ class LinearCPU(PackedLinear, name="linear.cpu"):
             and x.dtype == torch.float32
             and x.device.type == "cpu"
             and x.shape[-1] == self.in_features
-            and self.bias is None
         ):
             rows = x.numel() // self.in_features
             if 0 < rows <= packed.kernel_rows:
@@ -53,5 +52,7 @@ class LinearCPU(PackedLinear, name="linear.cpu"):
                     self.out_features,
                     torch.get_num_threads(),
                 )
+                if self.bias is not None:
+                    y += self.bias
                 return y if self.out_device is None else y.to(self.out_device)
         return super().forward(x)

@@ -104,14 +104,16 @@ def test_linear_cpu_direct_kernel_call_equals_the_general_path(quantized):
         pytest.skip("graftlm._qkernels is not built")
     _, paths = quantized
     fast = graftlm.load(paths["q8_0"], rules=CPU_RULES, progress=False)
-    op = next(m for m in fast.model.modules() if isinstance(m, LinearCPU) and m.packed.layout == "gguf")
+    ops = [m for m in fast.model.modules() if isinstance(m, LinearCPU) and m.packed.layout == "gguf"]
+    with_bias = [m for m in ops if m.bias is not None]  # Qwen2-MoE's q/k/v projections
     g = torch.Generator().manual_seed(3)
-    wide = torch.randn(2, 3, 2 * op.in_features, generator=g)
-    for x in (wide[0, :1, : op.in_features], wide[:, :, : op.in_features], wide[:, :, ::2]):
-        with torch.inference_mode():
-            got = op(x)
-            want = super(LinearCPU, op).forward(x)  # PackedLinear.forward
-        assert got.shape == (*x.shape[:-1], op.out_features)
-        assert torch.equal(got, want)
+    for op in [ops[-1], *with_bias[:1]]:
+        wide = torch.randn(2, 3, 2 * op.in_features, generator=g)
+        for x in (wide[0, :1, : op.in_features], wide[:, :, : op.in_features], wide[:, :, ::2]):
+            with torch.inference_mode():
+                got = op(x)
+                want = super(LinearCPU, op).forward(x)  # PackedLinear.forward
+            assert got.shape == (*x.shape[:-1], op.out_features)
+            assert torch.equal(got, want)
     with pytest.raises(RuntimeError):  # a wrong width never reaches the kernel
         op(torch.randn(1, op.in_features + 32))

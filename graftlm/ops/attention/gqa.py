@@ -20,6 +20,7 @@ from __future__ import annotations
 import sys
 
 import torch
+import torch.nn.functional as F
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from graftlm.kernels.cpu import fused
@@ -109,6 +110,19 @@ class GQAttention(InjectedModule, name="attention.gqa"):
         past = given_cache(cache, past_key_values)
         if past is not None:
             key, value = past.update(key, value, self.layer_idx)
+        if (
+            query.shape[2] == 1
+            and self.config._attn_implementation == "sdpa"
+            and _shared_mask(attention_mask)
+        ):
+            # One query: the query heads of each KV head as that head's rows, so SDPA reads K and V
+            # without repeat_kv (transformers' pack_gqa, without its dispatch)
+            batch, heads = query.shape[:2]
+            packed = query.reshape(batch, key.shape[1], heads // key.shape[1], self.head_dim)
+            out = F.scaled_dot_product_attention(
+                packed, key, value, attn_mask=attention_mask, scale=self.scaling
+            )
+            return self._modules["o_proj"](out.reshape(*input_shape, -1)), None
         attend = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, self._eager)
         out, weights = attend(
             self,
@@ -127,6 +141,11 @@ class GQAttention(InjectedModule, name="attention.gqa"):
     def extra_repr(self) -> str:
         window = f", window={self.sliding_window}" if self.sliding_window else ""
         return f"{super().extra_repr()}, layer={self.layer_idx}, head_dim={self.head_dim}{window}"
+
+
+def _shared_mask(mask: torch.Tensor | None) -> bool:
+    """Whether a mask is absent or the same for every head ([B, 1, 1, T]), as one-token packing needs."""
+    return mask is None or (mask.dim() == 4 and mask.shape[1] == 1 and mask.shape[2] == 1)
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
