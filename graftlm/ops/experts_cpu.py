@@ -1,7 +1,8 @@
 """`experts.cpu`: routed experts on GGUF-quantized weights, repacked once at load.
 
-Each expert's gate and up projections form one [2I, H] matrix (one kernel call instead of two), its
-down projection [H, I]; the kernels and error bounds are those of graftlm/kernels/cpu/packed.py.
+Where the layout keeps the file's blocks (`gguf`), each expert's gate and up projections stay the
+file's two tensors (a GatePair; no concatenated copy), else they are one repacked [2I, H] matrix; its
+down projection is [H, I]. The kernels and error bounds are those of graftlm/kernels/cpu/packed.py.
 Routing of (token, expert) pairs is shared with `experts.torch` (graftlm/ops/experts.py).
 """
 
@@ -12,7 +13,7 @@ import torch
 
 from graftlm.kernels.cpu import qblocks
 from graftlm.kernels.cpu.packed import PackedMatrix, pack
-from graftlm.ops.packed import PackedExperts
+from graftlm.ops.packed import GatePair, PackedExperts
 from graftlm.weights.source import QuantizedTensor
 
 
@@ -31,21 +32,30 @@ class ExpertsCPU(PackedExperts, name="experts.cpu"):
     def pack_matrix(self, q: QuantizedTensor) -> PackedMatrix:
         return pack(q, self.layout, int8_activations=self.int8_activations)
 
+    @property
+    def split_gate_up(self) -> bool:  # the file's own blocks: keep gate and up apart
+        return self.layout == "gguf" or (self.layout == "auto" and qblocks.available())
+
     def after_load(self) -> None:
         super().after_load()
-        # A decode step (one token) runs its routed experts' gate-up products in one C call and their
-        # down products in another, when every expert keeps GGUF blocks of one type per projection.
+        # A decode step (one token) runs its routed experts' products in one C call per projection
+        # (gate, up and down; or fused gate-up and down), when every expert keeps GGUF blocks of one
+        # type per projection.
         self._batched = None
-        if all(m.layout == "gguf" for m in self.gate_up + self.down):
-            kinds = [{m.source_type for m in ms} for ms in (self.gate_up, self.down)]
-            if all(len(k) == 1 for k in kinds):
+        if self.gate_up and isinstance(self.gate_up[0], GatePair):
+            projections = [[p.gate for p in self.gate_up], [p.up for p in self.gate_up], self.down]
+        else:
+            projections = [self.gate_up, self.down]
+        if all(m.layout == "gguf" for ms in projections for m in ms):
+            if all(len({m.source_type for m in ms}) == 1 for ms in projections):
                 self._batched = tuple(
                     (
                         gguf.GGMLQuantizationType[ms[0].source_type],
                         torch.tensor([m.ptr for m in ms]),
                         ms[0].weight.shape[1],
+                        ms[0].n,
                     )
-                    for ms in (self.gate_up, self.down)
+                    for ms in projections
                 )
 
     def unload(self) -> None:
@@ -58,10 +68,10 @@ class ExpertsCPU(PackedExperts, name="experts.cpu"):
         index = top_k_index.reshape(-1).to(self.device)
         keep = index < self.num_experts  # HF pads with num_experts
         index, weights = index[keep], top_k_weights.reshape(-1).to(self.device)[keep]
-        (gu_type, gu_ptrs, gu_bytes), (d_type, d_ptrs, d_bytes) = self._batched
         x = hidden_states.to(device=self.device, dtype=torch.float32)
-        gate_up = qblocks.matmul_experts(gu_type, gu_ptrs[index], gu_bytes, 2 * self.intermediate_dim, x)
-        gate, up = gate_up.chunk(2, dim=-1)
-        down = qblocks.matmul_experts(d_type, d_ptrs[index], d_bytes, self.hidden_dim, self.act_fn(gate) * up)
+        *first, (d_type, d_ptrs, d_bytes, d_n) = self._batched
+        outs = [qblocks.matmul_experts(t, ptrs[index], nbytes, n, x) for t, ptrs, nbytes, n in first]
+        gate, up = outs if len(outs) == 2 else outs[0].chunk(2, dim=-1)
+        down = qblocks.matmul_experts(d_type, d_ptrs[index], d_bytes, d_n, self.act_fn(gate) * up)
         y = (down * weights[:, None].float()).sum(0, keepdim=True)
         return self.to_out(y.to(x.dtype), hidden_states)

@@ -9,6 +9,7 @@ shared. A packed matrix has `matmul(x) -> fp32`, `nbytes`, `layout` and `source_
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import gguf
@@ -33,6 +34,44 @@ def quantized_param(source: WeightSource, hf_name: str) -> QuantizedTensor:
 def expert_rows(q: QuantizedTensor, e: int) -> QuantizedTensor:
     """Expert `e`'s matrix of a stacked [E, rows, cols] tensor."""
     return QuantizedTensor(f"{q.name}[{e}]", q.qtype, tuple(q.shape[1:]), q.data[e])
+
+
+@dataclass
+class GatePair:
+    """One expert's gate and up matrices, packed apart: [2I, H] as the fused HF parameter, without
+    concatenating the file's blocks into a copy. `matmul` returns [.., 2I] (gate, then up)."""
+
+    gate: Any
+    up: Any
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.gate.matmul(x), self.up.matmul(x)], dim=-1)
+
+    @property
+    def nbytes(self) -> int:
+        return self.gate.nbytes + self.up.nbytes
+
+    @property
+    def layout(self) -> str:
+        return (
+            self.gate.layout if self.gate.layout == self.up.layout else f"{self.gate.layout}+{self.up.layout}"
+        )
+
+    @property
+    def source_type(self) -> str:
+        kinds = (self.gate.source_type, self.up.source_type)
+        return kinds[0] if kinds[0] == kinds[1] else "+".join(kinds)
+
+
+def gate_and_up(source: WeightSource, hf_name: str, shape: tuple[int, int, int]) -> tuple | None:
+    """The file's separate gate and up expert tensors [E, I, H] behind a fused `gate_up_proj`
+    [E, 2I, H], undecoded; None where the source has no such pair."""
+    raw = getattr(source, "raw", None)
+    parts = raw(hf_name) if raw is not None else None
+    e, two_i, h = shape
+    if not parts or len(parts) != 2 or any(p.shape != (e, two_i // 2, h) for p in parts):
+        return None
+    return tuple(parts)
 
 
 class _Packing:
@@ -106,15 +145,28 @@ class PackedExperts(_Packing, InjectedModule):
         self.gate_up: list = []
         self.down: list = []
 
+    # Whether gate and up stay two matrices where the file has them apart (GatePair): for layouts
+    # that keep the file's blocks, so that no concatenated copy of two thirds of the experts exists.
+    split_gate_up: ClassVar[bool] = False
+
     def load(self) -> None:
-        gate_up = quantized_param(self.source, self.weight_name("gate_up_proj"))
-        down = quantized_param(self.source, self.weight_name("down_proj"))
         e, h, i = self.num_experts, self.hidden_dim, self.intermediate_dim
-        if gate_up.shape != (e, 2 * i, h) or down.shape != (e, h, i):
-            raise ValueError(
-                f"{self.key}: expert shapes {gate_up.shape} / {down.shape}, expected {(e, 2 * i, h)} / {(e, h, i)}"
-            )
-        self.gate_up = [self.pack_matrix(expert_rows(gate_up, x)) for x in range(e)]
+        name = self.weight_name("gate_up_proj")
+        pair = gate_and_up(self.source, name, (e, 2 * i, h)) if self.split_gate_up else None
+        if pair is not None:
+            gate, up = pair
+            self.gate_up = [
+                GatePair(self.pack_matrix(expert_rows(gate, x)), self.pack_matrix(expert_rows(up, x)))
+                for x in range(e)
+            ]
+        else:
+            gate_up = quantized_param(self.source, name)
+            if gate_up.shape != (e, 2 * i, h):
+                raise ValueError(f"{self.key}: gate_up_proj shape {gate_up.shape}, expected {(e, 2 * i, h)}")
+            self.gate_up = [self.pack_matrix(expert_rows(gate_up, x)) for x in range(e)]
+        down = quantized_param(self.source, self.weight_name("down_proj"))
+        if down.shape != (e, h, i):
+            raise ValueError(f"{self.key}: down_proj shape {down.shape}, expected {(e, h, i)}")
         self.down = [self.pack_matrix(expert_rows(down, x)) for x in range(e)]
         self.after_load()
 

@@ -9,6 +9,7 @@ import graftlm
 from graftlm.kernels.cpu import qblocks
 from graftlm.ops.experts_cpu import ExpertsCPU
 from graftlm.ops.linear_cpu import LinearCPU
+from graftlm.ops.packed import GatePair
 from graftlm.weights.convert import convert
 from tests.models.tiny import make_model
 
@@ -117,3 +118,22 @@ def test_linear_cpu_direct_kernel_call_equals_the_general_path(quantized):
             assert torch.equal(got, want)
     with pytest.raises(RuntimeError):  # a wrong width never reaches the kernel
         op(torch.randn(1, op.in_features + 32))
+
+
+def test_experts_keep_the_files_gate_and_up_blocks(quantized, kernels):
+    """On GGUF blocks, each expert's gate and up stay the file's two tensors (views of the mapped
+    file), not a concatenated copy; the torch layouts repack them (a copy that replaces the original)."""
+    name, paths = quantized
+    if name == "llama":
+        pytest.skip("dense")
+    fast = graftlm.load(paths["q4_0"], rules=CPU_RULES, progress=False)
+    ops = [m for m in fast.model.modules() if isinstance(m, ExpertsCPU)]
+    assert ops
+    for op in ops:
+        if kernels == "gguf":
+            assert all(isinstance(p, GatePair) for p in op.gate_up)
+            for p in op.gate_up:
+                assert not p.gate.weight.flags.owndata and not p.up.weight.flags.owndata
+            assert op._batched is not None and len(op._batched) == 3  # gate, up, down: one call each
+        else:
+            assert not any(isinstance(p, GatePair) for p in op.gate_up)
