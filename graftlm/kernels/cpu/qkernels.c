@@ -36,8 +36,11 @@
 #ifndef PREFETCH
 #define PREFETCH 4096
 #endif
+#ifndef PREFETCH_HINT
+#define PREFETCH_HINT _MM_HINT_T0
+#endif
 #define PREFETCH_BLOCK(p, bytes) \
-    for (int pf_ = 0; pf_ < (bytes); pf_ += 64) _mm_prefetch((const char *)(p) + PREFETCH + pf_, _MM_HINT_T0)
+    for (int pf_ = 0; pf_ < (bytes); pf_ += 64) _mm_prefetch((const char *)(p) + PREFETCH + pf_, PREFETCH_HINT)
 #endif
 
 /* ggml type ids */
@@ -294,7 +297,7 @@ AVX2_FN static inline __m256i dot_ss(__m256i a, __m256i b) { return dot_us(_mm25
         __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();                                        \
         int64_t b = 0, nb = k / 32;                                                                           \
         for (; b + 1 < nb; b += 2, w += 2 * (BYTES)) {                                                        \
-            _mm_prefetch((const char *)w + PREFETCH, _MM_HINT_T0);                                            \
+            _mm_prefetch((const char *)w + PREFETCH, PREFETCH_HINT);                                            \
             __m256i p0 = dot_ss(VALUES(w), _mm256_loadu_si256((const __m256i *)(x.q + b * 32)));              \
             __m256i p1 = dot_ss(VALUES(w + (BYTES)), _mm256_loadu_si256((const __m256i *)(x.q + b * 32 + 32))); \
             acc0 = _mm256_fmadd_ps(_mm256_set1_ps(_cvtsh_ss(rd16(w)) * x.d[b]), _mm256_cvtepi32_ps(p0), acc0); \
@@ -542,7 +545,7 @@ AVX2_FN static void dot4_q6_k_avx2(const uint8_t *w, const qx_t *x, int64_t k, f
         __m256 acc[R4];                                                                                       \
         for (int r = 0; r < R4; r++) acc[r] = _mm256_setzero_ps();                                            \
         for (int64_t b = 0; b < k / 32; b++, w += (BYTES)) {                                                  \
-            _mm_prefetch((const char *)w + PREFETCH, _MM_HINT_T0);                                            \
+            _mm_prefetch((const char *)w + PREFETCH, PREFETCH_HINT);                                            \
             __m256i v = VALUES(w), av = _mm256_sign_epi8(v, v);                                               \
             const float dw = _cvtsh_ss(rd16(w));                                                              \
             for (int r = 0; r < R4; r++) {                                                                    \
