@@ -8,6 +8,7 @@ from graftlm.ops import (  # noqa: F401  (each registers its operators)
     linear,
     linear_cpu,
     linear_gpu,
+    mlp_cpu,
     model,
     moe,
     norm_cpu,

@@ -56,3 +56,31 @@ class LinearCPU(PackedLinear, name="linear.cpu"):
                     y += self.bias
                 return y if self.out_device is None else y.to(self.out_device)
         return super().forward(x)
+
+
+def fused_linears(linears: list, x: torch.Tensor) -> list[torch.Tensor] | None:
+    """What each of several `linear.cpu` layers gives for the same x, computed in one C call
+    (`qblocks.matmul_many`: x quantized once, one parallel region), or None where any of them cannot
+    take that path: another operator, a layout other than the GGUF blocks, too many rows (prefill),
+    x not fp32 on the CPU, an output device of its own."""
+    if x.dtype != torch.float32 or x.device.type != "cpu" or x.dim() == 0:
+        return None
+    width = x.shape[-1]
+    rows = x.numel() // width if width else 0
+    prepared = []
+    for lin in linears:
+        packed = getattr(lin, "packed", None) if isinstance(lin, LinearCPU) else None
+        if (
+            packed is None
+            or not packed.prepared
+            or not 0 < rows <= packed.kernel_rows
+            or lin.in_features != width
+            or lin.out_device is not None
+        ):
+            return None
+        prepared.append(packed.prepared)
+    outs = qblocks.matmul_many(prepared, x.reshape(rows, width))
+    for lin, y in zip(linears, outs):
+        if lin.bias is not None:
+            y += lin.bias
+    return [y.view(*x.shape[:-1], lin.out_features) for lin, y in zip(linears, outs)]

@@ -43,7 +43,7 @@ def test_json_plan(folder, capsys):
     e, h, i = 8, 64, 32
     assert experts["bytes"] == 4 * e * (2 * i * h + h * i)
     assert modules["lm_head"]["op"] == "linear.cpu" and modules["model.rotary_emb"]["op"] == "rope"
-    assert modules["model.layers.0.mlp"]["op"] is None  # the dense first layer's MLP stays HF's
+    assert modules["model.layers.0.mlp"]["op"] == "mlp.cpu"  # the dense first layer's MLP
     assert modules["model.embed_tokens"]["op"] == "embedding.cpu"
     assert data["totals"] == {"cpu": sum(m["bytes"] for m in data["modules"])}
     assert data["totals"]["cpu"] == 4 * sum(m["numel"] for m in data["modules"])

@@ -148,3 +148,24 @@ def test_wrapper_rejects_what_c_would_misread():
         qblocks.dequantize(Q.Q4_K, rows, k, 0, n + 3)
     with pytest.raises(ValueError, match="row_bytes"):
         qblocks._qkernels.dequantize(int(Q.Q4_K), qblocks.address(rows), 144, n, 4096, 0, 1)
+
+
+@pytest.mark.parametrize("m", [1, 3, 9])
+def test_matmul_many_is_matmul_per_matrix(m: int, isa: str):
+    """Matrices of mixed types (32- and 256-value blocks) sharing one input, in one call: each
+    output equals that matrix's own matmul, bit for bit, at every row count."""
+    rng = np.random.default_rng(11)
+    k = 512
+    shapes = [(Q.Q5_0, 48), (Q.Q4_K, 16), (Q.Q8_0, 33), (Q.Q6_K, 5)]  # n not a multiple of the 16-row chunk
+    mats = [(qtype, qblocks.as_rows(random_blocks(qtype, n, k, rng), qtype, n, k)) for qtype, n in shapes]
+    x = torch.randn(m, k)
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        got = qblocks.matmul_many([qblocks.prepare(t, rows, k) for t, rows in mats], x)
+        for (qtype, rows), y in zip(mats, got):
+            assert torch.equal(y, qblocks.matmul(qtype, rows, x))
+    with pytest.raises(ValueError, match="width"):
+        qblocks.matmul_many([qblocks.prepare(Q.Q8_0, mats[2][1], k)], torch.randn(1, k + 32))
+    too_many = [qblocks.prepare(Q.Q8_0, mats[2][1], k)] * 9
+    with pytest.raises(ValueError, match="1 to 8"):
+        qblocks.matmul_many(too_many, x)

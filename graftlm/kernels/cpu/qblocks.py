@@ -132,6 +132,23 @@ def matmul_prepared(prepared: tuple[int, int, int, int, int], x: torch.Tensor) -
     return out
 
 
+def matmul_many(prepared: list[tuple[int, int, int, int, int]], x: torch.Tensor) -> list[torch.Tensor]:
+    """x [M, K] through several matrices checked by `prepare` (all of width K), in one C call: one
+    quantization of x per block size and one parallel region -> fp32 [M, N] for each matrix."""
+    k = x.shape[-1]
+    if x.dim() != 2 or x.device.type != "cpu" or any(p[4] != k for p in prepared):
+        raise ValueError(
+            f"x must be a CPU matrix [M, K] with K the matrices' width {sorted({p[4] for p in prepared})}, "
+            f"not {tuple(x.shape)} on {x.device}"
+        )
+    x = x.to(torch.float32).contiguous()
+    m = x.shape[0]
+    outs = [torch.empty(m, p[3], dtype=torch.float32) for p in prepared]
+    specs = [(p[0], p[1], p[2], p[3], out.data_ptr(), p[3]) for p, out in zip(prepared, outs)]
+    _qkernels.matmul_many(k, x.data_ptr(), m, torch.get_num_threads(), specs)
+    return outs
+
+
 def matmul_experts(qtype: Q, ptrs: torch.Tensor, row_bytes: int, n: int, x: torch.Tensor) -> torch.Tensor:
     """One row through each of E matrices [N, K] of type `qtype` at addresses `ptrs` (int64 [E]):
     x [1, K] (the same row for all) or [E, K] (a row each) -> fp32 [E, N]. The caller keeps the

@@ -707,6 +707,32 @@ static int check_matrix(int type, int64_t k, int64_t row_bytes) {
     return 1;
 }
 
+#define CHUNK 16 /* W rows a thread takes at a time */
+
+/* out[i, j] = x[i] . W[j] for W rows j0..j1 and every x row: x in blocks of XBLOCK rows (kept in L2); each
+   W row (kept in L1) dotted with a block four x rows at a time. */
+static void matmul_rows(dot_fn dot, dot4_fn dot4, const uint8_t *w, int64_t row_bytes, int64_t k, int64_t j0,
+                        int64_t j1, const xbuf_t *xb, int64_t m, float *out, int64_t ldo) {
+    const int64_t XBLOCK = 64;
+    for (int64_t i0 = 0; i0 < m; i0 += XBLOCK) {
+        int64_t i1 = i0 + XBLOCK < m ? i0 + XBLOCK : m;
+        for (int64_t j = j0; j < j1; j++) {
+            const uint8_t *row = w + j * row_bytes;
+            int64_t i = i0;
+            if (dot4) {
+                for (; i + R4 <= i1; i += R4) {
+                    qx_t xs4[R4];
+                    float o[R4];
+                    for (int r = 0; r < R4; r++) xs4[r] = xbuf_row(xb, i + r);
+                    dot4(row, xs4, k, o);
+                    for (int r = 0; r < R4; r++) out[(i + r) * ldo + j] = o[r];
+                }
+            }
+            for (; i < i1; i++) out[i * ldo + j] = dot(row, xbuf_row(xb, i), k);
+        }
+    }
+}
+
 /* matmul(type, w_ptr, row_bytes, n, k, x_ptr, m, out_ptr, ldo, threads): out[i, j] = x[i] . W[j] */
 static PyObject *py_matmul(PyObject *self, PyObject *args) {
     int type, threads;
@@ -732,36 +758,91 @@ static PyObject *py_matmul(PyObject *self, PyObject *args) {
     }
     Py_BEGIN_ALLOW_THREADS
     quantize_rows(x, m, k, xb.block, xb.q, xb.d, xb.s, xb.s32);
-    /* Threads split W's rows; each takes x in blocks of XBLOCK rows (kept in L2), and for each of its
-       W rows (kept in L1) dots that row with the block four x rows at a time. */
-    const int64_t XBLOCK = 64, chunk = 16, nchunks = (n + chunk - 1) / chunk;
+    const int64_t nchunks = (n + CHUNK - 1) / CHUNK;
 #ifdef _OPENMP
     int nt = threads > 0 ? threads : 1;
     if (nchunks < nt) nt = (int)nchunks;
 #pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
 #endif
-    for (int64_t c = 0; c < nchunks; c++) {
-        int64_t end = (c + 1) * chunk < n ? (c + 1) * chunk : n;
-        for (int64_t i0 = 0; i0 < m; i0 += XBLOCK) {
-            int64_t i1 = i0 + XBLOCK < m ? i0 + XBLOCK : m;
-            for (int64_t j = c * chunk; j < end; j++) {
-                const uint8_t *row = w + j * row_bytes;
-                int64_t i = i0;
-                if (dot4) {
-                    for (; i + R4 <= i1; i += R4) {
-                        qx_t xs4[R4];
-                        float o[R4];
-                        for (int r = 0; r < R4; r++) xs4[r] = xbuf_row(&xb, i + r);
-                        dot4(row, xs4, k, o);
-                        for (int r = 0; r < R4; r++) out[(i + r) * ldo + j] = o[r];
-                    }
-                }
-                for (; i < i1; i++) out[i * ldo + j] = dot(row, xbuf_row(&xb, i), k);
-            }
-        }
-    }
+    for (int64_t c = 0; c < nchunks; c++)
+        matmul_rows(dot, dot4, w, row_bytes, k, c * CHUNK, (c + 1) * CHUNK < n ? (c + 1) * CHUNK : n, &xb, m, out, ldo);
     Py_END_ALLOW_THREADS
     xbuf_free(&xb);
+    (void)threads;
+    Py_RETURN_NONE;
+}
+
+/* matmul_many(k, x_ptr, m, threads, specs): several matrices that share one input x [m, k], in one
+   parallel region: specs is a sequence of (type, w_ptr, row_bytes, n, out_ptr, ldo), at most MANY_MAX,
+   each computed as matmul computes it (x quantized once per block size: 32 and/or 256). A decode step's
+   q/k/v or gate/up projections in one call instead of three or two. */
+#define MANY_MAX 8
+static PyObject *py_matmul_many(PyObject *self, PyObject *args) {
+    Py_ssize_t k, xp, m;
+    int threads;
+    PyObject *specs;
+    if (!PyArg_ParseTuple(args, "nnniO", &k, &xp, &m, &threads, &specs)) return NULL;
+    PyObject *seq = PySequence_Fast(specs, "specs must be a sequence of (type, w_ptr, row_bytes, n, out_ptr, ldo)");
+    if (!seq) return NULL;
+    Py_ssize_t count = PySequence_Fast_GET_SIZE(seq);
+    struct {
+        int type;
+        Py_ssize_t w, row_bytes, n, out, ldo;
+        dot_fn dot;
+        dot4_fn dot4;
+        int64_t first; /* the matrix's first chunk in the shared numbering */
+    } mat[MANY_MAX];
+    if (count < 1 || count > MANY_MAX) {
+        Py_DECREF(seq);
+        PyErr_Format(PyExc_ValueError, "matmul_many takes 1 to %d matrices, not %zd", MANY_MAX, count);
+        return NULL;
+    }
+    int need32 = 0, need256 = 0;
+    int64_t total = 0;
+    for (Py_ssize_t i = 0; i < count; i++) {
+        PyObject *item = PySequence_Fast_GET_ITEM(seq, i);
+        if (!PyArg_ParseTuple(item, "innnnn", &mat[i].type, &mat[i].w, &mat[i].row_bytes, &mat[i].n, &mat[i].out,
+                              &mat[i].ldo) ||
+            !check_matrix(mat[i].type, k, mat[i].row_bytes)) {
+            Py_DECREF(seq);
+            return NULL;
+        }
+        if (mat[i].ldo < mat[i].n || mat[i].n <= 0) {
+            Py_DECREF(seq);
+            PyErr_SetString(PyExc_ValueError, "matmul_many: n must be positive and at most ldo");
+            return NULL;
+        }
+        pick_kernels(mat[i].type, &mat[i].dot, &mat[i].dot4);
+        need32 |= block_values(mat[i].type) == 32, need256 |= block_values(mat[i].type) == 256;
+        mat[i].first = total;
+        total += (mat[i].n + CHUNK - 1) / CHUNK;
+    }
+    Py_DECREF(seq);
+    if (m <= 0) Py_RETURN_NONE;
+    xbuf_t x32 = {0}, x256 = {0};
+    if ((need32 && !xbuf_alloc(&x32, m, k, 32)) || (need256 && !xbuf_alloc(&x256, m, k, 256))) {
+        xbuf_free(&x32), xbuf_free(&x256);
+        return PyErr_NoMemory();
+    }
+    const float *x = (const float *)xp;
+    Py_BEGIN_ALLOW_THREADS
+    if (need32) quantize_rows(x, m, k, 32, x32.q, x32.d, x32.s, x32.s32);
+    if (need256) quantize_rows(x, m, k, 256, x256.q, x256.d, x256.s, x256.s32);
+#ifdef _OPENMP
+    int nt = threads > 0 ? threads : 1;
+    if (total < nt) nt = (int)total;
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
+#endif
+    for (int64_t c = 0; c < total; c++) {
+        int i = 0;
+        while (i + 1 < count && mat[i + 1].first <= c) i++;
+        int64_t j0 = (c - mat[i].first) * CHUNK, j1 = j0 + CHUNK < mat[i].n ? j0 + CHUNK : mat[i].n;
+        const xbuf_t *xb = block_values(mat[i].type) == 32 ? &x32 : &x256;
+        matmul_rows(mat[i].dot, mat[i].dot4, (const uint8_t *)mat[i].w, mat[i].row_bytes, k, j0, j1, xb, m,
+                    (float *)mat[i].out, mat[i].ldo);
+    }
+    Py_END_ALLOW_THREADS
+    xbuf_free(&x32), xbuf_free(&x256);
     (void)threads;
     Py_RETURN_NONE;
 }
@@ -922,6 +1003,7 @@ static PyObject *py_openmp(PyObject *self, PyObject *noargs) {
 
 static PyMethodDef methods[] = {
     {"matmul", py_matmul, METH_VARARGS, "out[m, n] = x[m, k] @ W[n, k]^T on GGUF blocks (activations int8 per 32)."},
+    {"matmul_many", py_matmul_many, METH_VARARGS, "Several matrices sharing one input, in one parallel call."},
     {"matmul_experts", py_matmul_experts, METH_VARARGS, "One row through each of several matrices of one type, in one call."},
     {"dequantize", py_dequantize, METH_VARARGS, "GGUF blocks -> fp32 rows, as gguf-py computes them."},
     {"rmsnorm", py_rmsnorm, METH_VARARGS, "RMSNorm of fp32 rows with an fp32 weight, in one call."},

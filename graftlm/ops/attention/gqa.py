@@ -26,6 +26,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from graftlm.kernels.cpu import fused
 from graftlm.models.compat import given_cache
 from graftlm.ops.base import InjectedModule
+from graftlm.ops.linear_cpu import fused_linears
 
 # Attention classes whose forward is Llama's (q/k/v projections, optional q/k RMSNorm over the
 # head dimension, rotate-half RoPE, cache.update, the configured attention function, o_proj).
@@ -81,11 +82,6 @@ class GQAttention(InjectedModule, name="attention.gqa"):
     def unload(self) -> None:
         pass
 
-    def _heads(self, name: str, x: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-        y = self._modules[name](x).view(shape)
-        norm = name[0] + "_norm"
-        return self._modules[norm](y) if self.has_qk_norm and name != "v_proj" else y
-
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -101,9 +97,12 @@ class GQAttention(InjectedModule, name="attention.gqa"):
             )
         input_shape = hidden_states.shape[:-1]
         shape = (*input_shape, -1, self.head_dim)  # [B, S, heads, D]
-        query = self._heads("q_proj", hidden_states, shape)
-        key = self._heads("k_proj", hidden_states, shape)
-        value = self._modules["v_proj"](hidden_states).view(shape)
+        qkv = fused_linears([self.q_proj, self.k_proj, self.v_proj], hidden_states)  # decode: one call
+        if qkv is None:
+            qkv = [self._modules[n](hidden_states) for n in ("q_proj", "k_proj", "v_proj")]
+        query, key, value = (y.view(shape) for y in qkv)
+        if self.has_qk_norm:
+            query, key = self.q_norm(query), self.k_norm(key)
         cos, sin = position_embeddings
         query, key = _rope(query, cos, sin), _rope(key, cos, sin)
         query, key, value = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)

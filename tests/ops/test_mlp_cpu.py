@@ -1,0 +1,76 @@
+"""`mlp.cpu` against the transformers MLP modules it replaces, and its refusals."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import graftlm
+from graftlm.kernels.cpu import qblocks
+from graftlm.ops.attention.gqa import GQAttention
+from graftlm.ops.linear_cpu import LinearCPU, fused_linears
+from graftlm.ops.mlp_cpu import MLPCPU
+from graftlm.weights.convert import convert
+from tests.models.tiny import VOCAB, make_model
+
+
+@pytest.fixture(scope="module", params=["gemma3", "qwen2_moe", "deepseek_v2_lite"])
+def model_files(request, tmp_path_factory):
+    folder = tmp_path_factory.mktemp(request.param)
+    make_model(request.param, folder)
+    return request.param, {t: convert(folder, folder / f"{t}.gguf", t) for t in ("f32", "q8_0")}
+
+
+def test_auto_rules_place_it_and_logits_follow_hf(model_files):
+    """f32 weights: mlp.cpu (dense MLPs, shared experts) computes what transformers' modules do."""
+    arch, files = model_files
+    plain = graftlm.load(files["f32"], progress=False)
+    fast = graftlm.load(files["f32"], rules="auto", progress=False)
+    mlps = [m for m in fast.model.modules() if isinstance(m, MLPCPU)]
+    assert mlps, arch
+    assert not any(type(m).__name__.endswith("MLP") for m in fast.model.modules())
+    ids = torch.randint(3, VOCAB, (2, 9), generator=torch.Generator().manual_seed(4))
+    with torch.inference_mode():
+        torch.testing.assert_close(fast.model(ids).logits, plain.model(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_one_call_equals_the_projections_one_by_one(model_files):
+    """On GGUF blocks, gate and up (and attention's q, k, v) in one matmul_many call give exactly
+    what each linear.cpu gives alone, biases included (Qwen2-MoE's q/k/v)."""
+    if not qblocks.available():
+        pytest.skip("graftlm._qkernels is not built")
+    arch, files = model_files
+    fast = graftlm.load(files["q8_0"], rules="auto", progress=False)
+    groups = [[m.gate_proj, m.up_proj] for m in fast.model.modules() if isinstance(m, MLPCPU)]
+    groups += [[m.q_proj, m.k_proj, m.v_proj] for m in fast.model.modules() if isinstance(m, GQAttention)]
+    assert groups
+    g = torch.Generator().manual_seed(5)
+    for linears in groups:
+        assert all(isinstance(lin, LinearCPU) and lin.packed.layout == "gguf" for lin in linears)
+        for shape in [(1, 1, linears[0].in_features), (2, 3, linears[0].in_features)]:
+            x = torch.randn(*shape, generator=g)
+            with torch.inference_mode():
+                together = fused_linears(linears, x)
+                alone = [lin(x) for lin in linears]
+            assert together is not None
+            for a, b in zip(together, alone):
+                assert torch.equal(a, b)
+    with torch.inference_mode():  # prefill-sized and bf16 inputs take the modules one by one
+        lin = groups[0]
+        assert (
+            fused_linears(lin, torch.randn(1, 64, lin[0].in_features)) is None
+            or lin[0].packed.kernel_rows >= 64
+        )
+        assert fused_linears(lin, torch.randn(1, 1, lin[0].in_features, dtype=torch.bfloat16)) is None
+
+
+def test_refuses_other_classes():
+    class FusedGateUp(nn.Module):  # Phi-3's form: one gate_up_proj
+        def __init__(self):
+            super().__init__()
+            self.gate_up_proj = nn.Linear(4, 8)
+            self.down_proj = nn.Linear(4, 4)
+
+    with pytest.raises(ValueError, match=r"mlp\.cpu at 'm'.*not FusedGateUp"):
+        MLPCPU("m", None, None, FusedGateUp())
