@@ -70,8 +70,14 @@ class ExpertsCPU(PackedExperts, name="experts.cpu"):
         index, weights = index[keep], top_k_weights.reshape(-1).to(self.device)[keep]
         x = hidden_states.to(device=self.device, dtype=torch.float32)
         *first, (d_type, d_ptrs, d_bytes, d_n) = self._batched
-        outs = [qblocks.matmul_experts(t, ptrs[index], nbytes, n, x) for t, ptrs, nbytes, n in first]
-        gate, up = outs if len(outs) == 2 else outs[0].chunk(2, dim=-1)
+        if len(first) == 2 and first[0][0] == first[1][0] and first[0][2:] == first[1][2:]:
+            # gate and up of one type and shape: one call over both sets of matrices
+            gu_type, _, gu_bytes, gu_n = first[0]
+            ptrs = torch.stack([first[0][1][index], first[1][1][index]])
+            gate, up = qblocks.matmul_experts(gu_type, ptrs, gu_bytes, gu_n, x)
+        else:
+            outs = [qblocks.matmul_experts(t, ptrs[index], nbytes, n, x) for t, ptrs, nbytes, n in first]
+            gate, up = outs if len(outs) == 2 else outs[0].chunk(2, dim=-1)
         down = qblocks.matmul_experts(d_type, d_ptrs[index], d_bytes, d_n, self.act_fn(gate) * up)
         y = (down * weights[:, None].float()).sum(0, keepdim=True)
         return self.to_out(y.to(x.dtype), hidden_states)

@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 import gguf
 import torch
 
+from graftlm.kernels.cpu import qblocks
 from graftlm.ops.base import InjectedModule, LinearBase
 from graftlm.ops.experts import grouped_apply
 from graftlm.weights.source import QuantizedTensor, WeightSource
@@ -45,6 +46,9 @@ class GatePair:
     up: Any
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        both = (self.gate.prepared, self.up.prepared) if self.gate.layout == self.up.layout == "gguf" else ()
+        if both and x.shape[0] <= min(self.gate.kernel_rows, self.up.kernel_rows):
+            return torch.cat(qblocks.matmul_many(list(both), x), dim=-1)  # x quantized once, one call
         return torch.cat([self.gate.matmul(x), self.up.matmul(x)], dim=-1)
 
     @property

@@ -169,3 +169,17 @@ def test_matmul_many_is_matmul_per_matrix(m: int, isa: str):
     too_many = [qblocks.prepare(Q.Q8_0, mats[2][1], k)] * 9
     with pytest.raises(ValueError, match="1 to 8"):
         qblocks.matmul_many(too_many, x)
+
+
+def test_matmul_experts_sets_are_separate_calls(isa: str):
+    """ptrs [S, E]: S sets of matrices taking the same rows (an expert's gate and up) in one call."""
+    rng = np.random.default_rng(12)
+    e, n, k = 3, 40, 256
+    mats = [qblocks.as_rows(random_blocks(Q.Q4_K, n, k, rng), Q.Q4_K, n, k) for _ in range(2 * e)]
+    ptrs = torch.tensor([qblocks.address(m) for m in mats]).view(2, e)
+    rb = mats[0].shape[1]
+    for x in (torch.randn(1, k), torch.randn(e, k)):
+        got = qblocks.matmul_experts(Q.Q4_K, ptrs, rb, n, x)
+        assert got.shape == (2, e, n)
+        for s in range(2):
+            assert torch.equal(got[s], qblocks.matmul_experts(Q.Q4_K, ptrs[s], rb, n, x))

@@ -150,20 +150,38 @@ def matmul_many(prepared: list[tuple[int, int, int, int, int]], x: torch.Tensor)
 
 
 def matmul_experts(qtype: Q, ptrs: torch.Tensor, row_bytes: int, n: int, x: torch.Tensor) -> torch.Tensor:
-    """One row through each of E matrices [N, K] of type `qtype` at addresses `ptrs` (int64 [E]):
-    x [1, K] (the same row for all) or [E, K] (a row each) -> fp32 [E, N]. The caller keeps the
+    """One row through each of E matrices [N, K] of type `qtype` at addresses `ptrs` (int64 [E], or
+    [S, E] for S sets of E matrices that take the same rows: an expert's gate and up) -> fp32 [E, N]
+    (or [S, E, N]). x is [1, K] (the same row for all) or [E, K] (a row each). The caller keeps the
     matrices alive."""
-    count, k = ptrs.shape[0], x.shape[-1]
-    if x.dim() != 2 or x.device.type != "cpu" or ptrs.dtype != torch.int64:
+    sets, count = (1, ptrs.shape[0]) if ptrs.dim() == 1 else ptrs.shape
+    k = x.shape[-1]
+    if x.dim() != 2 or x.device.type != "cpu" or ptrs.dtype != torch.int64 or ptrs.dim() not in (1, 2):
         raise ValueError(
-            f"x must be a CPU matrix and ptrs int64, not {tuple(x.shape)} on {x.device}, {ptrs.dtype}"
+            f"x must be a CPU matrix and ptrs int64 [E] or [S, E], not {tuple(x.shape)} on {x.device}, "
+            f"{ptrs.dtype} {tuple(ptrs.shape)}"
         )
     xf = x.to(torch.float32).contiguous()
     if xf.shape[0] not in (1, count):
         raise ValueError(f"x has {xf.shape[0]} rows for {count} matrices")
-    out = torch.empty(count, n, dtype=torch.float32)
-    if count == 0:
+    out = torch.empty(*ptrs.shape, n, dtype=torch.float32)
+    if count == 0 or sets == 0:
         return out
+    ptrs = ptrs.contiguous()
+    _qkernels.matmul_experts(
+        int(qtype),
+        ptrs.data_ptr(),
+        count,
+        row_bytes,
+        n,
+        k,
+        xf.data_ptr(),
+        xf.shape[0],
+        out.data_ptr(),
+        torch.get_num_threads(),
+        sets,
+    )
+    return out
     ptrs = ptrs.contiguous()
     _qkernels.matmul_experts(
         int(qtype),

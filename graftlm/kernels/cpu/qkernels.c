@@ -847,17 +847,20 @@ static PyObject *py_matmul_many(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
-/* matmul_experts(type, ptrs_ptr, count, row_bytes, n, k, x_ptr, x_rows, out_ptr, threads):
+/* matmul_experts(type, ptrs_ptr, count, row_bytes, n, k, x_ptr, x_rows, out_ptr, threads[, sets]):
    out[e] = x[e] @ W_e^T (x[0] for every e when x_rows is 1) for `count` matrices W_e [n, k] of one type,
-   whose addresses are the int64 array at ptrs_ptr: a decode step's routed experts in one parallel call. */
+   whose addresses are the int64 array at ptrs_ptr: a decode step's routed experts in one parallel call.
+   With sets > 1, ptrs holds sets x count addresses and out [sets, count, n]: set s's matrix e takes
+   x[e] too (the gate and the up matrices of the same experts, in one call). */
 static PyObject *py_matmul_experts(PyObject *self, PyObject *args) {
     int type, threads;
-    Py_ssize_t pp, count, row_bytes, n, k, xp, x_rows, op;
-    if (!PyArg_ParseTuple(args, "innnnnnnni", &type, &pp, &count, &row_bytes, &n, &k, &xp, &x_rows, &op, &threads))
+    Py_ssize_t pp, count, row_bytes, n, k, xp, x_rows, op, sets = 1;
+    if (!PyArg_ParseTuple(args, "innnnnnnni|n", &type, &pp, &count, &row_bytes, &n, &k, &xp, &x_rows, &op, &threads,
+                          &sets))
         return NULL;
     if (!check_matrix(type, k, row_bytes)) return NULL;
-    if ((x_rows != 1 && x_rows != count) || count < 1) {
-        PyErr_SetString(PyExc_ValueError, "count or x_rows do not match");
+    if ((x_rows != 1 && x_rows != count) || count < 1 || sets < 1) {
+        PyErr_SetString(PyExc_ValueError, "count, sets or x_rows do not match");
         return NULL;
     }
     if (n <= 0) Py_RETURN_NONE;
@@ -874,14 +877,14 @@ static PyObject *py_matmul_experts(PyObject *self, PyObject *args) {
     }
     Py_BEGIN_ALLOW_THREADS
     quantize_rows(x, x_rows, k, xb.block, xb.q, xb.d, xb.s, xb.s32);
-    const int64_t chunk = 16, per = (n + chunk - 1) / chunk, total = count * per;
+    const int64_t chunk = 16, per = (n + chunk - 1) / chunk, total = sets * count * per;
 #ifdef _OPENMP
     int nt = threads > 0 ? threads : 1;
     if (total < nt) nt = (int)total;
 #pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
 #endif
     for (int64_t t = 0; t < total; t++) {
-        int64_t e = t / per, c = t % per, i = x_rows == 1 ? 0 : e;
+        int64_t e = t / per, c = t % per, i = x_rows == 1 ? 0 : e % count;
         const uint8_t *w = (const uint8_t *)ptrs[e];
         qx_t xi = xbuf_row(&xb, i);
         int64_t end = (c + 1) * chunk < n ? (c + 1) * chunk : n;
