@@ -99,6 +99,9 @@ def test_auto_rules_decode_matches_hf_past_the_window(arch, tmp_path):
     states = []
     for llm in (plain, fast):
         logits, cache = llm.engine.prefill(ids)
+        if llm is fast:  # the in-place KV layers, full and (Gemma 3) sliding
+            kinds = {type(layer).__name__ for layer in cache.layers}
+            assert kinds <= {"GrowingLayer", "GrowingSlidingLayer"} and "GrowingLayer" in kinds, kinds
         steps = [logits]
         for t in range(30):
             token = torch.tensor([[int(steps[-1].argmax())]])

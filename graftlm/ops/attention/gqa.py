@@ -21,8 +21,11 @@ import sys
 
 import torch
 import torch.nn.functional as F
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from graftlm.engine.kv_cache import GrowingLayer, GrowingSlidingLayer
 from graftlm.kernels.cpu import fused
 from graftlm.models.compat import given_cache
 from graftlm.ops.base import InjectedModule
@@ -75,6 +78,26 @@ class GQAttention(InjectedModule, name="attention.gqa"):
         if missing:
             raise ValueError(f"attention.gqa at {key!r}: {kind} has no {', '.join(missing)}")
         self.has_qk_norm = "q_norm" in self._modules and "k_norm" in self._modules
+        self._cache_kind: tuple | None = None  # make_cache_layer's answer, worked out once
+
+    def make_cache_layer(self):
+        """This layer's KV cache: what transformers' DynamicCache would hold for it (a full or a
+        sliding-window layer), appending in place instead of concatenating per token
+        (graftlm/engine/kv_cache.py); None (keep transformers' own) for any other kind."""
+        if self._cache_kind is None:
+            layer = DynamicCache(config=self.config).layers[self.layer_idx]
+            kind = type(layer)
+            if kind is DynamicLayer:
+                self._cache_kind = ("full",)
+            elif kind is DynamicSlidingWindowLayer:
+                self._cache_kind = ("sliding", int(layer.sliding_window))
+            else:
+                self._cache_kind = ("other",)
+        if self._cache_kind[0] == "full":
+            return GrowingLayer()
+        if self._cache_kind[0] == "sliding":
+            return GrowingSlidingLayer(self._cache_kind[1])
+        return None
 
     def load(self) -> None:
         """Nothing of its own: the adopted projections and norms load their weights."""
