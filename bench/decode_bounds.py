@@ -57,15 +57,25 @@ def zero_matmul(qtype, w, row_bytes, n, k, x, m, out, ldo, threads) -> None:
         ctypes.memset(out + i * ldo * 4, 0, n * 4)
 
 
-def zero_matmul_experts(qtype, ptrs, count, row_bytes, n, k, x, x_rows, out, threads) -> None:
-    ctypes.memset(out, 0, count * n * 4)
+def zero_matmul_experts(qtype, ptrs, count, row_bytes, n, k, x, x_rows, out, threads, sets=1) -> None:
+    ctypes.memset(out, 0, sets * count * n * 4)
+
+
+def zero_matmul_many(k, x, m, threads, specs) -> None:
+    for _, _, _, n, out, ldo in specs:
+        zero_matmul(0, 0, 0, n, k, x, m, out, ldo, threads)
 
 
 class Kernels:
     """The extension with its matrix products replaced (the fused row operators stay real)."""
 
-    def __init__(self, real, matmul, matmul_experts) -> None:
-        self.real, self.matmul, self.matmul_experts = real, matmul, matmul_experts
+    def __init__(self, real, matmul, matmul_experts, matmul_many) -> None:
+        self.real, self.matmul, self.matmul_experts, self.matmul_many = (
+            real,
+            matmul,
+            matmul_experts,
+            matmul_many,
+        )
 
     def __getattr__(self, name: str):
         return getattr(self.real, name)
@@ -100,10 +110,12 @@ def profile(path: str, steps: int) -> None:
             return call
 
         try:
-            qblocks._qkernels = Kernels(real, timed(real.matmul), timed(real.matmul_experts))
+            qblocks._qkernels = Kernels(
+                real, timed(real.matmul), timed(real.matmul_experts), timed(real.matmul_many)
+            )
             total = step_ms()
             print(f"  in graftlm's C kernels: {spent[0] / steps * 1e3:.1f} of {total:.1f} ms")
-            qblocks._qkernels = Kernels(real, zero_matmul, zero_matmul_experts)
+            qblocks._qkernels = Kernels(real, zero_matmul, zero_matmul_experts, zero_matmul_many)
             print(f"  with the C kernels as no-ops: {step_ms():.1f} ms (Python, modules, small torch ops)")
         finally:
             qblocks._qkernels = real
