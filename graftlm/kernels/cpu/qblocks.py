@@ -154,13 +154,13 @@ def matmul_experts(qtype: Q, ptrs: torch.Tensor, row_bytes: int, n: int, x: torc
     [S, E] for S sets of E matrices that take the same rows: an expert's gate and up) -> fp32 [E, N]
     (or [S, E, N]). x is [1, K] (the same row for all) or [E, K] (a row each). The caller keeps the
     matrices alive."""
-    sets, count = (1, ptrs.shape[0]) if ptrs.dim() == 1 else ptrs.shape
-    k = x.shape[-1]
     if x.dim() != 2 or x.device.type != "cpu" or ptrs.dtype != torch.int64 or ptrs.dim() not in (1, 2):
         raise ValueError(
             f"x must be a CPU matrix and ptrs int64 [E] or [S, E], not {tuple(x.shape)} on {x.device}, "
             f"{ptrs.dtype} {tuple(ptrs.shape)}"
         )
+    sets, count = (1, ptrs.shape[0]) if ptrs.dim() == 1 else ptrs.shape
+    k = x.shape[-1]
     xf = x.to(torch.float32).contiguous()
     if xf.shape[0] not in (1, count):
         raise ValueError(f"x has {xf.shape[0]} rows for {count} matrices")
@@ -180,20 +180,6 @@ def matmul_experts(qtype: Q, ptrs: torch.Tensor, row_bytes: int, n: int, x: torc
         out.data_ptr(),
         torch.get_num_threads(),
         sets,
-    )
-    return out
-    ptrs = ptrs.contiguous()
-    _qkernels.matmul_experts(
-        int(qtype),
-        ptrs.data_ptr(),
-        count,
-        row_bytes,
-        n,
-        k,
-        xf.data_ptr(),
-        xf.shape[0],
-        out.data_ptr(),
-        torch.get_num_threads(),
     )
     return out
 
