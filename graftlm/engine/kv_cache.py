@@ -11,9 +11,11 @@ cost O(n) copying in all. Everything else is the parent class's: `get_seq_length
 them replaces those tensors the next append starts a fresh buffer from them.
 
 The sliding layer returns what DynamicSlidingWindowLayer returns (the kept window and the new
-tokens) and keeps the last `sliding_window - 1` tokens; its buffer slides forward and is compacted
-(the window copied to the front) only when it reaches the end. With `record_past` (assisted
-decoding) it defers to the parent class.
+tokens) and keeps the last `sliding_window - 1` tokens; its window slides forward in the buffer and
+moves to a fresh buffer when it reaches the end. Appends only ever write past everything handed out,
+so tensors a caller got earlier never change. With `record_past` (assisted decoding) it defers to
+the parent class. Offloading (`DynamicCache(offloading=True)`) is not supported: the buffers stay
+where they were made (graftlm's engine does not offload).
 """
 
 from __future__ import annotations
@@ -68,10 +70,8 @@ class _Buffered:
             old = (self.keys, self.values) if self._length else (None, None)
             self._allocate(*old, self._length + new, like=(key_states, value_states))
         elif self._start + self._length + new > kbuf.shape[-2]:
-            if self._length + new <= kbuf.shape[-2] // 2:  # room at the front: slide the window back
-                self._compact()
-            else:
-                self._allocate(self.keys, self.values, self._length + new)
+            # a fresh buffer (never the front of this one: tensors already handed out stay intact)
+            self._allocate(self.keys, self.values, self._length + new)
         end = self._start + self._length
         self._kbuf[:, :, end : end + new] = key_states
         self._vbuf[:, :, end : end + new] = value_states
@@ -90,12 +90,6 @@ class _Buffered:
             kbuf[:, :, :length] = keys
             vbuf[:, :, :length] = values
         self._kbuf, self._vbuf, self._start, self._length = kbuf, vbuf, 0, length
-
-    def _compact(self) -> None:
-        s, n = self._start, self._length
-        self._kbuf[:, :, :n] = self._kbuf[:, :, s : s + n].clone()
-        self._vbuf[:, :, :n] = self._vbuf[:, :, s : s + n].clone()
-        self._start = 0
 
     def _expose(self) -> None:
         s, n = self._start, self._length

@@ -43,7 +43,7 @@ class LinearCPU(PackedLinear, name="linear.cpu"):
             rows = x.numel() // self.in_features
             if 0 < rows <= packed.kernel_rows:
                 x = x.contiguous()
-                y = torch.empty(*x.shape[:-1], self.out_features)
+                y = torch.empty(*x.shape[:-1], self.out_features, dtype=torch.float32)
                 qblocks._qkernels.matmul(
                     *packed.prepared,
                     x.data_ptr(),

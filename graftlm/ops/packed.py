@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 import gguf
 import torch
 
+from graftlm.errors import GraftError
 from graftlm.kernels.cpu import qblocks
 from graftlm.ops.base import InjectedModule, LinearBase
 from graftlm.ops.experts import grouped_apply
@@ -67,11 +68,22 @@ class GatePair:
         return kinds[0] if kinds[0] == kinds[1] else "+".join(kinds)
 
 
+def raw_parts(source: WeightSource, hf_name: str) -> list[QuantizedTensor] | None:
+    """The file tensors behind an HF parameter, undecoded; None where the source has none (a
+    safetensors folder or memory holds plain tensors, and its `raw` says so by raising)."""
+    raw = getattr(source, "raw", None)
+    if raw is None:
+        return None
+    try:
+        return raw(hf_name)
+    except GraftError:
+        return None
+
+
 def gate_and_up(source: WeightSource, hf_name: str, shape: tuple[int, int, int]) -> tuple | None:
     """The file's separate gate and up expert tensors [E, I, H] behind a fused `gate_up_proj`
     [E, 2I, H], undecoded; None where the source has no such pair."""
-    raw = getattr(source, "raw", None)
-    parts = raw(hf_name) if raw is not None else None
+    parts = raw_parts(source, hf_name)
     e, two_i, h = shape
     if not parts or len(parts) != 2 or any(p.shape != (e, two_i // 2, h) for p in parts):
         return None

@@ -62,3 +62,20 @@ def test_parent_operations_still_work(kind):
     a, b = ref.update(k, v), new.update(k, v)
     assert torch.equal(a[0], b[0])
     _same(ref, new)
+
+
+@pytest.mark.parametrize("kind", list(PAIRS))
+def test_tensors_handed_out_never_change(kind):
+    """Appends write past everything returned before, and a full buffer moves to a fresh one, so
+    what update() returned (and earlier keys) stays as it was, as with transformers' layers."""
+    _, new_cls, args = PAIRS[kind]
+    layer = new_cls(*args)
+    g = torch.Generator().manual_seed(2)
+    k, v = _step(g, 12)
+    first = layer.update(k, v)
+    kept = [t.clone() for t in first]
+    old_keys, old_copy = layer.keys, layer.keys.clone()
+    for _ in range(600):
+        layer.update(*_step(g, 1))
+    assert torch.equal(first[0], kept[0]) and torch.equal(first[1], kept[1])
+    assert torch.equal(old_keys, old_copy)

@@ -137,3 +137,34 @@ def test_experts_keep_the_files_gate_and_up_blocks(quantized, kernels):
             assert op._batched is not None and len(op._batched) == 3  # gate, up, down: one call each
         else:
             assert not any(isinstance(p, GatePair) for p in op.gate_up)
+
+
+@pytest.mark.parametrize("arch", ["qwen2_moe", "deepseek_v2_lite"])
+def test_auto_rules_load_a_safetensors_folder(arch, tmp_path):
+    """A safetensors source has no file blocks (its `raw` raises): experts.cpu packs the values
+    (gate and up fused) and MLA keeps its fp32 matrices, instead of failing at load."""
+    make_model(arch, tmp_path)
+    plain = graftlm.load(tmp_path, progress=False)
+    fast = graftlm.load(tmp_path, rules="auto", progress=False)
+    assert any(isinstance(m, ExpertsCPU) for m in fast.model.modules())
+    ids = torch.randint(3, 320, (1, 8), generator=torch.Generator().manual_seed(6))
+    with torch.inference_mode():
+        torch.testing.assert_close(fast.model(ids).logits, plain.model(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_linear_cpu_direct_path_writes_float32_whatever_the_default_dtype(quantized):
+    if not qblocks.available():
+        pytest.skip("graftlm._qkernels is not built")
+    _, paths = quantized
+    fast = graftlm.load(paths["q8_0"], rules=CPU_RULES, progress=False)
+    op = next(m for m in fast.model.modules() if isinstance(m, LinearCPU) and m.packed.layout == "gguf")
+    x = torch.randn(1, op.in_features)
+    with torch.inference_mode():
+        want = op(x)
+        default = torch.get_default_dtype()
+        torch.set_default_dtype(torch.float64)
+        try:
+            got = op(x)
+        finally:
+            torch.set_default_dtype(default)
+    assert got.dtype == torch.float32 and torch.equal(got, want)

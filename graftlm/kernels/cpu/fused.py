@@ -17,13 +17,20 @@ from graftlm.kernels.cpu import qblocks
 def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x / sqrt(mean(x^2, -1) + eps) * weight for fp32 x [..., D] on the CPU and fp32 weight [D] -> fp32."""
     dim = weight.shape[0]
-    if x.shape[-1] != dim or x.dtype != torch.float32 or weight.dtype != torch.float32:
+    if (
+        x.shape[-1] != dim
+        or x.dtype != torch.float32
+        or weight.dtype != torch.float32
+        or weight.dim() != 1
+        or x.device.type != "cpu"
+        or weight.device.type != "cpu"
+    ):
         raise ValueError(
             f"rmsnorm: x {x.dtype} {tuple(x.shape)} and weight {weight.dtype} [{dim}] do not match"
         )
     if not qblocks.available():
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
-    x = x.contiguous()
+    x, weight = x.contiguous(), weight.contiguous()
     out = torch.empty_like(x)
     qblocks._qkernels.rmsnorm(
         x.data_ptr(), x.numel() // dim, dim, weight.data_ptr(), eps, out.data_ptr(), torch.get_num_threads()
@@ -46,8 +53,10 @@ def rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
         or cos.shape[-2] != length
     ):
         raise ValueError(f"rope_: x {x.dtype} {tuple(x.shape)} and cos/sin {tuple(cos.shape)} do not fit")
-    cos = cos.to(torch.float32).expand(batch, length, rot).contiguous()
-    sin = sin.to(torch.float32).expand(batch, length, rot).contiguous()
+    if x.device.type != "cpu":
+        raise ValueError(f"rope_: x is on {x.device}, not the CPU")
+    cos = cos.to(device="cpu", dtype=torch.float32).expand(batch, length, rot).contiguous()
+    sin = sin.to(device="cpu", dtype=torch.float32).expand(batch, length, rot).contiguous()
     if not qblocks.available():
         part = x[..., :rot]
         half = rot // 2

@@ -71,6 +71,11 @@ class GQAttention(InjectedModule, name="attention.gqa"):
         if kind in ("MistralAttention", "MixtralAttention"):
             window = getattr(config, "sliding_window", None)
         self.sliding_window = window
+        # the attention function gets `sliding_window` exactly when the class's forward passes it
+        # (Llama's and Qwen2-MoE's do not: their masks alone carry any window)
+        self._window_kwargs = (
+            {} if kind in ("LlamaAttention", "Qwen2MoeAttention") else {"sliding_window": window}
+        )
         # eager attention is defined per modeling file; the other implementations are registered
         self._eager = sys.modules[type(orig_module).__module__].eager_attention_forward
         self.adopt(orig_module, *PROJECTIONS, "q_norm", "k_norm")
@@ -154,7 +159,7 @@ class GQAttention(InjectedModule, name="attention.gqa"):
             attention_mask,
             dropout=0.0,
             scaling=self.scaling,
-            sliding_window=self.sliding_window,
+            **self._window_kwargs,
             **kwargs,
         )
         out = self._modules["o_proj"](out.reshape(*input_shape, -1).contiguous())

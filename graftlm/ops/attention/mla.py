@@ -39,6 +39,7 @@ from graftlm.engine.latent_cache import LatentLayer
 from graftlm.kernels.cpu import qblocks
 from graftlm.models.compat import given_cache
 from graftlm.ops.base import InjectedModule
+from graftlm.ops.packed import raw_parts
 
 log = logging.getLogger(__name__)
 
@@ -235,12 +236,15 @@ class MLAttention(InjectedModule, name="attention.mla"):
         the quantized blocks (V2-Lite: ~1.3 MB a layer in Q4_K/Q5_0) instead of the fp32 matrices
         (8.4 MB), with activations rounded to int8 per block as in every C-kernel product. None where
         the file has the fused kv_b (whose W_UK rows run the wrong way), or the kernels lack a type."""
-        raw = getattr(self.source, "raw", None)
-        if self.device.type != "cpu" or raw is None or not qblocks.available():
+        if self.device.type != "cpu" or not qblocks.available():
             return None
-        parts = raw(self.weight_name("kv_b_proj.weight"))
+        parts = raw_parts(self.source, self.weight_name("kv_b_proj.weight"))
         heads, r = self.num_heads, self.kv_lora_rank
-        if len(parts) != 2 or [p.shape for p in parts] != [(heads, r, self.nope_dim), (heads, self.v_dim, r)]:
+        if (
+            parts is None
+            or len(parts) != 2
+            or [p.shape for p in parts] != [(heads, r, self.nope_dim), (heads, self.v_dim, r)]
+        ):
             return None
         out = []
         for part, (n, k) in zip(parts, [(r, self.nope_dim), (self.v_dim, r)]):
