@@ -9,6 +9,7 @@ from torch import nn
 import graftlm
 from graftlm.kernels.cpu import qblocks
 from graftlm.ops.attention.gqa import GQAttention
+from graftlm.ops.attention.mla import MLAttention
 from graftlm.ops.linear_cpu import LinearCPU, fused_linears
 from graftlm.ops.mlp_cpu import MLPCPU
 from graftlm.weights.convert import convert
@@ -44,6 +45,11 @@ def test_one_call_equals_the_projections_one_by_one(model_files):
     fast = graftlm.load(files["q8_0"], rules="auto", progress=False)
     groups = [[m.gate_proj, m.up_proj] for m in fast.model.modules() if isinstance(m, MLPCPU)]
     groups += [[m.q_proj, m.k_proj, m.v_proj] for m in fast.model.modules() if isinstance(m, GQAttention)]
+    groups += [  # MLA: the query's first projection and kv_a_proj_with_mqa
+        [m._modules["q_a_proj" if m.q_lora_rank else "q_proj"], m.kv_a_proj_with_mqa]
+        for m in fast.model.modules()
+        if isinstance(m, MLAttention)
+    ]
     assert groups
     g = torch.Generator().manual_seed(5)
     for linears in groups:
@@ -74,3 +80,28 @@ def test_refuses_other_classes():
 
     with pytest.raises(ValueError, match=r"mlp\.cpu at 'm'.*not FusedGateUp"):
         MLPCPU("m", None, None, FusedGateUp())
+
+
+def test_mla_decode_with_one_call_equals_separate_calls(model_files):
+    """DeepSeek: a decode step with q_proj and kv_a_proj_with_mqa in one call gives the same logits,
+    bit for bit, as with the two calls apart."""
+    arch, files = model_files
+    if arch != "deepseek_v2_lite" or not qblocks.available():
+        pytest.skip("MLA on GGUF blocks")
+    import graftlm.ops.attention.mla as mla
+
+    fast = graftlm.load(files["q8_0"], rules="auto", progress=False)
+    ids = torch.randint(3, VOCAB, (9,), generator=torch.Generator().manual_seed(7)).tolist()
+
+    def step() -> torch.Tensor:
+        _, cache = fast.engine.prefill(ids)
+        return fast.engine.forward(torch.tensor([[ids[-1]]]), cache, len(ids))[0]
+
+    together = step()
+    real = mla.fused_linears
+    mla.fused_linears = lambda linears, x: None
+    try:
+        apart = step()
+    finally:
+        mla.fused_linears = real
+    assert torch.equal(together, apart)

@@ -39,6 +39,7 @@ from graftlm.engine.latent_cache import LatentLayer
 from graftlm.kernels.cpu import qblocks
 from graftlm.models.compat import given_cache
 from graftlm.ops.base import InjectedModule
+from graftlm.ops.linear_cpu import fused_linears
 from graftlm.ops.packed import raw_parts
 
 log = logging.getLogger(__name__)
@@ -326,9 +327,17 @@ class MLAttention(InjectedModule, name="attention.mla"):
         x = hidden_states.to(device=self.device, dtype=self.dtype)
         batch, length, _ = x.shape
         r = self.kv_lora_rank
-        q = self._query(x).view(batch, length, self.num_heads, self.nope_dim + self.rope_dim)
+        # decode: the query's first projection and kv_a_proj_with_mqa share x: one C call for both
+        first = "q_a_proj" if self.q_lora_rank else "q_proj"
+        both = fused_linears([self._modules[first], self._modules["kv_a_proj_with_mqa"]], x)
+        if both is None:
+            q, compressed = self._query(x), self._child("kv_a_proj_with_mqa", x)
+        elif self.q_lora_rank:
+            q, compressed = self._child("q_b_proj", self._child("q_a_layernorm", both[0])), both[1]
+        else:
+            q, compressed = both
+        q = q.view(batch, length, self.num_heads, self.nope_dim + self.rope_dim)
         q_nope, q_rope = q.split([self.nope_dim, self.rope_dim], dim=-1)
-        compressed = self._child("kv_a_proj_with_mqa", x)
         latent = self._child("kv_a_layernorm", compressed[..., :r])
         q_rope, k_rope = apply_rope(q_rope, compressed[..., r:], position_embeddings, self.rope_interleave)
         kv, past = self._cache(torch.cat([latent, k_rope], dim=-1), given_cache(cache, past_key_values))
