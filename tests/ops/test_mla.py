@@ -410,3 +410,13 @@ def test_decode_on_the_files_k_b_and_v_b_blocks(qtype, tmp_path):
     for op, h in zip(ops, saved):
         op.heads_q = h
     torch.testing.assert_close(fast, exact, rtol=0.05, atol=0.05 * exact.abs().max().item())
+
+
+@pytest.mark.parametrize("total", [1, 7, 300])
+def test_one_query_attention_is_absorbed_attention(total):
+    """The decode step's loop-free form gives absorbed_attention's values, bit for bit."""
+    g = torch.Generator().manual_seed(total)
+    q = torch.randn(16, 576, generator=g) * 0.1
+    kv = torch.randn(total, 576, generator=g)
+    want = mla.absorbed_attention(q.view(1, 1, 16, 576), kv[None], 512, None, None)[0, 0]
+    assert torch.equal(mla.one_query_attention(q, kv, 512), want)

@@ -143,6 +143,17 @@ def absorbed_attention(
     return out
 
 
+def one_query_attention(q: torch.Tensor, keys: torch.Tensor, latent_dim: int) -> torch.Tensor:
+    """`absorbed_attention` for one query and no mask (a decode step), q [H, C] over keys [T, C] ->
+    [H, latent]: the same operations in the same order (so the same values), without its loops
+    and mask handling."""
+    scores = (q @ keys.T).float()
+    peak = scores.amax(dim=-1, keepdim=True).clamp_(min=torch.finfo(torch.float32).min)
+    weights = scores.sub_(peak).clamp_(min=-SCORE_FLOOR).exp_()
+    norm = weights.sum(dim=-1, keepdim=True).clamp_(min=torch.finfo(torch.float32).tiny)
+    return ((weights.to(keys.dtype) @ keys[:, :latent_dim]).float() / norm).to(q.dtype)
+
+
 class MLAttention(InjectedModule, name="attention.mla"):
     """DeepSeek MLA: absorbed decode over a latent cache, expanded or absorbed prefill.
 
@@ -391,8 +402,8 @@ class MLAttention(InjectedModule, name="attention.mla"):
         (uk_type, uk_ptrs, uk_bytes, r, _), (uv_type, uv_ptrs, uv_bytes, v, _) = self.heads_q
         q_latent = qblocks.matmul_experts(uk_type, uk_ptrs, uk_bytes, r, q_nope.reshape(heads, self.nope_dim))
         q_cat = torch.cat([q_latent.view(1, 1, heads, r).to(q_rope.dtype), q_rope], dim=-1).mul_(self.scaling)
-        out_latent = absorbed_attention(q_cat, kv, r, None, None)
-        out = qblocks.matmul_experts(uv_type, uv_ptrs, uv_bytes, v, out_latent.reshape(heads, r))
+        out_latent = one_query_attention(q_cat.view(heads, -1), kv[0], r)
+        out = qblocks.matmul_experts(uv_type, uv_ptrs, uv_bytes, v, out_latent)
         return out.to(q_nope.dtype).view(1, 1, heads, v)
 
     def _expanded(self, q_nope, q_rope, kv, allowed, past: int) -> torch.Tensor:
