@@ -9,9 +9,9 @@ so sliding windows and masks behave as in transformers. What differs is the glue
 C call, in place on the fresh projections (graftlm/kernels/cpu/fused.py; the same floating-point
 operations as `apply_rotary_pos_emb`, so the same bits), instead of about sixteen torch operations,
 and there is one transpose per tensor; at decode q/k/v run as one C call (`fused_linears`) and a lone
-query goes straight into SDPA. On Gemma 3 270M one layer's one-token attention took ~340 us as
-transformers' module and ~250 us as this operator, ~130 us of either being the projections (warm
-caches, AMD AVX2 machine). Its KV cache appends in place (`make_cache_layer`, graftlm/engine/kv_cache.py).
+query goes straight into SDPA. On Gemma 3 270M one layer's one-token attention took 486-511 us as
+transformers' module and 264-339 us as this operator, 130-200 us of it the projections
+(`python bench/decode_ops.py`, warm caches, AMD AVX2 machine, two runs). Its KV cache appends in place (`make_cache_layer`, graftlm/engine/kv_cache.py).
 
 Other attention classes are refused by name: their forward may compute something else
 (logit soft-capping, gated or chunked attention, ...).

@@ -1,0 +1,149 @@
+"""Per-call times of the decode-step operators graftlm fuses, against what they replace.
+
+    python bench/decode_ops.py [--threads 2] [--deepseek PATH]
+
+One token at a time, warm caches, median of five batches of 200 back-to-back calls, on the real Gemma 3
+270M Q4_K_M (the demo model) and, with --deepseek, a DeepSeek-V2-Lite-shaped GGUF
+(bench/make_models.py). Each line is one operator as `rules="auto"` places it against the same
+computation the way it ran before: transformers' module, the general Python path, or torch ops.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import graftlm  # first: it sets OpenMP's thread waiting, which libgomp reads when torch loads it
+
+# isort: split
+import torch
+
+from graftlm.kernels.cpu import qblocks
+from graftlm.models.demo import demo_model_path
+from graftlm.ops.attention.mla import MLAttention, absorbed_attention
+
+
+def us(fn, calls: int = 200, repeats: int = 5) -> float:
+    """Microseconds per call: the median over `repeats` batches of `calls` back-to-back calls (single
+    calls of a few microseconds are below the timer's and the machine's noise)."""
+    for _ in range(20):
+        fn()
+    means = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        means.append((time.perf_counter() - start) / calls)
+    return sorted(means)[repeats // 2] * 1e6
+
+
+def row(name: str, before: float, after: float) -> None:
+    print(f"  {name:58s} {before:8.1f} us -> {after:8.1f} us")
+
+
+def gemma(path) -> None:
+    keep_hf = [  # the same file with transformers' attention, norms and MLPs kept
+        {"match": {"name": r"^model\.layers\.\d+\.(self_attn|mlp)$"}, "replace": {"class": "default"}},
+        {"match": {"name": r"norm$"}, "replace": {"class": "default"}},
+        {"include": "builtin:gemma3"},
+    ]
+    hf = graftlm.load(path, rules=keep_hf, progress=False).model.model
+    ours = graftlm.load(path, rules="auto", progress=False).model.model
+    x = torch.randn(1, 1, 640)
+    pe = ours.rotary_emb(x, torch.tensor([[64]]), "sliding_attention")
+    print(f"Gemma 3 270M ({path.name}), one token, {torch.get_num_threads()} thread(s):")
+    with torch.inference_mode():
+        lin = ours.layers[0].self_attn.k_proj
+        row(
+            "k_proj 256x640 Q5_0: general path -> linear.cpu forward",
+            us(lambda: super(type(lin), lin).forward(x)),
+            us(lambda: lin(x)),
+        )
+        norm_hf, norm = hf.layers[0].input_layernorm, ours.layers[0].input_layernorm
+        row("input_layernorm: Gemma3RMSNorm -> norm.cpu", us(lambda: norm_hf(x)), us(lambda: norm(x)))
+        attn_hf, attn = hf.layers[0].self_attn, ours.layers[0].self_attn
+        row(
+            "self_attn (no cache): Gemma3Attention -> attention.gqa",
+            us(lambda: attn_hf(x, position_embeddings=pe, attention_mask=None)),
+            us(lambda: attn(x, position_embeddings=pe, attention_mask=None)),
+        )
+        row(
+            "  of which q/k/v/o projections (linear.cpu)",
+            0.0,
+            us(
+                lambda: (attn.q_proj(x), attn.k_proj(x), attn.v_proj(x), attn.o_proj(torch.empty(1, 1, 1024)))
+            ),
+        )
+        prepared = [attn._modules[n].packed.prepared for n in ("q_proj", "k_proj", "v_proj")]
+        x2 = x.view(1, 640)
+        row(
+            "q, k, v (Q5_0, Q5_0, Q8_0): three matmuls -> one matmul_many",
+            us(lambda: [qblocks.matmul_prepared(p, x2) for p in prepared]),
+            us(lambda: qblocks.matmul_many(prepared, x2)),
+        )
+        mlp_hf, mlp = hf.layers[0].mlp, ours.layers[0].mlp
+        prepared = [mlp.gate_proj.packed.prepared, mlp.up_proj.packed.prepared]
+        row(
+            "gate, up (Q5_0 2048x640): two matmuls -> one matmul_many",
+            us(lambda: [qblocks.matmul_prepared(p, x2) for p in prepared]),
+            us(lambda: qblocks.matmul_many(prepared, x2)),
+        )
+        row("mlp: Gemma3MLP (over linear.cpu) -> mlp.cpu", us(lambda: mlp_hf(x)), us(lambda: mlp(x)))
+
+
+def deepseek(path) -> None:
+    llm = graftlm.load(path, rules="auto", progress=False)
+    op = next(m for m in llm.model.modules() if isinstance(m, MLAttention) and m.heads_q is not None)
+    print(f"DeepSeek-V2-Lite shape ({path.name}), one token, {torch.get_num_threads()} thread(s):")
+    heads, r = op.num_heads, op.kv_lora_rank
+    (uk_type, uk_ptrs, uk_bytes, _, _), (uv_type, uv_ptrs, uv_bytes, v, _) = op.heads_q
+    q_nope, latent = torch.randn(heads, op.nope_dim), torch.randn(heads, r)
+    with torch.inference_mode():
+        row(
+            "W_UK: fp32 bmm -> matmul_experts on attn_k_b blocks",
+            us(lambda: torch.bmm(q_nope.view(heads, 1, -1), op.w_uk)),
+            us(lambda: qblocks.matmul_experts(uk_type, uk_ptrs, uk_bytes, r, q_nope)),
+        )
+        row(
+            "W_UV: fp32 bmm -> matmul_experts on attn_v_b blocks",
+            us(lambda: torch.bmm(op.w_uv, latent.view(heads, r, 1))),
+            us(lambda: qblocks.matmul_experts(uv_type, uv_ptrs, uv_bytes, v, latent)),
+        )
+        q, kv = torch.randn(heads, r + op.rope_dim) * 0.05, torch.randn(80, r + op.rope_dim)
+        from graftlm.ops.attention.mla import one_query_attention
+
+        row(
+            "latent attention over 80 tokens: absorbed_attention -> one_query_attention",
+            us(lambda: absorbed_attention(q.view(1, 1, heads, -1), kv[None], r, None, None)),
+            us(lambda: one_query_attention(q, kv, r)),
+        )
+        emb = llm.model.model.embed_tokens
+        ids = torch.tensor([[5]])
+        table = emb.table
+        from graftlm.weights.dequant import dequantize
+
+        row(
+            f"embedding row ({table.qtype.name}): numpy dequantizer -> C kernel",
+            us(lambda: dequantize(table.data[5:6], table.qtype, (1, emb.embedding_dim), torch.float32)),
+            us(lambda: emb(ids)),
+        )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument(
+        "--deepseek",
+        help="a DeepSeek-V2-Lite-shaped GGUF (e.g. ~/.cache/graftlm/bench/dsv2lite-4l-q4_k_m.gguf)",
+    )
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    gemma(demo_model_path())
+    if args.deepseek:
+        from pathlib import Path
+
+        deepseek(Path(args.deepseek).expanduser())
+
+
+if __name__ == "__main__":
+    main()
