@@ -733,98 +733,45 @@ static void matmul_rows(dot_fn dot, dot4_fn dot4, const uint8_t *w, int64_t row_
     }
 }
 
-/* matmul(type, w_ptr, row_bytes, n, k, x_ptr, m, out_ptr, ldo, threads): out[i, j] = x[i] . W[j] */
-static PyObject *py_matmul(PyObject *self, PyObject *args) {
-    int type, threads;
-    Py_ssize_t wp, row_bytes, n, k, xp, m, op, ldo;
-    if (!PyArg_ParseTuple(args, "innnnnnnni", &type, &wp, &row_bytes, &n, &k, &xp, &m, &op, &ldo, &threads))
-        return NULL;
-    if (!check_matrix(type, k, row_bytes)) return NULL;
-    if (ldo < n) {
-        PyErr_SetString(PyExc_ValueError, "ldo is smaller than n");
-        return NULL;
-    }
-    if (m <= 0 || n <= 0) Py_RETURN_NONE; /* nothing to compute (and malloc(0) may return NULL) */
-    const uint8_t *w = (const uint8_t *)wp;
-    const float *x = (const float *)xp;
-    float *out = (float *)op;
+/* One matrix of a product call: W [n, k] of `type` at w (rows row_bytes apart), out [m, n] with rows
+   ldo apart; `first` is its first chunk in the call's shared numbering. */
+#define MANY_MAX 8
+typedef struct {
+    int type;
+    Py_ssize_t w, row_bytes, n, out, ldo;
     dot_fn dot;
     dot4_fn dot4;
-    pick_kernels(type, &dot, &dot4);
-    xbuf_t xb; /* activation block: 32 or 256 values, as the weight's block */
-    if (!xbuf_alloc(&xb, m, k, block_values(type))) {
-        xbuf_free(&xb);
-        return PyErr_NoMemory();
+    int64_t first;
+} mat_t;
+
+/* Checks one matrix (a ValueError if it does not fit) and picks its kernels. */
+static int mat_init(mat_t *mat, Py_ssize_t k) {
+    if (!check_matrix(mat->type, k, mat->row_bytes)) return 0;
+    if (mat->ldo < mat->n) {
+        PyErr_SetString(PyExc_ValueError, "ldo is smaller than n");
+        return 0;
     }
-    Py_BEGIN_ALLOW_THREADS
-    quantize_rows(x, m, k, xb.block, xb.q, xb.d, xb.s, xb.s32);
-    const int64_t nchunks = (n + CHUNK - 1) / CHUNK;
-#ifdef _OPENMP
-    int nt = threads > 0 ? threads : 1;
-    if (nchunks < nt) nt = (int)nchunks;
-#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
-#endif
-    for (int64_t c = 0; c < nchunks; c++)
-        matmul_rows(dot, dot4, w, row_bytes, k, c * CHUNK, (c + 1) * CHUNK < n ? (c + 1) * CHUNK : n, &xb, m, out, ldo);
-    Py_END_ALLOW_THREADS
-    xbuf_free(&xb);
-    (void)threads;
-    Py_RETURN_NONE;
+    pick_kernels(mat->type, &mat->dot, &mat->dot4);
+    return 1;
 }
 
-/* matmul_many(k, x_ptr, m, threads, specs): several matrices that share one input x [m, k], in one
-   parallel region: specs is a sequence of (type, w_ptr, row_bytes, n, out_ptr, ldo), at most MANY_MAX,
-   each computed as matmul computes it (x quantized once per block size: 32 and/or 256). A decode step's
-   q/k/v or gate/up projections in one call instead of three or two. */
-#define MANY_MAX 8
-static PyObject *py_matmul_many(PyObject *self, PyObject *args) {
-    Py_ssize_t k, xp, m;
-    int threads;
-    PyObject *specs;
-    if (!PyArg_ParseTuple(args, "nnniO", &k, &xp, &m, &threads, &specs)) return NULL;
-    PyObject *seq = PySequence_Fast(specs, "specs must be a sequence of (type, w_ptr, row_bytes, n, out_ptr, ldo)");
-    if (!seq) return NULL;
-    Py_ssize_t count = PySequence_Fast_GET_SIZE(seq);
-    struct {
-        int type;
-        Py_ssize_t w, row_bytes, n, out, ldo;
-        dot_fn dot;
-        dot4_fn dot4;
-        int64_t first; /* the matrix's first chunk in the shared numbering */
-    } mat[MANY_MAX];
-    if (count < 1 || count > MANY_MAX) {
-        Py_DECREF(seq);
-        PyErr_Format(PyExc_ValueError, "matmul_many takes 1 to %d matrices, not %zd", MANY_MAX, count);
-        return NULL;
-    }
+/* out_i = x [m, k] @ W_i^T for `count` checked matrices that share x, in one parallel region: x is
+   quantized once per block size (32 and/or 256 values), and the threads split all the matrices' rows
+   in chunks of CHUNK. */
+static PyObject *run_matmuls(mat_t *mat, int count, Py_ssize_t k, const float *x, Py_ssize_t m, int threads) {
     int need32 = 0, need256 = 0;
     int64_t total = 0;
-    for (Py_ssize_t i = 0; i < count; i++) {
-        PyObject *item = PySequence_Fast_GET_ITEM(seq, i);
-        if (!PyArg_ParseTuple(item, "innnnn", &mat[i].type, &mat[i].w, &mat[i].row_bytes, &mat[i].n, &mat[i].out,
-                              &mat[i].ldo) ||
-            !check_matrix(mat[i].type, k, mat[i].row_bytes)) {
-            Py_DECREF(seq);
-            return NULL;
-        }
-        if (mat[i].ldo < mat[i].n || mat[i].n <= 0) {
-            Py_DECREF(seq);
-            PyErr_SetString(PyExc_ValueError, "matmul_many: n must be positive and at most ldo");
-            return NULL;
-        }
-        pick_kernels(mat[i].type, &mat[i].dot, &mat[i].dot4);
+    for (int i = 0; i < count; i++) {
         need32 |= block_values(mat[i].type) == 32, need256 |= block_values(mat[i].type) == 256;
         mat[i].first = total;
-        total += (mat[i].n + CHUNK - 1) / CHUNK;
+        total += mat[i].n > 0 ? (mat[i].n + CHUNK - 1) / CHUNK : 0;
     }
-    Py_DECREF(seq);
-    if (m <= 0) Py_RETURN_NONE;
+    if (m <= 0 || total == 0) Py_RETURN_NONE; /* nothing to compute (and malloc(0) may return NULL) */
     xbuf_t x32 = {0}, x256 = {0};
     if ((need32 && !xbuf_alloc(&x32, m, k, 32)) || (need256 && !xbuf_alloc(&x256, m, k, 256))) {
         xbuf_free(&x32), xbuf_free(&x256);
         return PyErr_NoMemory();
     }
-    const float *x = (const float *)xp;
     Py_BEGIN_ALLOW_THREADS
     if (need32) quantize_rows(x, m, k, 32, x32.q, x32.d, x32.s, x32.s32);
     if (need256) quantize_rows(x, m, k, 256, x256.q, x256.d, x256.s, x256.s32);
@@ -845,6 +792,47 @@ static PyObject *py_matmul_many(PyObject *self, PyObject *args) {
     xbuf_free(&x32), xbuf_free(&x256);
     (void)threads;
     Py_RETURN_NONE;
+}
+
+/* matmul(type, w_ptr, row_bytes, n, k, x_ptr, m, out_ptr, ldo, threads): out[i, j] = x[i] . W[j] */
+static PyObject *py_matmul(PyObject *self, PyObject *args) {
+    int threads;
+    mat_t mat;
+    Py_ssize_t k, xp, m;
+    if (!PyArg_ParseTuple(args, "innnnnnnni", &mat.type, &mat.w, &mat.row_bytes, &mat.n, &k, &xp, &m, &mat.out,
+                          &mat.ldo, &threads))
+        return NULL;
+    if (!mat_init(&mat, k)) return NULL;
+    return run_matmuls(&mat, 1, k, (const float *)xp, m, threads);
+}
+
+/* matmul_many(k, x_ptr, m, threads, specs): several matrices that share one input x [m, k], in one
+   parallel region: specs is a sequence of (type, w_ptr, row_bytes, n, out_ptr, ldo), at most MANY_MAX,
+   each computed as matmul computes it. A decode step's q/k/v or gate/up projections in one call. */
+static PyObject *py_matmul_many(PyObject *self, PyObject *args) {
+    Py_ssize_t k, xp, m;
+    int threads;
+    PyObject *specs;
+    if (!PyArg_ParseTuple(args, "nnniO", &k, &xp, &m, &threads, &specs)) return NULL;
+    PyObject *seq = PySequence_Fast(specs, "specs must be a sequence of (type, w_ptr, row_bytes, n, out_ptr, ldo)");
+    if (!seq) return NULL;
+    Py_ssize_t count = PySequence_Fast_GET_SIZE(seq);
+    mat_t mat[MANY_MAX];
+    if (count < 1 || count > MANY_MAX) {
+        Py_DECREF(seq);
+        PyErr_Format(PyExc_ValueError, "matmul_many takes 1 to %d matrices, not %zd", MANY_MAX, count);
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < count; i++) {
+        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, i), "innnnn", &mat[i].type, &mat[i].w, &mat[i].row_bytes,
+                              &mat[i].n, &mat[i].out, &mat[i].ldo) ||
+            !mat_init(&mat[i], k)) {
+            Py_DECREF(seq);
+            return NULL;
+        }
+    }
+    Py_DECREF(seq);
+    return run_matmuls(mat, (int)count, k, (const float *)xp, m, threads);
 }
 
 /* matmul_experts(type, ptrs_ptr, count, row_bytes, n, k, x_ptr, x_rows, out_ptr, threads[, sets]):
@@ -877,7 +865,7 @@ static PyObject *py_matmul_experts(PyObject *self, PyObject *args) {
     }
     Py_BEGIN_ALLOW_THREADS
     quantize_rows(x, x_rows, k, xb.block, xb.q, xb.d, xb.s, xb.s32);
-    const int64_t chunk = 16, per = (n + chunk - 1) / chunk, total = sets * count * per;
+    const int64_t per = (n + CHUNK - 1) / CHUNK, total = sets * count * per;
 #ifdef _OPENMP
     int nt = threads > 0 ? threads : 1;
     if (total < nt) nt = (int)total;
@@ -887,8 +875,8 @@ static PyObject *py_matmul_experts(PyObject *self, PyObject *args) {
         int64_t e = t / per, c = t % per, i = x_rows == 1 ? 0 : e % count;
         const uint8_t *w = (const uint8_t *)ptrs[e];
         qx_t xi = xbuf_row(&xb, i);
-        int64_t end = (c + 1) * chunk < n ? (c + 1) * chunk : n;
-        for (int64_t j = c * chunk; j < end; j++) out[e * n + j] = dot(w + j * row_bytes, xi, k);
+        int64_t end = (c + 1) * CHUNK < n ? (c + 1) * CHUNK : n;
+        for (int64_t j = c * CHUNK; j < end; j++) out[e * n + j] = dot(w + j * row_bytes, xi, k);
     }
     Py_END_ALLOW_THREADS
     xbuf_free(&xb);
