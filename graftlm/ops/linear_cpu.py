@@ -30,58 +30,41 @@ class LinearCPU(PackedLinear, name="linear.cpu"):
         return pack(q, self.layout, int8_activations=self.int8_activations)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # The common decode case straight into the C kernel: a linear layer is called over a hundred
-        # times per token, and the general path's reshapes, checks and conversions cost more than
-        # the kernel on small matrices (Gemma 3 270M's 256x640 k_proj: 42-54 us through the general path,
-        # 33-40 us this way; `python bench/decode_ops.py`).
-        packed = self.packed
-        if (
-            packed.prepared
-            and x.dtype == torch.float32
-            and x.device.type == "cpu"
-            and x.shape[-1] == self.in_features
-        ):
-            rows = x.numel() // self.in_features
-            if 0 < rows <= packed.kernel_rows:
-                x = x.contiguous()
-                y = torch.empty(*x.shape[:-1], self.out_features, dtype=torch.float32)
-                qblocks._qkernels.matmul(
-                    *packed.prepared,
-                    x.data_ptr(),
-                    rows,
-                    y.data_ptr(),
-                    self.out_features,
-                    torch.get_num_threads(),
-                )
-                if self.bias is not None:
-                    y += self.bias
-                return y if self.out_device is None else y.to(self.out_device)
-        return super().forward(x)
+        # Decode straight into the C kernel: a linear layer is called over a hundred times per token,
+        # and the general path's reshapes, checks and conversions cost more than the kernel on small
+        # matrices (Gemma 3 270M's 256x640 k_proj; `python bench/decode_ops.py`).
+        direct = fused_linears([self], x)
+        return direct[0] if direct is not None else super().forward(x)
 
 
 def fused_linears(linears: list, x: torch.Tensor) -> list[torch.Tensor] | None:
     """What each of several `linear.cpu` layers gives for the same x, computed in one C call
-    (`qblocks.matmul_many`: x quantized once, one parallel region), or None where any of them cannot
-    take that path: another operator, a layout other than the GGUF blocks, too many rows (prefill),
-    x not fp32 on the CPU, an output device of its own."""
-    if x.dtype != torch.float32 or x.device.type != "cpu" or x.dim() == 0:
+    (`matmul_many`: x quantized once, one parallel region), or None where any of them cannot take
+    that path: another operator, a layout other than the GGUF blocks, too many rows (prefill), x not
+    fp32 on the CPU, an output device of its own. This runs for every linear layer of a decode step,
+    so it does only the checks the kernel needs (the C side checks each matrix again)."""
+    if x.dtype != torch.float32 or x.device.type != "cpu":
         return None
-    width = x.shape[-1]
+    shape = x.shape
+    width = shape[-1] if shape else 0
     rows = x.numel() // width if width else 0
-    prepared = []
+    specs, outs = [], []
     for lin in linears:
-        packed = getattr(lin, "packed", None) if isinstance(lin, LinearCPU) else None
+        packed = lin.packed if isinstance(lin, LinearCPU) else None
+        prepared = packed.prepared if packed is not None else None
         if (
-            packed is None
-            or not packed.prepared
+            not prepared
+            or prepared[4] != width
             or not 0 < rows <= packed.kernel_rows
-            or lin.in_features != width
             or lin.out_device is not None
         ):
             return None
-        prepared.append(packed.prepared)
-    outs = qblocks.matmul_many(prepared, x.reshape(rows, width))
+        y = torch.empty(*shape[:-1], prepared[3], dtype=torch.float32)
+        specs.append((*prepared[:4], y.data_ptr(), prepared[3]))
+        outs.append(y)
+    x = x.contiguous()
+    qblocks._qkernels.matmul_many(width, x.data_ptr(), rows, torch.get_num_threads(), specs)
     for lin, y in zip(linears, outs):
         if lin.bias is not None:
             y += lin.bias
-    return [y.view(*x.shape[:-1], lin.out_features) for lin, y in zip(linears, outs)]
+    return outs
