@@ -116,6 +116,25 @@ class InjectedModule(nn.Module):
             if child is not None:
                 self.add_module(name, child)
 
+    def adopt_known(
+        self, orig_module: nn.Module, supported: frozenset[str], required: tuple[str, ...], optional=()
+    ) -> str:
+        """For operators that replace a module whose forward they re-implement: refuse a class not in
+        `supported` (by name: another class's forward may compute something else), adopt the
+        children `required` and `optional`, and refuse a module without every required one.
+        Returns the class name."""
+        kind = type(orig_module).__name__
+        if kind not in supported:
+            raise ValueError(
+                f"{self.op_name} at {self.key!r} replaces {', '.join(sorted(supported))}, not {kind} "
+                "(its forward may compute something else); keep it with class: default"
+            )
+        self.adopt(orig_module, *required, *optional)
+        missing = [n for n in required if n not in self._modules]
+        if missing:
+            raise ValueError(f"{self.op_name} at {self.key!r}: {kind} has no {', '.join(missing)}")
+        return kind
+
     def weight_name(self, param: str) -> str:
         """The HF name of this module's parameter `param`."""
         return f"{self.key}.{param}" if self.key else param

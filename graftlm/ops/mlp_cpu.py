@@ -41,16 +41,7 @@ class MLPCPU(InjectedModule, name="mlp.cpu"):
 
     def __init__(self, key, source, config, orig_module, **kwargs) -> None:
         super().__init__(key, source, config, orig_module, **kwargs)
-        kind = type(orig_module).__name__
-        if kind not in SUPPORTED:
-            raise ValueError(
-                f"mlp.cpu at {key!r} replaces {', '.join(sorted(SUPPORTED))}, not {kind}; "
-                "keep it with class: default"
-            )
-        self.adopt(orig_module, *CHILDREN)
-        missing = [n for n in CHILDREN if n not in self._modules]
-        if missing:
-            raise ValueError(f"mlp.cpu at {key!r}: {kind} has no {', '.join(missing)}")
+        self.adopt_known(orig_module, SUPPORTED, CHILDREN)
 
     def load(self) -> None:
         """Nothing of its own: the adopted projections load their weights."""

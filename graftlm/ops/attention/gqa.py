@@ -55,12 +55,7 @@ class GQAttention(InjectedModule, name="attention.gqa"):
 
     def __init__(self, key, source, config, orig_module, **kwargs) -> None:
         super().__init__(key, source, config, orig_module, **kwargs)
-        kind = type(orig_module).__name__
-        if kind not in SUPPORTED:
-            raise ValueError(
-                f"attention.gqa at {key!r} replaces {', '.join(sorted(SUPPORTED))}, not {kind} "
-                "(its forward may compute something else); keep it with class: default"
-            )
+        kind = self.adopt_known(orig_module, SUPPORTED, PROJECTIONS, ("q_norm", "k_norm"))
         if getattr(orig_module, "attn_logit_softcapping", None) is not None:
             raise ValueError(f"attention.gqa at {key!r}: logit soft-capping is not supported")
         self.layer_idx = int(orig_module.layer_idx)
@@ -68,7 +63,6 @@ class GQAttention(InjectedModule, name="attention.gqa"):
         self.num_key_value_groups = int(orig_module.num_key_value_groups)
         self.scaling = float(orig_module.scaling)
         self.is_causal = bool(getattr(orig_module, "is_causal", True))
-        self.attention_dropout = 0.0  # inference only
         window = getattr(orig_module, "sliding_window", None)
         if kind in ("MistralAttention", "MixtralAttention"):
             window = getattr(config, "sliding_window", None)
@@ -80,10 +74,6 @@ class GQAttention(InjectedModule, name="attention.gqa"):
         )
         # eager attention is defined per modeling file; the other implementations are registered
         self._eager = sys.modules[type(orig_module).__module__].eager_attention_forward
-        self.adopt(orig_module, *PROJECTIONS, "q_norm", "k_norm")
-        missing = [n for n in PROJECTIONS if n not in self._modules]
-        if missing:
-            raise ValueError(f"attention.gqa at {key!r}: {kind} has no {', '.join(missing)}")
         self.has_qk_norm = "q_norm" in self._modules and "k_norm" in self._modules
         self._cache_kind: tuple | None = None  # make_cache_layer's answer, worked out once
 
