@@ -38,25 +38,32 @@ class ExpertsCPU(PackedExperts, name="experts.cpu"):
 
     def after_load(self) -> None:
         super().after_load()
-        # A decode step (one token) runs its routed experts' products in one C call per projection
-        # (gate, up and down; or fused gate-up and down), when every expert keeps GGUF blocks of one
-        # type per projection.
+        # A decode step (one token) runs its routed experts in two C calls: gate and up together (the
+        # two sets of matrices, or the fused [2I, H] ones), then down. That needs GGUF blocks of one
+        # type and shape per projection; otherwise the per-expert path runs.
         self._batched = None
         if self.gate_up and isinstance(self.gate_up[0], GatePair):
-            projections = [[p.gate for p in self.gate_up], [p.up for p in self.gate_up], self.down]
+            gate_up = [[p.gate for p in self.gate_up], [p.up for p in self.gate_up]]
         else:
-            projections = [self.gate_up, self.down]
-        if all(m.layout == "gguf" for ms in projections for m in ms):
-            if all(len({m.source_type for m in ms}) == 1 for ms in projections):
-                self._batched = tuple(
-                    (
-                        gguf.GGMLQuantizationType[ms[0].source_type],
-                        torch.tensor([m.ptr for m in ms]),
-                        ms[0].weight.shape[1],
-                        ms[0].n,
-                    )
-                    for ms in projections
-                )
+            gate_up = [self.gate_up]
+        specs = [self._spec(sets) for sets in (gate_up, [self.down])]
+        if None not in specs:
+            self._batched = tuple(specs)
+
+    @staticmethod
+    def _spec(sets: list[list]) -> tuple | None:
+        """(type, int64 addresses [E] or [S, E], row bytes, N) for S sets of E matrices that all keep
+        GGUF blocks of one type and shape; None otherwise."""
+        mats = [m for ms in sets for m in ms]
+        if not all(m.layout == "gguf" for m in mats) or len({(m.source_type, m.n, m.k) for m in mats}) != 1:
+            return None
+        ptrs = torch.tensor([[m.ptr for m in ms] for ms in sets])
+        return (
+            gguf.GGMLQuantizationType[mats[0].source_type],
+            ptrs.squeeze(0),
+            mats[0].weight.shape[1],
+            mats[0].n,
+        )
 
     def unload(self) -> None:
         self._batched = None
@@ -69,15 +76,9 @@ class ExpertsCPU(PackedExperts, name="experts.cpu"):
         keep = index < self.num_experts  # HF pads with num_experts
         index, weights = index[keep], top_k_weights.reshape(-1).to(self.device)[keep]
         x = hidden_states.to(device=self.device, dtype=torch.float32)
-        *first, (d_type, d_ptrs, d_bytes, d_n) = self._batched
-        if len(first) == 2 and first[0][0] == first[1][0] and first[0][2:] == first[1][2:]:
-            # gate and up of one type and shape: one call over both sets of matrices
-            gu_type, _, gu_bytes, gu_n = first[0]
-            ptrs = torch.stack([first[0][1][index], first[1][1][index]])
-            gate, up = qblocks.matmul_experts(gu_type, ptrs, gu_bytes, gu_n, x)
-        else:
-            outs = [qblocks.matmul_experts(t, ptrs[index], nbytes, n, x) for t, ptrs, nbytes, n in first]
-            gate, up = outs if len(outs) == 2 else outs[0].chunk(2, dim=-1)
+        (gu_type, gu_ptrs, gu_bytes, gu_n), (d_type, d_ptrs, d_bytes, d_n) = self._batched
+        gate_up = qblocks.matmul_experts(gu_type, gu_ptrs[..., index], gu_bytes, gu_n, x)
+        gate, up = gate_up if gu_ptrs.dim() == 2 else gate_up.chunk(2, dim=-1)
         down = qblocks.matmul_experts(d_type, d_ptrs[index], d_bytes, d_n, self.act_fn(gate) * up)
         y = (down * weights[:, None].float()).sum(0, keepdim=True)
         return self.to_out(y.to(x.dtype), hidden_states)
