@@ -8,6 +8,7 @@ finds its children loaded. At the end no tensor may be left on the meta device.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import torch
@@ -174,6 +175,54 @@ def apply(
     for op in reversed(ops):
         op.load()
     _check_loaded(root)
+    _keep_output_recording(root, ops)
     root.eval()
     log.info("injected %d operator(s); %d module(s) kept", len(ops), len(plan.entries) - len(ops))
     return root
+
+
+def _keep_output_recording(root: nn.Module, ops: list[InjectedModule]) -> None:
+    """Let transformers' output recording see operators that stand for the modules they replaced.
+
+    With `output_hidden_states=True` a transformers model records each decoder layer's output
+    through hooks on the classes its `_can_record_outputs` names (its registry, keyed by model
+    class). An operator with `records_as_replaced` (decoder.cpu, attention.gqa) returns what the
+    replaced module returns, so each such class becomes (class, operator class) there; without
+    this, hidden states would silently come back empty. Harmless for other models of the class: they
+    hold no operators."""
+    stand_ins: dict[type, set[type]] = {}
+    for op in ops:
+        if op.records_as_replaced:
+            stand_ins.setdefault(op.replaced_class, set()).add(type(op))
+    if not stand_ins:
+        return
+    try:
+        from transformers.modeling_utils import PreTrainedModel
+        from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY, OutputRecorder
+    except ImportError:  # another transformers: its recording is its own
+        log.debug("transformers has no output-capturing registry; recording left as it is")
+        return
+
+    def widened(target):
+        classes = target if isinstance(target, tuple) else (target,)
+        extra = tuple(sorted({op for c in classes for op in stand_ins.get(c, ())} - set(classes), key=str))
+        return classes + extra if extra else target
+
+    for model in root.modules():
+        if not isinstance(model, PreTrainedModel):
+            continue
+        flags = _CAN_RECORD_REGISTRY.get(model)
+        new = {}
+        for key, specs in flags.items():
+            many = specs if isinstance(specs, list) else [specs]
+            out = [
+                dataclasses.replace(s, target_class=widened(s.target_class))
+                if isinstance(s, OutputRecorder) and s.target_class is not None
+                else widened(s)
+                if isinstance(s, (type, tuple))
+                else s
+                for s in many
+            ]
+            new[key] = out if isinstance(specs, list) else out[0]
+        if new != flags:
+            _CAN_RECORD_REGISTRY[model] = new

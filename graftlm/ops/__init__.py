@@ -1,6 +1,7 @@
 """Injected operators. Importing this package registers the built-in ones by short name."""
 
 from graftlm.ops import (  # noqa: F401  (each registers its operators)
+    decoder_cpu,
     embedding_cpu,
     experts,
     experts_cpu,

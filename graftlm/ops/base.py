@@ -54,6 +54,10 @@ class InjectedModule(nn.Module):
     """
 
     op_name: ClassVar[str | None] = None
+    # Whether transformers' output recording (`output_hidden_states`, `output_attentions`: hooks on
+    # the classes a model names in `_can_record_outputs`) should see this operator as the module it
+    # replaced: for operators whose forward returns what that module's returns.
+    records_as_replaced: ClassVar[bool] = False
     # Whether the operator computes prefill on a separate `prefill_device`; one that does not
     # logs a warning when a rule names one, and computes everything on `generate_device`.
     splits_prefill: ClassVar[bool] = False
@@ -84,6 +88,7 @@ class InjectedModule(nn.Module):
                 f"{type(self).__name__} at {key!r} takes no argument(s) {', '.join(sorted(kwargs))}"
             )
         self.key = key
+        self.replaced_class = type(orig_module)
         self.source = source
         self.config = config
         self.generate_device = torch.device(generate_device)

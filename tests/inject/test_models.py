@@ -27,7 +27,7 @@ def test_builtin_rules_match_hf_logits(arch):
     assert rules.source == f"builtin:{builtin}"
 
     ops = {m.op_name for m in model.modules() if isinstance(m, InjectedModule)}
-    expected = {"embedding.cpu", "rope", "linear.cpu", "norm.cpu"} | (
+    expected = {"embedding.cpu", "rope", "linear.cpu", "norm.cpu", "decoder.cpu"} | (
         {"moe", "experts.cpu"} if arch in MOE else set()
     )
     if builtin == "deepseek2":

@@ -227,7 +227,7 @@ def test_specs_none_list_auto_builtin():
     with pytest.raises(RuleError, match="needs the model's architecture"):
         load_rules("auto")
     with pytest.raises(
-        RuleError, match=r"no built-in rules named 'deepseek' \(built-in: attention, base, deepseek2"
+        RuleError, match=r"no built-in rules named 'deepseek' \(built-in: attention, base, decoder, deepseek2"
     ):
         load_rules("builtin:deepseek")
     with pytest.raises(RuleError, match="no such rule file"):

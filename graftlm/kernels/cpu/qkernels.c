@@ -906,7 +906,7 @@ static PyObject *py_dequantize(PyObject *self, PyObject *args) {
 /* rmsnorm(x_ptr, rows, dim, w_ptr, eps, out_ptr, threads): out[i] = x[i] / sqrt(mean(x[i]^2) + eps) * w,
    all fp32, rows contiguous (out may be x). One call for what transformers' RMSNorm modules spend about
    ten torch operations on; the sum of squares is taken in eight partial sums, then in order. */
-static void rmsnorm_row(const float *x, int64_t dim, const float *w, float eps, float *y) {
+static float rms_scale(const float *x, int64_t dim, float eps) {
     float part[8] = {0};
     int64_t j = 0;
     for (; j + 8 <= dim; j += 8)
@@ -914,8 +914,12 @@ static void rmsnorm_row(const float *x, int64_t dim, const float *w, float eps, 
     float ss = 0.0f;
     for (int l = 0; l < 8; l++) ss += part[l];
     for (; j < dim; j++) ss += x[j] * x[j];
-    const float r = 1.0f / sqrtf(ss / (float)dim + eps);
-    for (j = 0; j < dim; j++) y[j] = x[j] * r * w[j];
+    return 1.0f / sqrtf(ss / (float)dim + eps);
+}
+
+static void rmsnorm_row(const float *x, int64_t dim, const float *w, float eps, float *y) {
+    const float r = rms_scale(x, dim, eps);
+    for (int64_t j = 0; j < dim; j++) y[j] = x[j] * r * w[j];
 }
 
 static PyObject *py_rmsnorm(PyObject *self, PyObject *args) {
@@ -965,6 +969,125 @@ static PyObject *py_rope(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* add_rmsnorm(res_ptr, x_ptr, rows, dim, sum_ptr, post_w_ptr, w_ptr, eps, norm_ptr): the seam between a
+   decoder layer's sublayers, on fp32 rows [rows, dim]: sum = res + (post_w ? rmsnorm(x, post_w) : x) (Gemma's
+   norm after attention or MLP, where post_w is given), then, where w_ptr is not 0, norm = rmsnorm(sum, w)
+   (the next sublayer's input norm). The same operations as transformers' residual add and the `rmsnorm`
+   above, so the same bits. sum may be res or x; norm must be neither. */
+static PyObject *py_add_rmsnorm(PyObject *self, PyObject *args) {
+    Py_ssize_t rp, xp, rows, dim, sp, pwp, wp, np_;
+    float eps;
+    if (!PyArg_ParseTuple(args, "nnnnnnnfn", &rp, &xp, &rows, &dim, &sp, &pwp, &wp, &eps, &np_)) return NULL;
+    const float *pw = (const float *)pwp, *w = (const float *)wp;
+    for (int64_t i = 0; i < rows; i++) {
+        const float *res = (const float *)rp + i * dim, *x = (const float *)xp + i * dim;
+        float *sum = (float *)sp + i * dim;
+        if (pw) {
+            const float r = rms_scale(x, dim, eps);
+            for (int64_t j = 0; j < dim; j++) sum[j] = res[j] + x[j] * r * pw[j];
+        } else {
+            for (int64_t j = 0; j < dim; j++) sum[j] = res[j] + x[j];
+        }
+        if (w) rmsnorm_row(sum, dim, w, eps, (float *)np_ + i * dim);
+    }
+    Py_RETURN_NONE;
+}
+
+/* One query's attention without a mask: out[h] = softmax(scale * K_g q[h]) V_g for each query head h, g its
+   KV head (h / (heads / kv_heads)). q [heads, dim]; K and V rows of kv head g, token j at
+   base + g * head_stride + j * dim (the view a KV-cache buffer [kv_heads, capacity, dim] gives); out
+   [heads, dim]. Scores and the weighted sum of V run in fp32; the softmax subtracts the maximum score. */
+static float dot_f32_c(const float *a, const float *b, int64_t n) {
+    float part[8] = {0};
+    int64_t j = 0;
+    for (; j + 8 <= n; j += 8)
+        for (int l = 0; l < 8; l++) part[l] += a[j + l] * b[j + l];
+    float s = 0.0f;
+    for (int l = 0; l < 8; l++) s += part[l];
+    for (; j < n; j++) s += a[j] * b[j];
+    return s;
+}
+
+static void axpy_f32_c(float *y, float a, const float *x, int64_t n) {
+    for (int64_t j = 0; j < n; j++) y[j] += a * x[j];
+}
+
+#ifdef GL_X86
+AVX2_FN static float dot_f32_avx2(const float *a, const float *b, int64_t n) {
+    __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+    int64_t j = 0;
+    for (; j + 16 <= n; j += 16) {
+        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + j), _mm256_loadu_ps(b + j), s0);
+        s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + j + 8), _mm256_loadu_ps(b + j + 8), s1);
+    }
+    for (; j + 8 <= n; j += 8) s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + j), _mm256_loadu_ps(b + j), s0);
+    float s = hsum_ps(_mm256_add_ps(s0, s1));
+    for (; j < n; j++) s += a[j] * b[j];
+    return s;
+}
+
+AVX2_FN static void axpy_f32_avx2(float *y, float a, const float *x, int64_t n) {
+    const __m256 av = _mm256_set1_ps(a);
+    int64_t j = 0;
+    for (; j + 8 <= n; j += 8) _mm256_storeu_ps(y + j, _mm256_fmadd_ps(av, _mm256_loadu_ps(x + j), _mm256_loadu_ps(y + j)));
+    for (; j < n; j++) y[j] += a * x[j];
+}
+#endif
+
+static void attend_head(const float *q, const float *k, const float *v, int64_t t, int64_t dim, float scale,
+                        float *s, float *out, int avx2) {
+    float (*dot)(const float *, const float *, int64_t) = dot_f32_c;
+    void (*axpy)(float *, float, const float *, int64_t) = axpy_f32_c;
+#ifdef GL_X86
+    if (avx2) dot = dot_f32_avx2, axpy = axpy_f32_avx2;
+#endif
+    (void)avx2;
+    float mx = -INFINITY;
+    for (int64_t j = 0; j < t; j++) {
+        s[j] = dot(q, k + j * dim, dim) * scale;
+        if (s[j] > mx) mx = s[j];
+    }
+    float total = 0.0f;
+    for (int64_t j = 0; j < t; j++) total += (s[j] = expf(s[j] - mx));
+    memset(out, 0, sizeof(float) * (size_t)dim);
+    for (int64_t j = 0; j < t; j++) axpy(out, s[j], v + j * dim, dim);
+    const float inv = 1.0f / total;
+    for (int64_t d = 0; d < dim; d++) out[d] *= inv;
+}
+
+/* attend(q_ptr, heads, kv_heads, dim, k_ptr, v_ptr, t, head_stride, scale, out_ptr, threads) */
+static PyObject *py_attend(PyObject *self, PyObject *args) {
+    Py_ssize_t qp, heads, kv_heads, dim, kp, vp, t, hs, op;
+    float scale;
+    int threads;
+    if (!PyArg_ParseTuple(args, "nnnnnnnnfni", &qp, &heads, &kv_heads, &dim, &kp, &vp, &t, &hs, &scale, &op,
+                          &threads))
+        return NULL;
+    if (heads <= 0 || kv_heads <= 0 || heads % kv_heads || dim <= 0 || t <= 0 || hs < t * dim) {
+        PyErr_SetString(PyExc_ValueError, "attend: heads must be a multiple of kv_heads, t > 0, head_stride >= t * dim");
+        return NULL;
+    }
+    float *scores = malloc(sizeof(float) * (size_t)(heads * t));
+    if (!scores) return PyErr_NoMemory();
+    const int64_t group = heads / kv_heads;
+    const int avx2 = use_avx2;
+    Py_BEGIN_ALLOW_THREADS
+#ifdef _OPENMP
+    int nt = threads > 0 ? threads : 1;
+    if (nt > heads) nt = (int)heads;
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1 && heads * t * dim >= 262144)
+#endif
+    for (int64_t h = 0; h < heads; h++) {
+        const int64_t g = h / group;
+        attend_head((const float *)qp + h * dim, (const float *)kp + g * hs, (const float *)vp + g * hs, t, dim,
+                    scale, scores + h * t, (float *)op + h * dim, avx2);
+    }
+    Py_END_ALLOW_THREADS
+    free(scores);
+    (void)threads;
+    Py_RETURN_NONE;
+}
+
 /* set_isa("avx2" | "portable"): returns the path now in use ("avx2" only where the CPU has it). */
 static PyObject *py_set_isa(PyObject *self, PyObject *args) {
     const char *name;
@@ -999,6 +1122,8 @@ static PyMethodDef methods[] = {
     {"dequantize", py_dequantize, METH_VARARGS, "GGUF blocks -> fp32 rows, as gguf-py computes them."},
     {"rmsnorm", py_rmsnorm, METH_VARARGS, "RMSNorm of fp32 rows with an fp32 weight, in one call."},
     {"rope", py_rope, METH_VARARGS, "Rotary embedding (rotate-half form) in place on fp32 rows of heads."},
+    {"add_rmsnorm", py_add_rmsnorm, METH_VARARGS, "Residual add (after an optional RMSNorm), then an optional RMSNorm."},
+    {"attend", py_attend, METH_VARARGS, "One query's attention over fp32 K/V rows, no mask."},
     {"set_isa", py_set_isa, METH_VARARGS, "Choose the code path: avx2 (where supported) or portable."},
     {"isa", py_isa, METH_NOARGS, "The code path in use."},
     {"openmp", py_openmp, METH_NOARGS, "Whether the build uses OpenMP threads."},

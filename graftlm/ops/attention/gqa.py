@@ -28,10 +28,11 @@ from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from graftlm.engine.kv_cache import GrowingLayer, GrowingSlidingLayer
-from graftlm.kernels.cpu import fused
+from graftlm.kernels.cpu import fused, qblocks
 from graftlm.models.compat import given_cache
 from graftlm.ops.base import InjectedModule
-from graftlm.ops.linear_cpu import fused_linears
+from graftlm.ops.linear_cpu import LinearCPU, fused_linears
+from graftlm.ops.norm_cpu import NormCPU
 
 # Attention classes whose forward is Llama's (q/k/v projections, optional q/k RMSNorm over the
 # head dimension, rotate-half RoPE, cache.update, the configured attention function, o_proj).
@@ -52,6 +53,8 @@ PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 class GQAttention(InjectedModule, name="attention.gqa"):
     """Llama-style attention over transformers' KV cache, RoPE in one in-place call."""
+
+    records_as_replaced = True  # output_hidden_states / output_attentions see it as the HF module
 
     def __init__(self, key, source, config, orig_module, **kwargs) -> None:
         super().__init__(key, source, config, orig_module, **kwargs)
@@ -76,6 +79,7 @@ class GQAttention(InjectedModule, name="attention.gqa"):
         self._eager = sys.modules[type(orig_module).__module__].eager_attention_forward
         self.has_qk_norm = "q_norm" in self._modules and "k_norm" in self._modules
         self._cache_kind: tuple | None = None  # make_cache_layer's answer, worked out once
+        self._plan: tuple | bool | None = None  # decode_one's, worked out after load
 
     def make_cache_layer(self):
         """This layer's KV cache: what transformers' DynamicCache would hold for it (a full or a
@@ -98,9 +102,10 @@ class GQAttention(InjectedModule, name="attention.gqa"):
 
     def load(self) -> None:
         """Nothing of its own: the adopted projections and norms load their weights."""
+        self._plan = None
 
     def unload(self) -> None:
-        pass
+        self._plan = None
 
     def forward(
         self,
@@ -156,6 +161,97 @@ class GQAttention(InjectedModule, name="attention.gqa"):
         )
         out = self._modules["o_proj"](out.reshape(*input_shape, -1).contiguous())
         return out, weights
+
+    def decode_one(
+        self,
+        x: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None,
+        past,
+    ) -> torch.Tensor | None:
+        """What forward returns (its first output) for one token of a batch of one, x [1, 1, hidden]
+        fp32 contiguous on the CPU, with fewer Python and torch steps: q/k/v in one C call, the q/k
+        norms and RoPE in place, and, without a mask, the attention itself in one C call
+        (`_qkernels.attend`; SDPA's result up to float rounding, tested). None where this path does
+        not apply (another operator or device below, a layout without direct kernels, no C
+        extension), before anything is computed: the caller then calls the module."""
+        plan = self._decode_plan()
+        cos, sin = position_embeddings
+        if (
+            plan is None
+            or cos.dim() != 3
+            or cos.numel() != cos.shape[-1]
+            or cos.shape[-1] > self.head_dim
+            or cos.shape[-1] % 2
+            or cos.dtype != torch.float32
+            or cos.device.type != "cpu"
+            or not _shared_mask(attention_mask)
+        ):
+            return None
+        kernels, heads, kv_heads = plan
+        dim = self.head_dim
+        query, key, value = fused_linears([self.q_proj, self.k_proj, self.v_proj], x)
+        if self.has_qk_norm:
+            for y, norm, rows in ((query, self.q_norm, heads), (key, self.k_norm, kv_heads)):
+                kernels.rmsnorm(y.data_ptr(), rows, dim, norm.scale.data_ptr(), norm.eps, y.data_ptr(), 1)
+        rot = cos.shape[-1]  # the rotated leading part of each head
+        cos, sin = cos.contiguous(), sin.contiguous()
+        kernels.rope(query.data_ptr(), 1, heads, dim, cos.data_ptr(), sin.data_ptr(), rot)
+        kernels.rope(key.data_ptr(), 1, kv_heads, dim, cos.data_ptr(), sin.data_ptr(), rot)
+        key, value = key.view(1, kv_heads, 1, dim), value.view(1, kv_heads, 1, dim)
+        if past is not None:
+            key, value = past.update(key, value, self.layer_idx)
+        out = torch.empty(1, 1, heads * dim)
+        if (
+            attention_mask is None
+            and key.dtype == torch.float32
+            and key.device.type == "cpu"
+            and key.stride() == value.stride()
+            and key.stride(-1) == 1
+            and key.stride(-2) == dim
+        ):
+            kernels.attend(
+                query.data_ptr(),
+                heads,
+                kv_heads,
+                dim,
+                key.data_ptr(),
+                value.data_ptr(),
+                key.shape[-2],
+                key.stride(1),
+                self.scaling,
+                out.data_ptr(),
+                torch.get_num_threads(),
+            )
+        else:  # a mask (padding, a window the cache keeps more than): SDPA, as forward's lone query
+            packed = query.view(1, kv_heads, heads // kv_heads, dim)
+            out = F.scaled_dot_product_attention(
+                packed, key, value, attn_mask=attention_mask, scale=self.scaling
+            ).reshape(1, 1, heads * dim)
+        return fused_linears([self.o_proj], out)[0]
+
+    def _decode_plan(self) -> tuple | None:
+        """(kernels, heads, kv_heads) when decode_one's direct path applies to the loaded children,
+        else None; worked out once per load."""
+        if self._plan is None:
+            self._plan = False
+            linears = [self._modules[n] for n in PROJECTIONS]
+            norms = [self._modules[n] for n in ("q_norm", "k_norm")] if self.has_qk_norm else []
+            dim = self.head_dim
+            if (
+                qblocks.available()
+                and self.config._attn_implementation in ("sdpa", "eager")
+                and all(type(m) is LinearCPU and m.packed is not None and m.packed.prepared for m in linears)
+                and all(m.out_device is None for m in linears)
+                and all(type(m) is NormCPU and m.scale is not None and m.out_device is None for m in norms)
+                and all(m.dim == dim for m in norms)
+                and self.q_proj.out_features % dim == 0
+                and self.k_proj.out_features % dim == 0
+            ):
+                heads, kv_heads = self.q_proj.out_features // dim, self.k_proj.out_features // dim
+                if heads % kv_heads == 0:
+                    self._plan = (qblocks._qkernels, heads, kv_heads)
+        return self._plan or None
 
     def extra_repr(self) -> str:
         window = f", window={self.sliding_window}" if self.sliding_window else ""

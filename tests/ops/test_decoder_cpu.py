@@ -1,0 +1,173 @@
+"""`decoder.cpu`: its one-token path against the modules' path it shortcuts, and its C seams against
+the torch operations they replace."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import graftlm
+from graftlm.kernels.cpu import fused, qblocks
+from graftlm.ops.attention.gqa import GQAttention
+from graftlm.ops.decoder_cpu import DecoderCPU
+from graftlm.ops.mlp_cpu import MLPCPU
+from graftlm.weights.convert import convert
+from tests.inject.helpers import random_model, tiny_config
+from tests.models.tiny import VOCAB, make_model
+
+needs_kernels = pytest.mark.skipif(not qblocks.available(), reason="the C extension is not built")
+
+
+@needs_kernels
+@pytest.mark.parametrize("post", [False, True])
+@pytest.mark.parametrize("norm", [False, True])
+def test_add_rmsnorm_is_the_torch_seam_bit_for_bit(post, norm):
+    g = torch.Generator().manual_seed(0)
+    rows, dim, eps = 3, 640, 1e-6
+    res, x = torch.randn(rows, dim, generator=g), torch.randn(rows, dim, generator=g) * 5
+    post_w, w = torch.randn(dim, generator=g), torch.randn(dim, generator=g)
+    want_sum = res + (fused.rmsnorm(x, post_w, eps) if post else x)
+    got_sum, got_norm = torch.empty(rows, dim), torch.full((rows, dim), 7.0)
+    qblocks._qkernels.add_rmsnorm(
+        res.data_ptr(),
+        x.data_ptr(),
+        rows,
+        dim,
+        got_sum.data_ptr(),
+        post_w.data_ptr() if post else 0,
+        w.data_ptr() if norm else 0,
+        eps,
+        got_norm.data_ptr() if norm else 0,
+    )
+    assert torch.equal(got_sum, want_sum)
+    assert torch.equal(got_norm, fused.rmsnorm(want_sum, w, eps) if norm else torch.full((rows, dim), 7.0))
+    inplace = res.clone()  # the sum may overwrite the residual
+    qblocks._qkernels.add_rmsnorm(
+        inplace.data_ptr(),
+        x.data_ptr(),
+        rows,
+        dim,
+        inplace.data_ptr(),
+        post_w.data_ptr() if post else 0,
+        0,
+        eps,
+        0,
+    )
+    assert torch.equal(inplace, want_sum)
+
+
+@needs_kernels
+@pytest.mark.parametrize("isa", ["avx2", "portable"])
+@pytest.mark.parametrize(
+    "heads, kv_heads, dim, length, capacity",
+    [
+        (4, 1, 256, 100, 300),
+        (16, 4, 128, 7, 7),
+        (8, 8, 64, 1, 4),
+        (32, 8, 128, 1500, 1600),
+        (6, 2, 40, 33, 40),
+    ],
+)
+def test_attend_matches_sdpa(isa, heads, kv_heads, dim, length, capacity):
+    """One query over K/V views of a larger cache buffer, as the KV cache hands them out; with the
+    work above the kernel's threshold the heads run in parallel."""
+    kernels = qblocks._qkernels
+    previous = kernels.isa()
+    kernels.set_isa(isa)
+    try:
+        g = torch.Generator().manual_seed(1)
+        kbuf, vbuf = (torch.randn(1, kv_heads, capacity, dim, generator=g) for _ in range(2))
+        k, v = kbuf[:, :, :length], vbuf[:, :, :length]
+        q = torch.randn(1, heads, 1, dim, generator=g) * 2
+        want = F.scaled_dot_product_attention(q, k, v, scale=dim**-0.5, enable_gqa=True).view(heads, dim)
+        for threads in (1, 2):
+            out = torch.empty(heads, dim)
+            kernels.attend(
+                q.data_ptr(), heads, kv_heads, dim, k.data_ptr(), v.data_ptr(), length, k.stride(1), dim**-0.5,
+                out.data_ptr(), threads,
+            )  # fmt: skip
+            torch.testing.assert_close(out, want, rtol=1e-5, atol=2e-6)
+    finally:
+        kernels.set_isa(previous)
+
+
+@needs_kernels
+def test_attend_rejects_bad_shapes():
+    with pytest.raises(ValueError, match="multiple of kv_heads"):
+        qblocks._qkernels.attend(0, 3, 2, 16, 0, 0, 4, 64, 1.0, 0, 1)
+    with pytest.raises(ValueError, match="head_stride"):
+        qblocks._qkernels.attend(0, 2, 2, 16, 0, 0, 4, 32, 1.0, 0, 1)
+
+
+ARCHS = ["llama", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma3", "deepseek_v2_lite"]
+
+
+@needs_kernels
+@pytest.mark.parametrize("arch", ARCHS)
+def test_decode_path_matches_the_modules_path(arch, tmp_path):
+    """Through the engine, prefill then 30 one-token steps (past Gemma 3's sliding window of 8), on a
+    Q8_0 file: the fused decode path gives the logits of the same operators called as modules (the
+    same kernels; only the attention's C softmax differs from SDPA in rounding)."""
+    folder = tmp_path / arch
+    make_model(arch, folder)
+    path = convert(folder, tmp_path / "q8_0.gguf", "q8_0")
+    fast, slow = (graftlm.load(path, rules="auto", progress=False) for _ in range(2))
+    layers = [m for m in slow.model.modules() if isinstance(m, DecoderCPU)]
+    assert len(layers) == slow.model.config.num_hidden_layers
+    for layer in layers:
+        layer._plan = False  # the modules' path, as transformers' decoder layer runs them
+    ids = torch.randint(3, VOCAB, (10,), generator=torch.Generator().manual_seed(3)).tolist()
+    states = []
+    for llm in (fast, slow):
+        logits, cache = llm.engine.prefill(ids)
+        steps = [logits]
+        for t in range(30):
+            token = torch.tensor([[int(steps[-1].argmax())]])
+            logits, cache = llm.engine.forward(token, cache, len(ids) + t)
+            steps.append(logits)
+        states.append(torch.stack(steps))
+    # the fused path ran, down to the attention and MLP operators that have one
+    for layer in (m for m in fast.model.modules() if isinstance(m, DecoderCPU)):
+        assert layer._plan
+        # attention.gqa and mlp.cpu have decode_one; MLA and MoE blocks run as modules
+        assert layer._plan[4] == isinstance(layer.self_attn, GQAttention) != arch.startswith("deepseek")
+        assert layer._plan[5] == isinstance(layer.mlp, MLPCPU)
+        if isinstance(layer.self_attn, GQAttention):
+            assert layer.self_attn._plan
+    torch.testing.assert_close(states[0], states[1], rtol=1e-4, atol=1e-4)
+
+
+def test_refuses_other_decoder_classes():
+    config = tiny_config("gemma3")
+    layer = random_model(config).model.layers[0]
+    with pytest.raises(ValueError, match=r"decoder\.cpu at 'a'.*not Gemma3MLP"):
+        DecoderCPU("a", None, config, layer.mlp)
+    op = DecoderCPU("model.layers.0", None, config, layer)
+    assert op.sandwich and op.layer_idx == 0
+    assert set(op._modules) == {
+        "self_attn",
+        "mlp",
+        "input_layernorm",
+        "post_attention_layernorm",
+        "pre_feedforward_layernorm",
+        "post_feedforward_layernorm",
+    }
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "gemma3"])
+def test_output_hidden_states_are_recorded_through_the_operators(arch, tmp_path):
+    """transformers records hidden states with hooks on its decoder-layer class; the operators that
+    stand for it are added to that recording, so the states match the plain model's."""
+    make_model(arch, tmp_path / arch)
+    path = convert(tmp_path / arch, tmp_path / "f32.gguf", "f32")
+    ids = torch.tensor([[5, 6, 7, 8]])
+    states = []
+    for rules in (None, "auto"):
+        llm = graftlm.load(path, rules=rules, progress=False)
+        with torch.no_grad():
+            states.append(llm.model(ids, output_hidden_states=True).hidden_states)
+    assert any(isinstance(m, DecoderCPU) for m in llm.model.modules())
+    assert len(states[1]) == len(states[0]) == llm.model.config.num_hidden_layers + 1
+    for want, got in zip(*states):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
