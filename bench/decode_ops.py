@@ -89,6 +89,41 @@ def gemma(path) -> None:
             us(lambda: qblocks.matmul_many(prepared, x2)),
         )
         row("mlp: Gemma3MLP (over linear.cpu) -> mlp.cpu", us(lambda: mlp_hf(x)), us(lambda: mlp(x)))
+        q = torch.randn(1, 4, 1, 256)
+        k, v = torch.randn(1, 1, 100, 256), torch.randn(1, 1, 100, 256)
+        out = torch.empty(4, 256)
+        kernels, threads = qblocks._qkernels, torch.get_num_threads()
+        row(
+            "attention of one query over 100 tokens (4 heads, 1 KV): SDPA -> attend",
+            us(lambda: torch.nn.functional.scaled_dot_product_attention(q.view(1, 1, 4, 256), k, v)),
+            us(
+                lambda: kernels.attend(
+                    q.data_ptr(),
+                    4,
+                    1,
+                    256,
+                    k.data_ptr(),
+                    v.data_ptr(),
+                    100,
+                    k.stride(1),
+                    0.0625,
+                    out.data_ptr(),
+                    threads,
+                )
+            ),
+        )
+    keep_layers = [  # the same operators under transformers' own decoder layers
+        {"match": {"name": r"^model\.layers\.\d+$"}, "replace": {"class": "default"}},
+        {"include": "builtin:gemma3"},
+    ]
+    layers_hf = graftlm.load(path, rules=keep_layers, progress=False).model.model
+    with torch.inference_mode():
+        layer_hf, layer = layers_hf.layers[0], ours.layers[0]
+        row(
+            "decoder layer, one token: Gemma3DecoderLayer (over the operators) -> decoder.cpu",
+            us(lambda: layer_hf(x, position_embeddings=pe, attention_mask=None)),
+            us(lambda: layer(x, position_embeddings=pe, attention_mask=None)),
+        )
 
 
 def deepseek(path) -> None:

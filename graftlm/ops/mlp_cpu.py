@@ -53,15 +53,3 @@ class MLPCPU(InjectedModule, name="mlp.cpu"):
         both = fused_linears([self.gate_proj, self.up_proj], x)
         gate, up = both if both is not None else (self.gate_proj(x), self.up_proj(x))
         return self.down_proj(self.act_fn(gate) * up)
-
-    def decode_one(self, x: torch.Tensor) -> torch.Tensor | None:
-        """forward for a few fp32 rows on the CPU, with the three projections as direct C calls and
-        no module calls between them (the same kernels and activation, so the same bits); None where
-        a projection cannot take that path (the caller then calls the module)."""
-        both = fused_linears([self.gate_proj, self.up_proj], x)
-        if both is None:
-            return None
-        gate, up = both
-        hidden = self.act_fn(gate).mul_(up)
-        down = fused_linears([self.down_proj], hidden)
-        return down[0] if down is not None else self.down_proj(hidden)

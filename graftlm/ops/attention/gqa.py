@@ -79,7 +79,7 @@ class GQAttention(InjectedModule, name="attention.gqa"):
         self._eager = sys.modules[type(orig_module).__module__].eager_attention_forward
         self.has_qk_norm = "q_norm" in self._modules and "k_norm" in self._modules
         self._cache_kind: tuple | None = None  # make_cache_layer's answer, worked out once
-        self._plan: tuple | bool | None = None  # decode_one's, worked out after load
+        self._plan: tuple | bool | None = None  # _decode_plan's answer, worked out after load
 
     def make_cache_layer(self):
         """This layer's KV cache: what transformers' DynamicCache would hold for it (a full or a
@@ -162,77 +162,9 @@ class GQAttention(InjectedModule, name="attention.gqa"):
         out = self._modules["o_proj"](out.reshape(*input_shape, -1).contiguous())
         return out, weights
 
-    def decode_one(
-        self,
-        x: torch.Tensor,
-        position_embeddings: tuple[torch.Tensor, torch.Tensor],
-        attention_mask: torch.Tensor | None,
-        past,
-    ) -> torch.Tensor | None:
-        """What forward returns (its first output) for one token of a batch of one, x [1, 1, hidden]
-        fp32 contiguous on the CPU, with fewer Python and torch steps: q/k/v in one C call, the q/k
-        norms and RoPE in place, and, without a mask, the attention itself in one C call
-        (`_qkernels.attend`; SDPA's result up to float rounding, tested). None where this path does
-        not apply (another operator or device below, a layout without direct kernels, no C
-        extension), before anything is computed: the caller then calls the module."""
-        plan = self._decode_plan()
-        cos, sin = position_embeddings
-        if (
-            plan is None
-            or cos.dim() != 3
-            or cos.numel() != cos.shape[-1]
-            or cos.shape[-1] > self.head_dim
-            or cos.shape[-1] % 2
-            or cos.dtype != torch.float32
-            or cos.device.type != "cpu"
-            or not _shared_mask(attention_mask)
-        ):
-            return None
-        kernels, heads, kv_heads = plan
-        dim = self.head_dim
-        query, key, value = fused_linears([self.q_proj, self.k_proj, self.v_proj], x)
-        if self.has_qk_norm:
-            for y, norm, rows in ((query, self.q_norm, heads), (key, self.k_norm, kv_heads)):
-                kernels.rmsnorm(y.data_ptr(), rows, dim, norm.scale.data_ptr(), norm.eps, y.data_ptr(), 1)
-        rot = cos.shape[-1]  # the rotated leading part of each head
-        cos, sin = cos.contiguous(), sin.contiguous()
-        kernels.rope(query.data_ptr(), 1, heads, dim, cos.data_ptr(), sin.data_ptr(), rot)
-        kernels.rope(key.data_ptr(), 1, kv_heads, dim, cos.data_ptr(), sin.data_ptr(), rot)
-        key, value = key.view(1, kv_heads, 1, dim), value.view(1, kv_heads, 1, dim)
-        if past is not None:
-            key, value = past.update(key, value, self.layer_idx)
-        out = torch.empty(1, 1, heads * dim)
-        if (
-            attention_mask is None
-            and key.dtype == torch.float32
-            and key.device.type == "cpu"
-            and key.stride() == value.stride()
-            and key.stride(-1) == 1
-            and key.stride(-2) == dim
-        ):
-            kernels.attend(
-                query.data_ptr(),
-                heads,
-                kv_heads,
-                dim,
-                key.data_ptr(),
-                value.data_ptr(),
-                key.shape[-2],
-                key.stride(1),
-                self.scaling,
-                out.data_ptr(),
-                torch.get_num_threads(),
-            )
-        else:  # a mask (padding, a window the cache keeps more than): SDPA, as forward's lone query
-            packed = query.view(1, kv_heads, heads // kv_heads, dim)
-            out = F.scaled_dot_product_attention(
-                packed, key, value, attn_mask=attention_mask, scale=self.scaling
-            ).reshape(1, 1, heads * dim)
-        return fused_linears([self.o_proj], out)[0]
-
     def _decode_plan(self) -> tuple | None:
-        """(kernels, heads, kv_heads) when decode_one's direct path applies to the loaded children,
-        else None; worked out once per load."""
+        """(kernels, heads, kv_heads) when the loaded children allow a one-token step as direct C
+        calls (decoder.cpu's, graftlm/ops/decoder_cpu.py), else None; worked out once per load."""
         if self._plan is None:
             self._plan = False
             linears = [self._modules[n] for n in PROJECTIONS]
