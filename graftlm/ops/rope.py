@@ -21,6 +21,7 @@ from graftlm.ops.base import InjectedModule
 # model_type -> the form HF's rotary module returns: cos/sin pairs, or complex `freqs_cis`.
 COMPLEX_OUTPUT = {"deepseek_v2"}
 RUNTIME_TYPES = {"dynamic", "longrope"}
+TABLE = 256  # positions of cos/sin one single-position call computes ahead
 
 
 class RotaryEmbedding(InjectedModule, name="rope"):
@@ -52,6 +53,7 @@ class RotaryEmbedding(InjectedModule, name="rope"):
                 f"rope at {key!r}: {type(orig_module).__name__} has no compute_default_rope_parameters"
             )
         self.attention_scaling: dict[str | None, float] = {}
+        self._tables: dict[tuple, tuple[int, torch.Tensor, torch.Tensor]] = {}  # _one_position's
         for layer_type in self.layer_types:
             self.register_buffer(self._buffer_name(layer_type), None, persistent=False)
 
@@ -60,6 +62,7 @@ class RotaryEmbedding(InjectedModule, name="rope"):
         return "inv_freq" if layer_type is None else f"{layer_type}_inv_freq"
 
     def load(self) -> None:
+        self._tables = {}
         for layer_type in self.layer_types:
             rope_type = self.rope_types[layer_type]
             fn = self._default_fn if rope_type == "default" else ROPE_INIT_FUNCTIONS[rope_type]
@@ -69,12 +72,34 @@ class RotaryEmbedding(InjectedModule, name="rope"):
             self.register_buffer(self._buffer_name(layer_type), inv_freq.to(self.device), persistent=False)
 
     def unload(self) -> None:
+        self._tables = {}
         for layer_type in self.layer_types:
             self.register_buffer(self._buffer_name(layer_type), None, persistent=False)
 
     @torch.no_grad()
     def forward(
         self, x: torch.Tensor, position_ids: torch.Tensor, layer_type: str | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor] | torch.Tensor:
+        if self.output == "cos_sin" and position_ids.numel() == 1 and position_ids.device.type == "cpu":
+            return self._one_position(x, int(position_ids.reshape(())), layer_type)
+        return self._compute(x, position_ids, layer_type)
+
+    def _one_position(self, x: torch.Tensor, position: int, layer_type: str | None):
+        """cos/sin [1, 1, D] for one position (a decode step), sliced from a table of the next TABLE
+        positions, computed in one go the first time the step leaves the current table: the ten
+        small torch operations per step cost more than the arithmetic. The same elementwise
+        operations on the same values, so the same bits (tested)."""
+        key = (layer_type, x.dtype, self.out_device or x.device)
+        table = self._tables.get(key)
+        if table is None or not 0 <= position - table[0] < TABLE:
+            positions = torch.arange(position, position + TABLE)[None]
+            cos, sin = self._compute(x, positions, layer_type)
+            table = self._tables[key] = (position, cos[0], sin[0])
+        i = position - table[0]
+        return table[1][None, i : i + 1], table[2][None, i : i + 1]
+
+    def _compute(
+        self, x: torch.Tensor, position_ids: torch.Tensor, layer_type: str | None
     ) -> tuple[torch.Tensor, torch.Tensor] | torch.Tensor:
         inv_freq = getattr(self, self._buffer_name(layer_type))
         scaling = self.attention_scaling[layer_type]

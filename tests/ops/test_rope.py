@@ -80,3 +80,21 @@ def test_dynamic_rope_is_not_yet_supported():
     )
     with pytest.raises(NotImplementedError, match="'dynamic' is not yet supported"):
         RotaryEmbedding("model.rotary_emb", None, config, meta_model(config).model.rotary_emb)
+
+
+@pytest.mark.parametrize("case", ["llama_llama3", "qwen3_yarn", "gemma3_per_layer_type"])
+def test_one_position_matches_hf_bit_for_bit(case):
+    """A decode step's single position comes from a table computed ahead: HF's values exactly,
+    across table refills, going back to earlier positions, and for each layer type and dtype."""
+    config, hf, op = _pair(*CASES[case])
+    op.load()
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(1, 1, 8, dtype=dtype)
+        for position in [0, 1, 255, 256, 257, 700, 3, 511, 512]:
+            for layer_type in op.layer_types:
+                kwargs = {} if layer_type is None else {"layer_type": layer_type}
+                ids = torch.tensor([[position]])
+                got, want = op(x, ids, **kwargs), hf(x, ids, **kwargs)
+                for g, w in zip(got, want, strict=True):
+                    assert g.shape == w.shape == (1, 1, w.shape[-1]) and g.dtype == dtype
+                    torch.testing.assert_close(g, w, rtol=0, atol=0)
