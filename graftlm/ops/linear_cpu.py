@@ -68,3 +68,29 @@ def fused_linears(linears: list, x: torch.Tensor) -> list[torch.Tensor] | None:
         if lin.bias is not None:
             y += lin.bias
     return outs
+
+
+def runs_direct(linears: list, width: int) -> bool:
+    """Whether each of these layers is a `linear.cpu` on the file's blocks that takes inputs of
+    `width` values straight into the kernel (what `direct_specs` needs)."""
+    return all(
+        type(m) is LinearCPU
+        and m.packed is not None
+        and bool(m.packed.prepared)
+        and m.packed.prepared[4] == width
+        and m.packed.kernel_rows >= 1
+        and m.out_device is None
+        for m in linears
+    )
+
+
+def direct_specs(linears: list, outs: list[int]) -> list[tuple]:
+    """`matmul_many`'s specs for `runs_direct` layers writing one row each to the addresses `outs`
+    (the caller adds biases and keeps the outputs alive)."""
+    return [(*lin.packed.prepared[:4], out, lin.packed.prepared[3]) for lin, out in zip(linears, outs)]
+
+
+def aligned(n: int) -> int:
+    """n floats rounded up to whole 64-byte lines: the parts of a one-token step's scratch buffer
+    start on line boundaries."""
+    return (n + 15) // 16 * 16

@@ -6,8 +6,9 @@ the shared experts of Qwen2-MoE and DeepSeek) and adopts `gate_proj`, `up_proj`,
 `act_fn` under their HF names, so linear rules still reach the projections. Where both projections
 are `linear.cpu` matrices on GGUF blocks and the input is a few fp32 rows (decode), they run as one
 `matmul_many` call: x is quantized once, and one parallel region covers both matrices. Otherwise each
-projection runs as its own module. The result is exactly what the modules compute one by one (the
-same kernels, the same rounding of x).
+projection runs as its own module. For one row (a decode step) all three run as `MLPProgram`: fixed
+direct C calls into one scratch buffer, without module calls between them. The result is exactly
+what the modules compute one by one (the same kernels, the same rounding of x).
 
 Other classes are refused by name: a module with fused gate-up weights (Phi-3) or another form
 needs its own operator.
@@ -17,8 +18,9 @@ from __future__ import annotations
 
 import torch
 
+from graftlm.kernels.cpu import qblocks
 from graftlm.ops.base import InjectedModule
-from graftlm.ops.linear_cpu import fused_linears
+from graftlm.ops.linear_cpu import aligned, direct_specs, fused_linears, runs_direct
 
 SUPPORTED = frozenset(
     {
@@ -42,14 +44,70 @@ class MLPCPU(InjectedModule, name="mlp.cpu"):
     def __init__(self, key, source, config, orig_module, **kwargs) -> None:
         super().__init__(key, source, config, orig_module, **kwargs)
         self.adopt_known(orig_module, SUPPORTED, CHILDREN)
+        self._program: MLPProgram | bool | None = None  # program()'s answer, worked out after load
 
     def load(self) -> None:
         """Nothing of its own: the adopted projections load their weights."""
+        self._program = None
 
     def unload(self) -> None:
-        pass
+        self._program = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        program = self._program if self._program is not None else self.program()
+        if program and x.dtype == torch.float32 and x.device.type == "cpu" and x.numel() == program.hidden:
+            scratch = torch.empty(program.size)
+            out = program.run(scratch, 0, x.contiguous().data_ptr())
+            return scratch[out : out + program.hidden].view(x.shape)
         both = fused_linears([self.gate_proj, self.up_proj], x)
         gate, up = both if both is not None else (self.gate_proj(x), self.up_proj(x))
         return self.down_proj(self.act_fn(gate) * up)
+
+    def program(self) -> MLPProgram | bool:
+        """The one-row forward as direct C calls (MLPProgram), or False where the projections do
+        not all run on the file's blocks; worked out once per load."""
+        gate, up, down = self.gate_proj, self.up_proj, self.down_proj
+        hidden, inter = getattr(gate, "in_features", 0), getattr(gate, "out_features", 0)
+        self._program = (
+            MLPProgram(self)
+            if qblocks.available()
+            and runs_direct([gate, up], hidden)
+            and runs_direct([down], inter)
+            and up.out_features == inter
+            and down.out_features == hidden
+            else False
+        )
+        return self._program
+
+
+class MLPProgram:
+    """mlp.cpu's forward for one fp32 row as fixed direct C calls into a caller's scratch buffer: gate
+    and up in one `matmul_many`, the activation and the product with up as the module's torch
+    operations, down in one call; the same kernels and operations as the modules, so the same bits.
+    A one-token step runs it without module calls, checks or an allocation per projection
+    (decoder.cpu runs it inside its own scratch buffer)."""
+
+    def __init__(self, mlp: MLPCPU) -> None:
+        self.mlp = mlp
+        self.hidden, self.inter = mlp.gate_proj.in_features, mlp.gate_proj.out_features
+        self.biases = [m.bias for m in (mlp.gate_proj, mlp.up_proj, mlp.down_proj)]
+        self.size = 2 * aligned(self.inter) + aligned(self.hidden)  # floats: gate, up, down
+
+    def run(self, scratch: torch.Tensor, start: int, x: int) -> int:
+        """The MLP of the row at address x, computed in scratch[start : start + size]; returns the
+        output's offset in scratch."""
+        kernels, mlp, inter, threads = qblocks._qkernels, self.mlp, self.inter, torch.get_num_threads()
+        g_off, u_off, d_off = start, start + aligned(inter), start + 2 * aligned(inter)
+        base = scratch.data_ptr()
+        gate, up, down = base + 4 * g_off, base + 4 * u_off, base + 4 * d_off
+        kernels.matmul_many(
+            self.hidden, x, 1, threads, direct_specs([mlp.gate_proj, mlp.up_proj], [gate, up])
+        )
+        for bias, ptr in zip(self.biases[:2], (gate, up)):
+            if bias is not None:
+                kernels.add_rmsnorm(ptr, bias.data_ptr(), 1, inter, ptr, 0, 0, 0.0, 0)
+        hidden = mlp.act_fn(scratch[g_off : g_off + inter]).mul_(scratch[u_off : u_off + inter])
+        kernels.matmul_many(inter, hidden.data_ptr(), 1, threads, direct_specs([mlp.down_proj], [down]))
+        if self.biases[2] is not None:
+            kernels.add_rmsnorm(down, self.biases[2].data_ptr(), 1, self.hidden, down, 0, 0, 0.0, 0)
+        return d_off

@@ -11,6 +11,7 @@ import graftlm
 from graftlm.kernels.cpu import fused, qblocks
 from graftlm.ops.attention.gqa import GQAttention
 from graftlm.ops.decoder_cpu import DecoderCPU
+from graftlm.ops.linear_cpu import runs_direct
 from graftlm.ops.mlp_cpu import MLPCPU
 from graftlm.weights.convert import convert
 from tests.inject.helpers import random_model, tiny_config
@@ -103,39 +104,52 @@ def test_attend_rejects_bad_shapes():
 ARCHS = ["llama", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma3", "deepseek_v2_lite"]
 
 
+def _decode(llm, ids: list[int], steps: int = 30) -> torch.Tensor:
+    logits, cache = llm.engine.prefill(ids)
+    out = [logits]
+    for t in range(steps):
+        token = torch.tensor([[int(out[-1].argmax())]])
+        logits, cache = llm.engine.forward(token, cache, len(ids) + t)
+        out.append(logits)
+    return torch.stack(out)
+
+
 @needs_kernels
 @pytest.mark.parametrize("arch", ARCHS)
-def test_decode_path_matches_the_modules_path(arch, tmp_path):
+def test_one_token_programs_match_the_modules_path(arch, tmp_path):
     """Through the engine, prefill then 30 one-token steps (past Gemma 3's sliding window of 8), on a
-    Q8_0 file: the fused decode path gives the logits of the same operators called as modules (the
-    same kernels; only the attention's C softmax differs from SDPA in rounding)."""
+    Q8_0 file, the same logits three ways: decoder.cpu's fused path with the attention and MLP
+    programs inside it; transformers' layer order with each operator running its own program; and
+    every operator's general path (projections through fused_linears, SDPA). The same kernels
+    throughout; only the attention's C softmax differs from SDPA in rounding."""
     folder = tmp_path / arch
     make_model(arch, folder)
     path = convert(folder, tmp_path / "q8_0.gguf", "q8_0")
-    fast, slow = (graftlm.load(path, rules="auto", progress=False) for _ in range(2))
-    layers = [m for m in slow.model.modules() if isinstance(m, DecoderCPU)]
-    assert len(layers) == slow.model.config.num_hidden_layers
-    for layer in layers:
-        layer._plan = False  # the modules' path, as transformers' decoder layer runs them
+    fused, programs, general = (graftlm.load(path, rules="auto", progress=False) for _ in range(3))
+    for llm in (programs, general):
+        layers = [m for m in llm.model.modules() if isinstance(m, DecoderCPU)]
+        assert len(layers) == llm.model.config.num_hidden_layers
+        for layer in layers:
+            layer._plan = False  # the modules, in transformers' order
+    for m in general.model.modules():
+        if isinstance(m, (GQAttention, MLPCPU)):
+            m._program = False
     ids = torch.randint(3, VOCAB, (10,), generator=torch.Generator().manual_seed(3)).tolist()
-    states = []
-    for llm in (fast, slow):
-        logits, cache = llm.engine.prefill(ids)
-        steps = [logits]
-        for t in range(30):
-            token = torch.tensor([[int(steps[-1].argmax())]])
-            logits, cache = llm.engine.forward(token, cache, len(ids) + t)
-            steps.append(logits)
-        states.append(torch.stack(steps))
-    # the fused path ran, down to the attention and MLP operators that have one
-    for layer in (m for m in fast.model.modules() if isinstance(m, DecoderCPU)):
+    want = _decode(general, ids)
+    for llm in (fused, programs):
+        torch.testing.assert_close(_decode(llm, ids), want, rtol=1e-4, atol=1e-4)
+    # the fused path ran, with the programs of the operators that have one
+    for layer in (m for m in fused.model.modules() if isinstance(m, DecoderCPU)):
         assert layer._plan
-        # attention.gqa and mlp.cpu run as direct calls; MLA and MoE blocks as modules
-        gqa = isinstance(layer.self_attn, GQAttention)
+        gqa = isinstance(layer.self_attn, GQAttention)  # MLA and MoE blocks run as modules
         assert gqa != arch.startswith("deepseek")
         assert (layer._plan.attn is not None) == gqa
         assert (layer._plan.mlp is not None) == isinstance(layer.mlp, MLPCPU)
-    torch.testing.assert_close(states[0], states[1], rtol=1e-4, atol=1e-4)
+    for m in (m for m in programs.model.modules() if isinstance(m, MLPCPU)):  # each ran its own
+        direct = runs_direct([m.gate_proj, m.up_proj], m.gate_proj.in_features) and runs_direct(
+            [m.down_proj], m.down_proj.in_features
+        )  # (not the tiny Qwen2-MoE's shared expert: its width 48 is no multiple of Q8_0's 32)
+        assert bool(m._program) == direct
 
 
 def test_refuses_other_decoder_classes():

@@ -31,7 +31,7 @@ from graftlm.engine.kv_cache import GrowingLayer, GrowingSlidingLayer
 from graftlm.kernels.cpu import fused, qblocks
 from graftlm.models.compat import given_cache
 from graftlm.ops.base import InjectedModule
-from graftlm.ops.linear_cpu import LinearCPU, fused_linears
+from graftlm.ops.linear_cpu import LinearCPU, aligned, direct_specs, fused_linears, runs_direct
 from graftlm.ops.norm_cpu import NormCPU
 
 # Attention classes whose forward is Llama's (q/k/v projections, optional q/k RMSNorm over the
@@ -80,6 +80,7 @@ class GQAttention(InjectedModule, name="attention.gqa"):
         self.has_qk_norm = "q_norm" in self._modules and "k_norm" in self._modules
         self._cache_kind: tuple | None = None  # make_cache_layer's answer, worked out once
         self._plan: tuple | bool | None = None  # _decode_plan's answer, worked out after load
+        self._program: AttentionProgram | bool | None = None  # program()'s
 
     def make_cache_layer(self):
         """This layer's KV cache: what transformers' DynamicCache would hold for it (a full or a
@@ -102,10 +103,10 @@ class GQAttention(InjectedModule, name="attention.gqa"):
 
     def load(self) -> None:
         """Nothing of its own: the adopted projections and norms load their weights."""
-        self._plan = None
+        self._plan = self._program = None
 
     def unload(self) -> None:
-        self._plan = None
+        self._plan = self._program = None
 
     def forward(
         self,
@@ -120,6 +121,18 @@ class GQAttention(InjectedModule, name="attention.gqa"):
             raise ValueError(
                 f"attention.gqa at {self.key!r} needs position_embeddings from the rotary module"
             )
+        if (
+            hidden_states.dtype == torch.float32
+            and hidden_states.device.type == "cpu"
+            and hidden_states.numel() == hidden_states.shape[-1]
+        ):  # one token of a batch of one: fixed direct C calls where the children allow them
+            program = self.program(hidden_states.shape[-1])
+            if program is not None and program.applies(position_embeddings, attention_mask):
+                scratch = torch.empty(program.size)
+                x = hidden_states.contiguous().data_ptr()
+                past = given_cache(cache, past_key_values)
+                out = program.run(scratch, 0, x, position_embeddings, attention_mask, past)
+                return scratch[out : out + program.hidden].view(hidden_states.shape), None
         input_shape = hidden_states.shape[:-1]
         shape = (*input_shape, -1, self.head_dim)  # [B, S, heads, D]
         qkv = fused_linears([self.q_proj, self.k_proj, self.v_proj], hidden_states)  # decode: one call
@@ -161,6 +174,22 @@ class GQAttention(InjectedModule, name="attention.gqa"):
         )
         out = self._modules["o_proj"](out.reshape(*input_shape, -1).contiguous())
         return out, weights
+
+    def program(self, hidden: int) -> AttentionProgram | None:
+        """The one-token forward as direct C calls (AttentionProgram) for inputs of `hidden` values,
+        or None where the children do not allow it; worked out once per load."""
+        if self._program is None:
+            plan = self._decode_plan()
+            q, k, v, o = (self._modules[n] for n in PROJECTIONS)
+            self._program = (
+                AttentionProgram(self, plan, hidden)
+                if plan
+                and runs_direct([q, k, v], hidden)
+                and runs_direct([o], o.in_features)
+                and o.out_features == hidden
+                else False
+            )
+        return self._program if self._program and self._program.hidden == hidden else None
 
     def _decode_plan(self) -> tuple | None:
         """(kernels, heads, kv_heads) when the loaded children allow a one-token step as direct C
@@ -208,3 +237,86 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
     cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
     half = x.shape[-1] // 2
     return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+
+
+class AttentionProgram:
+    """attention.gqa's forward for one token of a batch of one as fixed direct C calls into a caller's
+    scratch buffer: q/k/v in one `matmul_many`, the q/k norms and RoPE in place, the cache update,
+    then, without a mask, the attention in one call (`attend`: SDPA's result up to float rounding,
+    tested), with a mask SDPA as forward's lone query; o_proj in one call. The same kernels as the
+    modules otherwise."""
+
+    def __init__(self, attn: GQAttention, plan: tuple, hidden: int) -> None:
+        _, self.heads, self.kv_heads = plan
+        self.attn, self.dim, self.hidden = attn, attn.head_dim, hidden
+        self.qkv = [attn.q_proj, attn.k_proj, attn.v_proj]
+        self.norms = (attn.q_norm, attn.k_norm) if attn.has_qk_norm else None
+        self.biases = [m.bias for m in (*self.qkv, attn.o_proj)]
+        q, kv = self.heads * self.dim, self.kv_heads * self.dim
+        parts = [q, kv, kv, q, hidden]  # q, k, v, attention output, o_proj output
+        self.offsets = [sum(aligned(n) for n in parts[:i]) for i in range(len(parts))]
+        self.size = sum(aligned(n) for n in parts)
+
+    def applies(self, position_embeddings, attention_mask) -> bool:
+        """Whether run() takes these inputs (one position's fp32 cos/sin on the CPU, a mask that
+        packing one query allows)."""
+        if position_embeddings is None:
+            return False
+        cos = position_embeddings[0]
+        return (
+            cos.dim() == 3
+            and cos.numel() == cos.shape[-1] <= self.dim
+            and cos.shape[-1] % 2 == 0
+            and cos.dtype == torch.float32
+            and cos.device.type == "cpu"
+            and _shared_mask(attention_mask)
+        )
+
+    def run(
+        self, scratch: torch.Tensor, start: int, x: int, position_embeddings, attention_mask, past
+    ) -> int:
+        """The attention of the (normed) token at address x, computed in scratch[start : start + size],
+        appending its key and value to `past`; returns the output's offset in scratch."""
+        kernels, threads = qblocks._qkernels, torch.get_num_threads()
+        heads, kv_heads, dim, attn = self.heads, self.kv_heads, self.dim, self.attn
+        q_off, k_off, v_off, a_off, o_off = (start + off for off in self.offsets)
+        base = scratch.data_ptr()
+        q, k, v, a, o = (base + 4 * off for off in (q_off, k_off, v_off, a_off, o_off))
+        kernels.matmul_many(self.hidden, x, 1, threads, direct_specs(self.qkv, [q, k, v]))
+        for bias, ptr in zip(self.biases[:3], (q, k, v)):
+            if bias is not None:
+                kernels.add_rmsnorm(ptr, bias.data_ptr(), 1, bias.numel(), ptr, 0, 0, 0.0, 0)
+        if self.norms is not None:
+            qn, kn = self.norms
+            kernels.rmsnorm(q, heads, dim, qn.scale.data_ptr(), qn.eps, q, 1)
+            kernels.rmsnorm(k, kv_heads, dim, kn.scale.data_ptr(), kn.eps, k, 1)
+        cos, sin = (t.contiguous() for t in position_embeddings)
+        rot = cos.shape[-1]
+        kernels.rope(q, 1, heads, dim, cos.data_ptr(), sin.data_ptr(), rot)
+        kernels.rope(k, 1, kv_heads, dim, cos.data_ptr(), sin.data_ptr(), rot)
+        key = scratch[k_off : k_off + kv_heads * dim].view(1, kv_heads, 1, dim)
+        value = scratch[v_off : v_off + kv_heads * dim].view(1, kv_heads, 1, dim)
+        if past is not None:
+            key, value = past.update(key, value, attn.layer_idx)
+        if (
+            attention_mask is None
+            and key.dtype == torch.float32
+            and key.device.type == "cpu"
+            and key.stride() == value.stride()
+            and key.stride(-1) == 1
+            and key.stride(-2) == dim
+        ):
+            kernels.attend(
+                q, heads, kv_heads, dim, key.data_ptr(), value.data_ptr(), key.shape[-2], key.stride(1),
+                attn.scaling, a, threads,
+            )  # fmt: skip
+        else:  # a mask (padding, a window the cache keeps more than): SDPA, as forward's lone query
+            packed = scratch[q_off : q_off + heads * dim].view(1, kv_heads, heads // kv_heads, dim)
+            out = F.scaled_dot_product_attention(
+                packed, key, value, attn_mask=attention_mask, scale=attn.scaling
+            )
+            scratch[a_off : a_off + heads * dim].copy_(out.reshape(-1))
+        kernels.matmul_many(heads * dim, a, 1, threads, direct_specs([attn.o_proj], [o]))
+        if self.biases[3] is not None:
+            kernels.add_rmsnorm(o, self.biases[3].data_ptr(), 1, self.hidden, o, 0, 0, 0.0, 0)
+        return o_off
