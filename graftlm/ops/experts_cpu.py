@@ -59,7 +59,7 @@ class ExpertsCPU(PackedExperts, name="experts.cpu"):
             return None
         ptrs = torch.tensor([[m.ptr for m in ms] for ms in sets])
         return (
-            gguf.GGMLQuantizationType[mats[0].source_type],
+            int(gguf.GGMLQuantizationType[mats[0].source_type]),
             ptrs.squeeze(0),
             mats[0].weight.shape[1],
             mats[0].n,
@@ -70,15 +70,40 @@ class ExpertsCPU(PackedExperts, name="experts.cpu"):
         super().unload()
 
     def forward(self, hidden_states, top_k_index, top_k_weights):
-        if self._batched is None or hidden_states.shape[0] != 1:
+        if (
+            self._batched is None
+            or hidden_states.shape[0] != 1
+            or hidden_states.dtype != torch.float32
+            or hidden_states.device.type != "cpu"
+            or top_k_index.device.type != "cpu"
+        ):
             return super().forward(hidden_states, top_k_index, top_k_weights)
-        index = top_k_index.reshape(-1).to(self.device)
-        keep = index < self.num_experts  # HF pads with num_experts
-        index, weights = index[keep], top_k_weights.reshape(-1).to(self.device)[keep]
-        x = hidden_states.to(device=self.device, dtype=torch.float32)
+        # One token: two direct C calls (gate and up of every chosen expert, then down), with only
+        # the checks these inputs need (a decode step makes one such call per MoE layer).
+        index, weights = top_k_index.reshape(-1), top_k_weights.reshape(-1)
+        if int(index.max()) >= self.num_experts:  # HF pads with num_experts
+            keep = index < self.num_experts
+            index, weights = index[keep], weights[keep]
+        count = index.numel()
+        if count == 0:
+            return torch.zeros_like(hidden_states)
         (gu_type, gu_ptrs, gu_bytes, gu_n), (d_type, d_ptrs, d_bytes, d_n) = self._batched
-        gate_up = qblocks.matmul_experts(gu_type, gu_ptrs[..., index], gu_bytes, gu_n, x)
-        gate, up = gate_up if gu_ptrs.dim() == 2 else gate_up.chunk(2, dim=-1)
-        down = qblocks.matmul_experts(d_type, d_ptrs[index], d_bytes, d_n, self.act_fn(gate) * up)
+        kernels, threads = qblocks._qkernels, torch.get_num_threads()
+        x = hidden_states.contiguous()
+        ptrs = gu_ptrs[..., index]  # [2, E] (gate, up) or [E] (fused gate-up rows)
+        gate_up = torch.empty(*ptrs.shape, gu_n)
+        sets = ptrs.shape[0] if ptrs.dim() == 2 else 1
+        kernels.matmul_experts(
+            gu_type, ptrs.data_ptr(), count, gu_bytes, gu_n, x.shape[-1], x.data_ptr(), 1, gate_up.data_ptr(),
+            threads, sets,
+        )  # fmt: skip
+        gate, up = gate_up if sets == 2 else gate_up.chunk(2, dim=-1)
+        h = (self.act_fn(gate) * up).contiguous()
+        ptrs = d_ptrs[index]
+        down = torch.empty(count, d_n)
+        kernels.matmul_experts(
+            d_type, ptrs.data_ptr(), count, d_bytes, d_n, h.shape[-1], h.data_ptr(), count, down.data_ptr(),
+            threads, 1,
+        )  # fmt: skip
         y = (down * weights[:, None].float()).sum(0, keepdim=True)
-        return self.to_out(y.to(x.dtype), hidden_states)
+        return y if self.out_device is None else y.to(self.out_device)
