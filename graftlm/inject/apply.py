@@ -185,11 +185,13 @@ def _keep_output_recording(root: nn.Module, ops: list[InjectedModule]) -> None:
     """Let transformers' output recording see operators that stand for the modules they replaced.
 
     With `output_hidden_states=True` a transformers model records each decoder layer's output
-    through hooks on the classes its `_can_record_outputs` names (its registry, keyed by model
-    class). An operator with `records_as_replaced` (decoder.cpu, attention.gqa) returns what the
-    replaced module returns, so each such class becomes (class, operator class) there; without
-    this, hidden states would silently come back empty. Harmless for other models of the class: they
-    hold no operators."""
+    through forward hooks on the classes its `_can_record_outputs` names (kept in a registry keyed by
+    model class, which every construction of a model of that class resets). An operator with
+    `records_as_replaced` (decoder.cpu, attention.gqa) returns what the replaced module returns, so
+    this model's hooks are installed now, with each such class widened to (class, operator class),
+    and the registry is put back as it was: other models of the class are untouched, and later
+    constructions cannot undo this model's recording. Without it, hidden states would silently come
+    back empty. (The hooks return at once unless a forward is recording.)"""
     stand_ins: dict[type, set[type]] = {}
     for op in ops:
         if op.records_as_replaced:
@@ -198,7 +200,11 @@ def _keep_output_recording(root: nn.Module, ops: list[InjectedModule]) -> None:
         return
     try:
         from transformers.modeling_utils import PreTrainedModel
-        from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY, OutputRecorder
+        from transformers.utils.output_capturing import (
+            _CAN_RECORD_REGISTRY,
+            OutputRecorder,
+            maybe_install_capturing_hooks,
+        )
     except ImportError:  # another transformers: its recording is its own
         log.debug("transformers has no output-capturing registry; recording left as it is")
         return
@@ -208,21 +214,25 @@ def _keep_output_recording(root: nn.Module, ops: list[InjectedModule]) -> None:
         extra = tuple(sorted({op for c in classes for op in stand_ins.get(c, ())} - set(classes), key=str))
         return classes + extra if extra else target
 
-    for model in root.modules():
-        if not isinstance(model, PreTrainedModel):
-            continue
+    def widened_specs(specs):
+        if isinstance(specs, list):
+            return [widened_specs(s) for s in specs]
+        if isinstance(specs, OutputRecorder) and specs.target_class is not None:
+            return dataclasses.replace(specs, target_class=widened(specs.target_class))
+        return widened(specs) if isinstance(specs, (type, tuple)) else specs
+
+    models = [m for m in root.modules() if isinstance(m, PreTrainedModel)]
+    originals = {}
+    for model in models:
         flags = _CAN_RECORD_REGISTRY.get(model)
-        new = {}
-        for key, specs in flags.items():
-            many = specs if isinstance(specs, list) else [specs]
-            out = [
-                dataclasses.replace(s, target_class=widened(s.target_class))
-                if isinstance(s, OutputRecorder) and s.target_class is not None
-                else widened(s)
-                if isinstance(s, (type, tuple))
-                else s
-                for s in many
-            ]
-            new[key] = out if isinstance(specs, list) else out[0]
+        new = {key: widened_specs(specs) for key, specs in flags.items()}
         if new != flags:
+            originals[model] = flags
             _CAN_RECORD_REGISTRY[model] = new
+    try:
+        if originals:
+            for model in models:
+                maybe_install_capturing_hooks(model)
+    finally:
+        for model, flags in originals.items():
+            _CAN_RECORD_REGISTRY[model] = flags

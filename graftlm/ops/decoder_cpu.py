@@ -167,7 +167,7 @@ class DecoderCPU(InjectedModule, name="decoder.cpu"):
         Intermediates live in one scratch buffer; the output is a view of it."""
         kernels, dim, eps = plan.kernels, plan.dim, plan.eps
         norm_in, post_attn, norm_mlp, post_mlp = plan.scales
-        scratch = torch.empty(plan.size)
+        scratch = torch.empty(plan.size, dtype=torch.float32)
         base, part = scratch.data_ptr(), aligned(dim)
         x, mid, x2, out = base, base + 4 * part, base + 8 * part, base + 12 * part
         kernels.rmsnorm(h.data_ptr(), 1, dim, norm_in.data_ptr(), eps, x, 1)

@@ -91,7 +91,7 @@ class ExpertsCPU(PackedExperts, name="experts.cpu"):
         kernels, threads = qblocks._qkernels, torch.get_num_threads()
         x = hidden_states.contiguous()
         ptrs = gu_ptrs[..., index]  # [2, E] (gate, up) or [E] (fused gate-up rows)
-        gate_up = torch.empty(*ptrs.shape, gu_n)
+        gate_up = torch.empty(*ptrs.shape, gu_n, dtype=torch.float32)
         sets = ptrs.shape[0] if ptrs.dim() == 2 else 1
         kernels.matmul_experts(
             gu_type, ptrs.data_ptr(), count, gu_bytes, gu_n, x.shape[-1], x.data_ptr(), 1, gate_up.data_ptr(),
@@ -100,7 +100,7 @@ class ExpertsCPU(PackedExperts, name="experts.cpu"):
         gate, up = gate_up if sets == 2 else gate_up.chunk(2, dim=-1)
         h = (self.act_fn(gate) * up).contiguous()
         ptrs = d_ptrs[index]
-        down = torch.empty(count, d_n)
+        down = torch.empty(count, d_n, dtype=torch.float32)
         kernels.matmul_experts(
             d_type, ptrs.data_ptr(), count, d_bytes, d_n, h.shape[-1], h.data_ptr(), count, down.data_ptr(),
             threads, 1,

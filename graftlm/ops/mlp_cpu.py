@@ -56,7 +56,7 @@ class MLPCPU(InjectedModule, name="mlp.cpu"):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         program = self._program if self._program is not None else self.program()
         if program and x.dtype == torch.float32 and x.device.type == "cpu" and x.numel() == program.hidden:
-            scratch = torch.empty(program.size)
+            scratch = torch.empty(program.size, dtype=torch.float32)
             out = program.run(scratch, 0, x.contiguous().data_ptr())
             return scratch[out : out + program.hidden].view(x.shape)
         both = fused_linears([self.gate_proj, self.up_proj], x)

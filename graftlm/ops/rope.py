@@ -93,7 +93,8 @@ class RotaryEmbedding(InjectedModule, name="rope"):
         table = self._tables.get(key)
         if table is None or not 0 <= position - table[0] < TABLE:
             positions = torch.arange(position, position + TABLE)[None]
-            cos, sin = self._compute(x, positions, layer_type)
+            with torch.inference_mode(False):  # plain tensors: a later call may run with autograd on
+                cos, sin = self._compute(x, positions, layer_type)
             table = self._tables[key] = (position, cos[0], sin[0])
         i = position - table[0]
         return table[1][None, i : i + 1], table[2][None, i : i + 1]

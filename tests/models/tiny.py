@@ -171,11 +171,12 @@ def make_tokenizer(folder: Path) -> transformers.PreTrainedTokenizerFast:
 
 
 def make_model(
-    name: str, folder: Path, *, seed: int = 0, dtype=torch.float32
+    name: str, folder: Path, *, seed: int = 0, dtype=torch.float32, **overrides
 ) -> transformers.PreTrainedModel:
-    """Build the tiny `name` model with random weights, save it (and a tokenizer) to `folder`."""
+    """Build the tiny `name` model (config fields `overrides` changed) with random weights, save it
+    (and a tokenizer) to `folder`."""
     cls, extra = CONFIGS[name]
-    config = cls(**{**_BASE, **extra})
+    config = cls(**{**_BASE, **extra, **overrides})
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
     with torch.no_grad():  # HF's init leaves norms at 1 and biases at 0; randomize so they are tested

@@ -6,9 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from transformers import DynamicCache
 
 import graftlm
 from graftlm.kernels.cpu import fused, qblocks
+from graftlm.models.compat import library_cache_arg
+from graftlm.ops.attention import gqa
 from graftlm.ops.attention.gqa import GQAttention
 from graftlm.ops.decoder_cpu import DecoderCPU
 from graftlm.ops.linear_cpu import runs_direct
@@ -17,6 +20,7 @@ from graftlm.weights.convert import convert
 from tests.inject.helpers import random_model, tiny_config
 from tests.models.tiny import VOCAB, make_model
 
+CACHE = library_cache_arg()
 needs_kernels = pytest.mark.skipif(not qblocks.available(), reason="the C extension is not built")
 
 
@@ -104,26 +108,23 @@ def test_attend_rejects_bad_shapes():
 ARCHS = ["llama", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma3", "deepseek_v2_lite"]
 
 
-def _decode(llm, ids: list[int], steps: int = 30) -> torch.Tensor:
+def _decode(llm, ids: list[int], steps: list[int]) -> torch.Tensor:
+    """Logits after the prompt and after each of `steps` fed one at a time (teacher-forced, so a
+    near tie cannot send the two sides down different tokens)."""
     logits, cache = llm.engine.prefill(ids)
     out = [logits]
-    for t in range(steps):
-        token = torch.tensor([[int(out[-1].argmax())]])
-        logits, cache = llm.engine.forward(token, cache, len(ids) + t)
+    for t, token in enumerate(steps):
+        logits, cache = llm.engine.forward(torch.tensor([[token]]), cache, len(ids) + t)
         out.append(logits)
     return torch.stack(out)
 
 
-@needs_kernels
-@pytest.mark.parametrize("arch", ARCHS)
-def test_one_token_programs_match_the_modules_path(arch, tmp_path):
-    """Through the engine, prefill then 30 one-token steps (past Gemma 3's sliding window of 8), on a
-    Q8_0 file, the same logits three ways: decoder.cpu's fused path with the attention and MLP
-    programs inside it; transformers' layer order with each operator running its own program; and
-    every operator's general path (projections through fused_linears, SDPA). The same kernels
-    throughout; only the attention's C softmax differs from SDPA in rounding."""
+def _three_ways(arch, tmp_path, **overrides):
+    """The same Q8_0 file loaded three times: decoder.cpu's fused path with the attention and MLP
+    programs inside it; transformers' layer order with each operator running its own program; every
+    operator's general path (projections through fused_linears, SDPA)."""
     folder = tmp_path / arch
-    make_model(arch, folder)
+    make_model(arch, folder, **overrides)
     path = convert(folder, tmp_path / "q8_0.gguf", "q8_0")
     fused, programs, general = (graftlm.load(path, rules="auto", progress=False) for _ in range(3))
     for llm in (programs, general):
@@ -134,22 +135,91 @@ def test_one_token_programs_match_the_modules_path(arch, tmp_path):
     for m in general.model.modules():
         if isinstance(m, (GQAttention, MLPCPU)):
             m._program = False
-    ids = torch.randint(3, VOCAB, (10,), generator=torch.Generator().manual_seed(3)).tolist()
-    want = _decode(general, ids)
+    return fused, programs, general
+
+
+IDS = torch.randint(3, VOCAB, (10,), generator=torch.Generator().manual_seed(3)).tolist()
+STEPS = torch.randint(3, VOCAB, (30,), generator=torch.Generator().manual_seed(4)).tolist()
+
+
+@needs_kernels
+@pytest.mark.parametrize("arch", ARCHS)
+def test_one_token_programs_are_the_general_path_bit_for_bit(arch, tmp_path, monkeypatch):
+    """Prefill, then 30 one-token steps through the engine (past Gemma 3's sliding window of 8): with
+    the attention done by SDPA, the fused layer and the per-operator programs give the general
+    path's logits exactly (the same kernels and operations, in the same order)."""
+    monkeypatch.setattr(gqa, "C_ATTENTION", False)
+    fused, programs, general = _three_ways(arch, tmp_path)
+    want = _decode(general, IDS, STEPS)
     for llm in (fused, programs):
-        torch.testing.assert_close(_decode(llm, ids), want, rtol=1e-4, atol=1e-4)
+        assert torch.equal(_decode(llm, IDS, STEPS), want)
     # the fused path ran, with the programs of the operators that have one
     for layer in (m for m in fused.model.modules() if isinstance(m, DecoderCPU)):
         assert layer._plan
-        gqa = isinstance(layer.self_attn, GQAttention)  # MLA and MoE blocks run as modules
-        assert gqa != arch.startswith("deepseek")
-        assert (layer._plan.attn is not None) == gqa
+        is_gqa = isinstance(layer.self_attn, GQAttention)  # MLA and MoE blocks run as modules
+        assert is_gqa != arch.startswith("deepseek")
+        assert (layer._plan.attn is not None) == is_gqa
         assert (layer._plan.mlp is not None) == isinstance(layer.mlp, MLPCPU)
     for m in (m for m in programs.model.modules() if isinstance(m, MLPCPU)):  # each ran its own
         direct = runs_direct([m.gate_proj, m.up_proj], m.gate_proj.in_features) and runs_direct(
             [m.down_proj], m.down_proj.in_features
         )  # (not the tiny Qwen2-MoE's shared expert: its width 48 is no multiple of Q8_0's 32)
         assert bool(m._program) == direct
+
+
+@needs_kernels
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3"])
+def test_one_token_programs_with_the_c_attention(arch, tmp_path):
+    """With `attend` (SDPA's result up to float rounding), the logits stay within what that rounding
+    can move through int8-quantized activations (a flipped rounding step: ~1e-3)."""
+    fused, programs, general = _three_ways(arch, tmp_path)
+    want = _decode(general, IDS, STEPS)
+    for llm in (fused, programs):
+        torch.testing.assert_close(_decode(llm, IDS, STEPS), want, rtol=1e-3, atol=5e-3)
+
+
+@needs_kernels
+def test_one_kv_head_with_strided_cache_views_falls_back_to_sdpa(tmp_path):
+    """A cache may hand back keys as views of a [B, T, H, D] tensor: with one KV head they pass the
+    row checks, but the heads are not apart; the program must use SDPA, not fail after the update."""
+
+    class TokenMajorCache(DynamicCache):
+        def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+            keys, values = super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+            def token_major(x):
+                return (
+                    torch.empty(x.shape[0], x.shape[2], x.shape[1], x.shape[3])
+                    .copy_(x.transpose(1, 2))
+                    .transpose(1, 2)
+                )
+
+            return token_major(keys), token_major(values)
+
+    fused, _, general = _three_ways("llama", tmp_path, num_key_value_heads=1)
+    outs = []
+    for llm in (fused, general):
+        cache = TokenMajorCache(config=llm.model.config)
+        with torch.no_grad():
+            llm.model(torch.tensor([[5, 6, 7]]), **{CACHE: cache}, use_cache=True)
+            outs.append(llm.model(torch.tensor([[8]]), **{CACHE: cache}, use_cache=True).logits)
+        assert cache.get_seq_length() == 4
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-4, atol=1e-4)
+
+
+@needs_kernels
+def test_one_token_path_under_another_default_dtype(tmp_path):
+    """The kernels write fp32: scratch buffers are fp32 whatever torch's default dtype is."""
+    fused, _, general = _three_ways("gemma3", tmp_path)
+    want = _decode(general, IDS, STEPS[:5])
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        got = _decode(fused, IDS, STEPS[:5])
+    finally:
+        torch.set_default_dtype(previous)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=1e-3, atol=5e-3)
 
 
 def test_refuses_other_decoder_classes():
@@ -176,12 +246,13 @@ def test_output_hidden_states_are_recorded_through_the_operators(arch, tmp_path)
     make_model(arch, tmp_path / arch)
     path = convert(tmp_path / arch, tmp_path / "f32.gguf", "f32")
     ids = torch.tensor([[5, 6, 7, 8]])
+    fast = graftlm.load(path, rules="auto", progress=False)
+    plain = graftlm.load(path, progress=False)  # built after: resets transformers' registry entry
+    assert any(isinstance(m, DecoderCPU) for m in fast.model.modules())
     states = []
-    for rules in (None, "auto"):
-        llm = graftlm.load(path, rules=rules, progress=False)
+    for llm in (plain, fast):
         with torch.no_grad():
             states.append(llm.model(ids, output_hidden_states=True).hidden_states)
-    assert any(isinstance(m, DecoderCPU) for m in llm.model.modules())
-    assert len(states[1]) == len(states[0]) == llm.model.config.num_hidden_layers + 1
+    assert len(states[1]) == len(states[0]) == fast.model.config.num_hidden_layers + 1
     for want, got in zip(*states):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

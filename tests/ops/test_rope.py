@@ -98,3 +98,17 @@ def test_one_position_matches_hf_bit_for_bit(case):
                 for g, w in zip(got, want, strict=True):
                     assert g.shape == w.shape == (1, 1, w.shape[-1]) and g.dtype == dtype
                     torch.testing.assert_close(g, w, rtol=0, atol=0)
+
+
+def test_one_position_table_built_in_inference_mode_serves_autograd():
+    """The engine fills the table under inference_mode; a later call with autograd on must get
+    tensors autograd can save (not inference tensors)."""
+    config, _, op = _pair(*CASES["llama_default"])
+    op.load()
+    with torch.inference_mode():
+        op(torch.randn(1, 1, 8), torch.tensor([[5]]))
+    cos, sin = op(torch.randn(1, 1, 8), torch.tensor([[6]]))
+    assert not cos.is_inference() and not sin.is_inference()
+    w = torch.randn(cos.shape[-1], requires_grad=True)
+    (cos * w).sum().backward()
+    assert w.grad is not None

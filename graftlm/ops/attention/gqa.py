@@ -49,6 +49,9 @@ SUPPORTED = frozenset(
     }
 )
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+# Whether a one-token program attends with the C kernel where there is no mask (else SDPA, which makes
+# the program's result the general path's bit for bit: the tests switch it off to check that).
+C_ATTENTION = True
 
 
 class GQAttention(InjectedModule, name="attention.gqa"):
@@ -128,7 +131,7 @@ class GQAttention(InjectedModule, name="attention.gqa"):
         ):  # one token of a batch of one: fixed direct C calls where the children allow them
             program = self.program(hidden_states.shape[-1])
             if program is not None and program.applies(position_embeddings, attention_mask):
-                scratch = torch.empty(program.size)
+                scratch = torch.empty(program.size, dtype=torch.float32)
                 x = hidden_states.contiguous().data_ptr()
                 past = given_cache(cache, past_key_values)
                 out = program.run(scratch, 0, x, position_embeddings, attention_mask, past)
@@ -299,12 +302,15 @@ class AttentionProgram:
         if past is not None:
             key, value = past.update(key, value, attn.layer_idx)
         if (
-            attention_mask is None
+            C_ATTENTION
+            and attention_mask is None
             and key.dtype == torch.float32
             and key.device.type == "cpu"
+            and key.shape[:2] == (1, kv_heads)
             and key.stride() == value.stride()
             and key.stride(-1) == 1
             and key.stride(-2) == dim
+            and key.stride(1) >= key.shape[-2] * dim  # each KV head's rows apart from the next's
         ):
             kernels.attend(
                 q, heads, kv_heads, dim, key.data_ptr(), value.data_ptr(), key.shape[-2], key.stride(1),
