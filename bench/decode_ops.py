@@ -89,29 +89,8 @@ def gemma(path) -> None:
             us(lambda: qblocks.matmul_many(prepared, x2)),
         )
         row("mlp: Gemma3MLP (over linear.cpu) -> mlp.cpu", us(lambda: mlp_hf(x)), us(lambda: mlp(x)))
-        q = torch.randn(1, 4, 1, 256)
-        k, v = torch.randn(1, 1, 100, 256), torch.randn(1, 1, 100, 256)
-        out = torch.empty(4, 256)
-        kernels, threads = qblocks._qkernels, torch.get_num_threads()
-        row(
-            "attention of one query over 100 tokens (4 heads, 1 KV): SDPA -> attend",
-            us(lambda: torch.nn.functional.scaled_dot_product_attention(q.view(1, 1, 4, 256), k, v)),
-            us(
-                lambda: kernels.attend(
-                    q.data_ptr(),
-                    4,
-                    1,
-                    256,
-                    k.data_ptr(),
-                    v.data_ptr(),
-                    100,
-                    k.stride(1),
-                    0.0625,
-                    out.data_ptr(),
-                    threads,
-                )
-            ),
-        )
+        for heads, kv_heads, dim, length in [(4, 1, 256, 100), (4, 1, 256, 512), (32, 8, 128, 2048)]:
+            attention_row(heads, kv_heads, dim, length)
     keep_layers = [  # the same operators under transformers' own decoder layers
         {"match": {"name": r"^model\.layers\.\d+$"}, "replace": {"class": "default"}},
         {"include": "builtin:gemma3"},
@@ -124,6 +103,35 @@ def gemma(path) -> None:
             us(lambda: layer_hf(x, position_embeddings=pe, attention_mask=None)),
             us(lambda: layer(x, position_embeddings=pe, attention_mask=None)),
         )
+
+
+def attention_row(heads: int, kv_heads: int, dim: int, length: int) -> None:
+    """One query over `length` cached tokens: SDPA (the query heads of a KV head packed as its rows,
+    as attention.gqa runs it) against the C kernel."""
+    q = torch.randn(heads, dim)
+    k, v = torch.randn(1, kv_heads, length, dim), torch.randn(1, kv_heads, length, dim)
+    out = torch.empty(heads, dim)
+    kernels, threads, scale = qblocks._qkernels, torch.get_num_threads(), dim**-0.5
+    packed = q.view(1, kv_heads, heads // kv_heads, dim)
+    row(
+        f"attention, one query over {length} tokens ({heads} heads, {kv_heads} KV, {dim}): SDPA -> attend",
+        us(lambda: torch.nn.functional.scaled_dot_product_attention(packed, k, v, scale=scale)),
+        us(
+            lambda: kernels.attend(
+                q.data_ptr(),
+                heads,
+                kv_heads,
+                dim,
+                k.data_ptr(),
+                v.data_ptr(),
+                length,
+                k.stride(1),
+                scale,
+                out.data_ptr(),
+                threads,
+            )  # fmt: skip
+        ),
+    )
 
 
 def deepseek(path) -> None:

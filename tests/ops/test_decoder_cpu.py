@@ -68,15 +68,17 @@ def test_add_rmsnorm_is_the_torch_seam_bit_for_bit(post, norm):
     "heads, kv_heads, dim, length, capacity",
     [
         (4, 1, 256, 100, 300),
+        (4, 1, 256, 400, 400),  # parallel: the group split in two
+        (3, 1, 64, 2000, 2000),  # parallel: a group of three in parts of two and one
         (16, 4, 128, 7, 7),
         (8, 8, 64, 1, 4),
-        (32, 8, 128, 1500, 1600),
+        (32, 8, 128, 1500, 1600),  # parallel over KV heads
         (6, 2, 40, 33, 40),
     ],
 )
 def test_attend_matches_sdpa(isa, heads, kv_heads, dim, length, capacity):
     """One query over K/V views of a larger cache buffer, as the KV cache hands them out; with the
-    work above the kernel's threshold the heads run in parallel."""
+    work above the kernel's threshold the KV heads (or parts of one's query heads) run in parallel."""
     kernels = qblocks._qkernels
     previous = kernels.isa()
     kernels.set_isa(isa)

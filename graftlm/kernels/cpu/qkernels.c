@@ -1034,25 +1034,37 @@ AVX2_FN static void axpy_f32_avx2(float *y, float a, const float *x, int64_t n) 
 }
 #endif
 
-static void attend_head(const float *q, const float *k, const float *v, int64_t t, int64_t dim, float scale,
-                        float *s, float *out, int avx2) {
+/* n query heads that share one KV head: each key row and each value row is read once for all of them
+   (it stays in L1 while the n heads use it), so a group of heads streams the KV head once. Per head, the
+   same operations in the same order as one head alone. */
+static void attend_heads(const float *q, int64_t n, const float *k, const float *v, int64_t t, int64_t dim,
+                         float scale, float *s, float *out, int avx2) {
     float (*dot)(const float *, const float *, int64_t) = dot_f32_c;
     void (*axpy)(float *, float, const float *, int64_t) = axpy_f32_c;
 #ifdef GL_X86
     if (avx2) dot = dot_f32_avx2, axpy = axpy_f32_avx2;
 #endif
     (void)avx2;
-    float mx = -INFINITY;
-    for (int64_t j = 0; j < t; j++) {
-        s[j] = dot(q, k + j * dim, dim) * scale;
-        if (s[j] > mx) mx = s[j];
+    for (int64_t j = 0; j < t; j++)
+        for (int64_t i = 0; i < n; i++) s[i * t + j] = dot(q + i * dim, k + j * dim, dim) * scale;
+    memset(out, 0, sizeof(float) * (size_t)(n * dim));
+    float total[64];
+    for (int64_t i0 = 0; i0 < n; i0 += 64) {
+        const int64_t i1 = i0 + 64 < n ? i0 + 64 : n;
+        for (int64_t i = i0; i < i1; i++) {
+            float *si = s + i * t, mx = -INFINITY, sum = 0.0f;
+            for (int64_t j = 0; j < t; j++)
+                if (si[j] > mx) mx = si[j];
+            for (int64_t j = 0; j < t; j++) sum += (si[j] = expf(si[j] - mx));
+            total[i - i0] = sum;
+        }
+        for (int64_t j = 0; j < t; j++)
+            for (int64_t i = i0; i < i1; i++) axpy(out + i * dim, s[i * t + j], v + j * dim, dim);
+        for (int64_t i = i0; i < i1; i++) {
+            const float inv = 1.0f / total[i - i0];
+            for (int64_t d = 0; d < dim; d++) out[i * dim + d] *= inv;
+        }
     }
-    float total = 0.0f;
-    for (int64_t j = 0; j < t; j++) total += (s[j] = expf(s[j] - mx));
-    memset(out, 0, sizeof(float) * (size_t)dim);
-    for (int64_t j = 0; j < t; j++) axpy(out, s[j], v + j * dim, dim);
-    const float inv = 1.0f / total;
-    for (int64_t d = 0; d < dim; d++) out[d] *= inv;
 }
 
 /* attend(q_ptr, heads, kv_heads, dim, k_ptr, v_ptr, t, head_stride, scale, out_ptr, threads) */
@@ -1071,16 +1083,24 @@ static PyObject *py_attend(PyObject *self, PyObject *args) {
     if (!scores) return PyErr_NoMemory();
     const int64_t group = heads / kv_heads;
     const int avx2 = use_avx2;
-    Py_BEGIN_ALLOW_THREADS
+    /* tasks: each KV head's group of query heads, split into `parts` when there are fewer KV heads than
+       threads (each part then reads the KV head once) */
+    int64_t parts = 1;
 #ifdef _OPENMP
     int nt = threads > 0 ? threads : 1;
-    if (nt > heads) nt = (int)heads;
-#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1 && heads * t * dim >= 262144)
+    if (kv_heads < nt) parts = (nt + kv_heads - 1) / kv_heads < group ? (nt + kv_heads - 1) / kv_heads : group;
 #endif
-    for (int64_t h = 0; h < heads; h++) {
-        const int64_t g = h / group;
-        attend_head((const float *)qp + h * dim, (const float *)kp + g * hs, (const float *)vp + g * hs, t, dim,
-                    scale, scores + h * t, (float *)op + h * dim, avx2);
+    const int64_t per = (group + parts - 1) / parts, tasks = kv_heads * parts;
+    Py_BEGIN_ALLOW_THREADS
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1 && tasks > 1 && heads * t * dim >= 262144)
+#endif
+    for (int64_t task = 0; task < tasks; task++) {
+        const int64_t g = task / parts, h0 = g * group + (task % parts) * per;
+        const int64_t h1 = h0 + per < (g + 1) * group ? h0 + per : (g + 1) * group;
+        if (h0 < h1)
+            attend_heads((const float *)qp + h0 * dim, h1 - h0, (const float *)kp + g * hs, (const float *)vp + g * hs,
+                         t, dim, scale, scores + h0 * t, (float *)op + h0 * dim, avx2);
     }
     Py_END_ALLOW_THREADS
     free(scores);
