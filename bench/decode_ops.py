@@ -20,7 +20,7 @@ import torch
 
 from graftlm.kernels.cpu import qblocks
 from graftlm.models.demo import demo_model_path
-from graftlm.ops.attention.mla import MLAttention, absorbed_attention
+from graftlm.ops.attention.mla import MLAttention, absorbed_attention, one_query_attention
 
 
 def us(fn, calls: int = 200, repeats: int = 5) -> float:
@@ -134,6 +134,34 @@ def attention_row(heads: int, kv_heads: int, dim: int, length: int) -> None:
     )
 
 
+def latent_attention_row(q: torch.Tensor, r: int, length: int) -> None:
+    """MLA's one-query attention over `length` latent entries: torch's two GEMMs against the C kernel."""
+    heads, width = q.shape
+    keys, out = torch.randn(length, width), torch.empty(heads, r)
+    kernels, threads = qblocks._qkernels, torch.get_num_threads()
+    row(
+        f"latent attention over {length} tokens: one_query_attention -> attend",
+        us(lambda: one_query_attention(q, keys, r)),
+        us(
+            lambda: kernels.attend(
+                q.data_ptr(),
+                heads,
+                1,
+                width,
+                keys.data_ptr(),
+                keys.data_ptr(),
+                length,
+                keys.numel(),
+                1.0,
+                out.data_ptr(),
+                threads,
+                width,
+                r,
+            )  # fmt: skip
+        ),
+    )
+
+
 def deepseek(path) -> None:
     llm = graftlm.load(path, rules="auto", progress=False)
     op = next(m for m in llm.model.modules() if isinstance(m, MLAttention) and m.heads_q is not None)
@@ -153,13 +181,13 @@ def deepseek(path) -> None:
             us(lambda: qblocks.matmul_experts(uv_type, uv_ptrs, uv_bytes, v, latent)),
         )
         q, kv = torch.randn(heads, r + op.rope_dim) * 0.05, torch.randn(80, r + op.rope_dim)
-        from graftlm.ops.attention.mla import one_query_attention
-
         row(
             "latent attention over 80 tokens: absorbed_attention -> one_query_attention",
             us(lambda: absorbed_attention(q.view(1, 1, heads, -1), kv[None], r, None, None)),
             us(lambda: one_query_attention(q, kv, r)),
         )
+        for length in (80, 512, 2048):  # MLA's C_ATTENTION_TOKENS picks between these two
+            latent_attention_row(q, r, length)
         emb = llm.model.model.embed_tokens
         ids = torch.tensor([[5]])
         table = emb.table

@@ -11,7 +11,6 @@ from transformers import DynamicCache
 import graftlm
 from graftlm.kernels.cpu import fused, qblocks
 from graftlm.models.compat import library_cache_arg
-from graftlm.ops.attention import gqa
 from graftlm.ops.attention.gqa import GQAttention
 from graftlm.ops.decoder_cpu import DecoderCPU
 from graftlm.ops.linear_cpu import runs_direct
@@ -128,16 +127,16 @@ def _three_ways(arch, tmp_path, **overrides):
     folder = tmp_path / arch
     make_model(arch, folder, **overrides)
     path = convert(folder, tmp_path / "q8_0.gguf", "q8_0")
-    fused, programs, general = (graftlm.load(path, rules="auto", progress=False) for _ in range(3))
+    layers, programs, general = (graftlm.load(path, rules="auto", progress=False) for _ in range(3))
     for llm in (programs, general):
-        layers = [m for m in llm.model.modules() if isinstance(m, DecoderCPU)]
-        assert len(layers) == llm.model.config.num_hidden_layers
-        for layer in layers:
+        decoders = [m for m in llm.model.modules() if isinstance(m, DecoderCPU)]
+        assert len(decoders) == llm.model.config.num_hidden_layers
+        for layer in decoders:
             layer._plan = False  # the modules, in transformers' order
     for m in general.model.modules():
         if isinstance(m, (GQAttention, MLPCPU)):
             m._program = False
-    return fused, programs, general
+    return layers, programs, general
 
 
 IDS = torch.randint(3, VOCAB, (10,), generator=torch.Generator().manual_seed(3)).tolist()
@@ -150,13 +149,13 @@ def test_one_token_programs_are_the_general_path_bit_for_bit(arch, tmp_path, mon
     """Prefill, then 30 one-token steps through the engine (past Gemma 3's sliding window of 8): with
     the attention done by SDPA, the fused layer and the per-operator programs give the general
     path's logits exactly (the same kernels and operations, in the same order)."""
-    monkeypatch.setattr(gqa, "C_ATTENTION", False)
-    fused, programs, general = _three_ways(arch, tmp_path)
+    monkeypatch.setattr(fused, "C_ATTENTION", False)
+    layers, programs, general = _three_ways(arch, tmp_path)
     want = _decode(general, IDS, STEPS)
-    for llm in (fused, programs):
+    for llm in (layers, programs):
         assert torch.equal(_decode(llm, IDS, STEPS), want)
     # the fused path ran, with the programs of the operators that have one
-    for layer in (m for m in fused.model.modules() if isinstance(m, DecoderCPU)):
+    for layer in (m for m in layers.model.modules() if isinstance(m, DecoderCPU)):
         assert layer._plan
         is_gqa = isinstance(layer.self_attn, GQAttention)  # MLA and MoE blocks run as modules
         assert is_gqa != arch.startswith("deepseek")
@@ -170,14 +169,17 @@ def test_one_token_programs_are_the_general_path_bit_for_bit(arch, tmp_path, mon
 
 
 @needs_kernels
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3"])
-def test_one_token_programs_with_the_c_attention(arch, tmp_path):
-    """With `attend` (SDPA's result up to float rounding), the logits stay within what that rounding
-    can move through int8-quantized activations (a flipped rounding step: ~1e-3)."""
-    fused, programs, general = _three_ways(arch, tmp_path)
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3", "deepseek_v2_lite", "deepseek_v3"])
+def test_one_token_attention_in_c(arch, tmp_path, monkeypatch):
+    """With `attend` (SDPA's, or for MLA torch's two GEMMs', result up to float rounding), the logits
+    stay within what that rounding can move through int8-quantized activations (a flipped rounding
+    step: ~1e-3)."""
+    layers, programs, general = _three_ways(arch, tmp_path)
+    got = [_decode(llm, IDS, STEPS) for llm in (layers, programs)]
+    monkeypatch.setattr(fused, "C_ATTENTION", False)
     want = _decode(general, IDS, STEPS)
-    for llm in (fused, programs):
-        torch.testing.assert_close(_decode(llm, IDS, STEPS), want, rtol=1e-3, atol=5e-3)
+    for logits in got:
+        torch.testing.assert_close(logits, want, rtol=1e-3, atol=5e-3)
 
 
 @needs_kernels
@@ -198,9 +200,9 @@ def test_one_kv_head_with_strided_cache_views_falls_back_to_sdpa(tmp_path):
 
             return token_major(keys), token_major(values)
 
-    fused, _, general = _three_ways("llama", tmp_path, num_key_value_heads=1)
+    layers, _, general = _three_ways("llama", tmp_path, num_key_value_heads=1)
     outs = []
-    for llm in (fused, general):
+    for llm in (layers, general):
         cache = TokenMajorCache(config=llm.model.config)
         with torch.no_grad():
             llm.model(torch.tensor([[5, 6, 7]]), **{CACHE: cache}, use_cache=True)
@@ -212,12 +214,12 @@ def test_one_kv_head_with_strided_cache_views_falls_back_to_sdpa(tmp_path):
 @needs_kernels
 def test_one_token_path_under_another_default_dtype(tmp_path):
     """The kernels write fp32: scratch buffers are fp32 whatever torch's default dtype is."""
-    fused, _, general = _three_ways("gemma3", tmp_path)
+    layers, _, general = _three_ways("gemma3", tmp_path)
     want = _decode(general, IDS, STEPS[:5])
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
     try:
-        got = _decode(fused, IDS, STEPS[:5])
+        got = _decode(layers, IDS, STEPS[:5])
     finally:
         torch.set_default_dtype(previous)
     assert got.dtype == torch.float32

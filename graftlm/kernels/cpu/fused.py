@@ -13,6 +13,11 @@ import torch
 
 from graftlm.kernels.cpu import qblocks
 
+# Whether one-token attention (attention.gqa's program, MLA's decode step) runs as one C call
+# (`_qkernels.attend`) where there is no mask; else SDPA or torch's GEMMs, which make those paths'
+# results the general ones' bit for bit: the tests switch it off to check that.
+C_ATTENTION = True
+
 
 def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x / sqrt(mean(x^2, -1) + eps) * weight for fp32 x [..., D] on the CPU and fp32 weight [D] -> fp32."""

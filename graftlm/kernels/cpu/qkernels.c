@@ -995,8 +995,9 @@ static PyObject *py_add_rmsnorm(PyObject *self, PyObject *args) {
 
 /* One query's attention without a mask: out[h] = softmax(scale * K_g q[h]) V_g for each query head h, g its
    KV head (h / (heads / kv_heads)). q [heads, dim]; K and V rows of kv head g, token j at
-   base + g * head_stride + j * dim (the view a KV-cache buffer [kv_heads, capacity, dim] gives); out
-   [heads, dim]. Scores and the weighted sum of V run in fp32; the softmax subtracts the maximum score. */
+   base + g * head_stride + j * ld (ld = dim: the view a KV-cache buffer [kv_heads, capacity, dim] gives;
+   MLA's latent cache: K the whole entry, V its first vdim values, rows ld apart); out [heads, vdim]. Scores
+   and the weighted sum of V run in fp32; the softmax subtracts the maximum score. */
 static float dot_f32_c(const float *a, const float *b, int64_t n) {
     float part[8] = {0};
     int64_t j = 0;
@@ -1038,7 +1039,7 @@ AVX2_FN static void axpy_f32_avx2(float *y, float a, const float *x, int64_t n) 
    (it stays in L1 while the n heads use it), so a group of heads streams the KV head once. Per head, the
    same operations in the same order as one head alone. */
 static void attend_heads(const float *q, int64_t n, const float *k, const float *v, int64_t t, int64_t dim,
-                         float scale, float *s, float *out, int avx2) {
+                         int64_t ld, int64_t vdim, float scale, float *s, float *out, int avx2) {
     float (*dot)(const float *, const float *, int64_t) = dot_f32_c;
     void (*axpy)(float *, float, const float *, int64_t) = axpy_f32_c;
 #ifdef GL_X86
@@ -1046,8 +1047,8 @@ static void attend_heads(const float *q, int64_t n, const float *k, const float 
 #endif
     (void)avx2;
     for (int64_t j = 0; j < t; j++)
-        for (int64_t i = 0; i < n; i++) s[i * t + j] = dot(q + i * dim, k + j * dim, dim) * scale;
-    memset(out, 0, sizeof(float) * (size_t)(n * dim));
+        for (int64_t i = 0; i < n; i++) s[i * t + j] = dot(q + i * dim, k + j * ld, dim) * scale;
+    memset(out, 0, sizeof(float) * (size_t)(n * vdim));
     float total[64];
     for (int64_t i0 = 0; i0 < n; i0 += 64) {
         const int64_t i1 = i0 + 64 < n ? i0 + 64 : n;
@@ -1055,28 +1056,33 @@ static void attend_heads(const float *q, int64_t n, const float *k, const float 
             float *si = s + i * t, mx = -INFINITY, sum = 0.0f;
             for (int64_t j = 0; j < t; j++)
                 if (si[j] > mx) mx = si[j];
-            for (int64_t j = 0; j < t; j++) sum += (si[j] = expf(si[j] - mx));
+            /* below e^-80 a weight is 0, not a subnormal (which would slow the FMAs; invisible next to e^0) */
+            for (int64_t j = 0; j < t; j++) sum += (si[j] = si[j] - mx < -80.0f ? 0.0f : expf(si[j] - mx));
             total[i - i0] = sum;
         }
         for (int64_t j = 0; j < t; j++)
-            for (int64_t i = i0; i < i1; i++) axpy(out + i * dim, s[i * t + j], v + j * dim, dim);
+            for (int64_t i = i0; i < i1; i++) axpy(out + i * vdim, s[i * t + j], v + j * ld, vdim);
         for (int64_t i = i0; i < i1; i++) {
             const float inv = 1.0f / total[i - i0];
-            for (int64_t d = 0; d < dim; d++) out[i * dim + d] *= inv;
+            for (int64_t d = 0; d < vdim; d++) out[i * vdim + d] *= inv;
         }
     }
 }
 
-/* attend(q_ptr, heads, kv_heads, dim, k_ptr, v_ptr, t, head_stride, scale, out_ptr, threads) */
+/* attend(q_ptr, heads, kv_heads, dim, k_ptr, v_ptr, t, head_stride, scale, out_ptr, threads[, ld, vdim]) */
 static PyObject *py_attend(PyObject *self, PyObject *args) {
-    Py_ssize_t qp, heads, kv_heads, dim, kp, vp, t, hs, op;
+    Py_ssize_t qp, heads, kv_heads, dim, kp, vp, t, hs, op, ld = 0, vdim = 0;
     float scale;
     int threads;
-    if (!PyArg_ParseTuple(args, "nnnnnnnnfni", &qp, &heads, &kv_heads, &dim, &kp, &vp, &t, &hs, &scale, &op,
-                          &threads))
+    if (!PyArg_ParseTuple(args, "nnnnnnnnfni|nn", &qp, &heads, &kv_heads, &dim, &kp, &vp, &t, &hs, &scale, &op,
+                          &threads, &ld, &vdim))
         return NULL;
-    if (heads <= 0 || kv_heads <= 0 || heads % kv_heads || dim <= 0 || t <= 0 || hs < t * dim) {
-        PyErr_SetString(PyExc_ValueError, "attend: heads must be a multiple of kv_heads, t > 0, head_stride >= t * dim");
+    if (ld == 0) ld = dim;
+    if (vdim == 0) vdim = dim;
+    if (heads <= 0 || kv_heads <= 0 || heads % kv_heads || dim <= 0 || t <= 0 || ld < dim || vdim <= 0 ||
+        vdim > ld || (kv_heads > 1 && hs < t * ld)) {
+        PyErr_SetString(PyExc_ValueError,
+                        "attend: heads must be a multiple of kv_heads, t > 0, ld >= dim and vdim, head_stride >= t * ld");
         return NULL;
     }
     float *scores = malloc(sizeof(float) * (size_t)(heads * t));
@@ -1100,7 +1106,7 @@ static PyObject *py_attend(PyObject *self, PyObject *args) {
         const int64_t h1 = h0 + per < (g + 1) * group ? h0 + per : (g + 1) * group;
         if (h0 < h1)
             attend_heads((const float *)qp + h0 * dim, h1 - h0, (const float *)kp + g * hs, (const float *)vp + g * hs,
-                         t, dim, scale, scores + h0 * t, (float *)op + h0 * dim, avx2);
+                         t, dim, ld, vdim, scale, scores + h0 * t, (float *)op + h0 * vdim, avx2);
     }
     Py_END_ALLOW_THREADS
     free(scores);

@@ -49,9 +49,6 @@ SUPPORTED = frozenset(
     }
 )
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
-# Whether a one-token program attends with the C kernel where there is no mask (else SDPA, which makes
-# the program's result the general path's bit for bit: the tests switch it off to check that).
-C_ATTENTION = True
 
 
 class GQAttention(InjectedModule, name="attention.gqa"):
@@ -302,7 +299,7 @@ class AttentionProgram:
         if past is not None:
             key, value = past.update(key, value, attn.layer_idx)
         if (
-            C_ATTENTION
+            fused.C_ATTENTION
             and attention_mask is None
             and key.dtype == torch.float32
             and key.device.type == "cpu"

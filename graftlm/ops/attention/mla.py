@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from transformers.cache_utils import Cache
 
 from graftlm.engine.latent_cache import LatentLayer
-from graftlm.kernels.cpu import qblocks
+from graftlm.kernels.cpu import fused, qblocks
 from graftlm.models.compat import given_cache
 from graftlm.ops.base import InjectedModule
 from graftlm.ops.linear_cpu import fused_linears
@@ -54,6 +54,10 @@ ABSORBED_EFFICIENCY = 2.0
 # underflowing into subnormals, which make the CPU's fp32 GEMMs 10-20x slower (e^-60 ~ 1e-26:
 # invisible in fp32 or bf16 next to the row's maximum, exp(0) = 1).
 SCORE_FLOOR = 60.0
+# Up to this many cached tokens a decode step's latent attention runs as one C call (`attend`), beyond
+# it as torch's two GEMMs: 16 heads of 576 on the AMD AVX2 machine, 2 threads, C against torch: 73
+# against 171 us at 80 tokens, 419 against 373 at 512, 1827 against 1070 at 2048 (bench/decode_ops.py).
+C_ATTENTION_TOKENS = 256
 # Score elements one absorbed block may hold (64 MiB in fp32); longer prompts are cut into query blocks.
 BLOCK_ELEMENTS = 1 << 24
 
@@ -402,7 +406,22 @@ class MLAttention(InjectedModule, name="attention.mla"):
         (uk_type, uk_ptrs, uk_bytes, r, _), (uv_type, uv_ptrs, uv_bytes, v, _) = self.heads_q
         q_latent = qblocks.matmul_experts(uk_type, uk_ptrs, uk_bytes, r, q_nope.reshape(heads, self.nope_dim))
         q_cat = torch.cat([q_latent.view(1, 1, heads, r).to(q_rope.dtype), q_rope], dim=-1).mul_(self.scaling)
-        out_latent = one_query_attention(q_cat.view(heads, -1), kv[0], r)
+        keys = kv[0]
+        if (
+            fused.C_ATTENTION
+            and keys.shape[0] <= C_ATTENTION_TOKENS
+            and keys.dtype == q_cat.dtype == torch.float32
+            and keys.stride(-1) == 1
+        ):
+            # every head over the same latent rows in one C call: each row read once for all heads
+            # (softmax(q keys^T) keys[:, :r], as one_query_attention, up to float rounding; tested)
+            width, out_latent = keys.shape[-1], torch.empty(heads, r, dtype=torch.float32)
+            qblocks._qkernels.attend(
+                q_cat.data_ptr(), heads, 1, width, keys.data_ptr(), keys.data_ptr(), keys.shape[0], keys.numel(),
+                1.0, out_latent.data_ptr(), torch.get_num_threads(), keys.stride(0), r,
+            )  # fmt: skip
+        else:
+            out_latent = one_query_attention(q_cat.view(heads, -1), keys, r)
         out = qblocks.matmul_experts(uv_type, uv_ptrs, uv_bytes, v, out_latent)
         return out.to(q_nope.dtype).view(1, 1, heads, v)
 
