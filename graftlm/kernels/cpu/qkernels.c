@@ -903,18 +903,24 @@ static PyObject *py_dequantize(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* a . b in eight partial sums, then in order (the portable dot product of attend, and RMSNorm's sum of
+   squares) */
+static float dot_f32_c(const float *a, const float *b, int64_t n) {
+    float part[8] = {0};
+    int64_t j = 0;
+    for (; j + 8 <= n; j += 8)
+        for (int l = 0; l < 8; l++) part[l] += a[j + l] * b[j + l];
+    float s = 0.0f;
+    for (int l = 0; l < 8; l++) s += part[l];
+    for (; j < n; j++) s += a[j] * b[j];
+    return s;
+}
+
 /* rmsnorm(x_ptr, rows, dim, w_ptr, eps, out_ptr, threads): out[i] = x[i] / sqrt(mean(x[i]^2) + eps) * w,
    all fp32, rows contiguous (out may be x). One call for what transformers' RMSNorm modules spend about
    ten torch operations on; the sum of squares is taken in eight partial sums, then in order. */
 static float rms_scale(const float *x, int64_t dim, float eps) {
-    float part[8] = {0};
-    int64_t j = 0;
-    for (; j + 8 <= dim; j += 8)
-        for (int l = 0; l < 8; l++) part[l] += x[j + l] * x[j + l];
-    float ss = 0.0f;
-    for (int l = 0; l < 8; l++) ss += part[l];
-    for (; j < dim; j++) ss += x[j] * x[j];
-    return 1.0f / sqrtf(ss / (float)dim + eps);
+    return 1.0f / sqrtf(dot_f32_c(x, x, dim) / (float)dim + eps);
 }
 
 static void rmsnorm_row(const float *x, int64_t dim, const float *w, float eps, float *y) {
@@ -998,16 +1004,6 @@ static PyObject *py_add_rmsnorm(PyObject *self, PyObject *args) {
    base + g * head_stride + j * ld (ld = dim: the view a KV-cache buffer [kv_heads, capacity, dim] gives;
    MLA's latent cache: K the whole entry, V its first vdim values, rows ld apart); out [heads, vdim]. Scores
    and the weighted sum of V run in fp32; the softmax subtracts the maximum score. */
-static float dot_f32_c(const float *a, const float *b, int64_t n) {
-    float part[8] = {0};
-    int64_t j = 0;
-    for (; j + 8 <= n; j += 8)
-        for (int l = 0; l < 8; l++) part[l] += a[j + l] * b[j + l];
-    float s = 0.0f;
-    for (int l = 0; l < 8; l++) s += part[l];
-    for (; j < n; j++) s += a[j] * b[j];
-    return s;
-}
 
 static void axpy_f32_c(float *y, float a, const float *x, int64_t n) {
     for (int64_t j = 0; j < n; j++) y[j] += a * x[j];
