@@ -291,18 +291,41 @@ AVX2_FN static inline __m256i dot_us(__m256i u, __m256i s) {
 /* signed bytes a times signed bytes b -> 8 int32 partial sums (|a| <= 127) */
 AVX2_FN static inline __m256i dot_ss(__m256i a, __m256i b) { return dot_us(_mm256_sign_epi8(a, a), _mm256_sign_epi8(b, a)); }
 
-/* The 32-value types: two blocks per step into two accumulators (one chain would wait on FMA latency). */
+/* The 32-value types: two blocks per step into two accumulators (one chain would wait on FMA latency).
+   Eight blocks' scales (weight scale times activation scale) are converted and multiplied as one vector
+   and broadcast from memory, one load per block instead of a scalar conversion, multiply and broadcast
+   (the same products, so the same results). */
+#define LEGACY_PAIR_AVX2(VALUES, BYTES, W, B, DD0, DD1)                                                       \
+    do {                                                                                                      \
+        _mm_prefetch((const char *)(W) + PREFETCH, PREFETCH_HINT);                                            \
+        __m256i p0 = dot_ss(VALUES(W), _mm256_loadu_si256((const __m256i *)(x.q + (B) * 32)));                \
+        __m256i p1 = dot_ss(VALUES((W) + (BYTES)), _mm256_loadu_si256((const __m256i *)(x.q + (B) * 32 + 32))); \
+        acc0 = _mm256_fmadd_ps(DD0, _mm256_cvtepi32_ps(p0), acc0);                                            \
+        acc1 = _mm256_fmadd_ps(DD1, _mm256_cvtepi32_ps(p1), acc1);                                            \
+    } while (0)
+
 #define LEGACY_AVX2(NAME, BYTES, VALUES)                                                                      \
     AVX2_FN static float NAME(const uint8_t *w, qx_t x, int64_t k) {                                          \
         __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();                                        \
         int64_t b = 0, nb = k / 32;                                                                           \
-        for (; b + 1 < nb; b += 2, w += 2 * (BYTES)) {                                                        \
-            _mm_prefetch((const char *)w + PREFETCH, PREFETCH_HINT);                                            \
-            __m256i p0 = dot_ss(VALUES(w), _mm256_loadu_si256((const __m256i *)(x.q + b * 32)));              \
-            __m256i p1 = dot_ss(VALUES(w + (BYTES)), _mm256_loadu_si256((const __m256i *)(x.q + b * 32 + 32))); \
-            acc0 = _mm256_fmadd_ps(_mm256_set1_ps(_cvtsh_ss(rd16(w)) * x.d[b]), _mm256_cvtepi32_ps(p0), acc0); \
-            acc1 = _mm256_fmadd_ps(_mm256_set1_ps(_cvtsh_ss(rd16(w + (BYTES))) * x.d[b + 1]), _mm256_cvtepi32_ps(p1), acc1); \
+        float dd[8];                                                                                          \
+        for (; b + 8 <= nb; b += 8, w += 8 * (BYTES)) {                                                       \
+            __m128i h = _mm_cvtsi32_si128(rd16(w));                                                           \
+            h = _mm_insert_epi16(h, rd16(w + (BYTES)), 1);                                                    \
+            h = _mm_insert_epi16(h, rd16(w + 2 * (BYTES)), 2);                                                \
+            h = _mm_insert_epi16(h, rd16(w + 3 * (BYTES)), 3);                                                \
+            h = _mm_insert_epi16(h, rd16(w + 4 * (BYTES)), 4);                                                \
+            h = _mm_insert_epi16(h, rd16(w + 5 * (BYTES)), 5);                                                \
+            h = _mm_insert_epi16(h, rd16(w + 6 * (BYTES)), 6);                                                \
+            h = _mm_insert_epi16(h, rd16(w + 7 * (BYTES)), 7);                                                \
+            _mm256_storeu_ps(dd, _mm256_mul_ps(_mm256_cvtph_ps(h), _mm256_loadu_ps(x.d + b)));                \
+            for (int i = 0; i < 8; i += 2)                                                                    \
+                LEGACY_PAIR_AVX2(VALUES, BYTES, w + i * (BYTES), b + i, _mm256_broadcast_ss(dd + i),          \
+                                 _mm256_broadcast_ss(dd + i + 1));                                            \
         }                                                                                                     \
+        for (; b + 1 < nb; b += 2, w += 2 * (BYTES))                                                          \
+            LEGACY_PAIR_AVX2(VALUES, BYTES, w, b, _mm256_set1_ps(_cvtsh_ss(rd16(w)) * x.d[b]),                \
+                             _mm256_set1_ps(_cvtsh_ss(rd16(w + (BYTES))) * x.d[b + 1]));                      \
         if (b < nb) {                                                                                         \
             __m256i p0 = dot_ss(VALUES(w), _mm256_loadu_si256((const __m256i *)(x.q + b * 32)));              \
             acc0 = _mm256_fmadd_ps(_mm256_set1_ps(_cvtsh_ss(rd16(w)) * x.d[b]), _mm256_cvtepi32_ps(p0), acc0); \
