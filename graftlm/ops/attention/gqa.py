@@ -9,9 +9,10 @@ so sliding windows and masks behave as in transformers. What differs is the glue
 C call, in place on the fresh projections (graftlm/kernels/cpu/fused.py; the same floating-point
 operations as `apply_rotary_pos_emb`, so the same bits), instead of about sixteen torch operations,
 and there is one transpose per tensor; at decode q/k/v run as one C call (`fused_linears`) and a lone
-query goes straight into SDPA. On Gemma 3 270M one layer's one-token attention took 486-511 us as
-transformers' module and 264-339 us as this operator, 130-200 us of it the projections
-(`python bench/decode_ops.py`, warm caches, AMD AVX2 machine, two runs). Its KV cache appends in place (`make_cache_layer`, graftlm/engine/kv_cache.py).
+query goes straight into SDPA. One token of a batch of one runs as `AttentionProgram`: fixed direct C
+calls into one scratch buffer, the attention itself one C call where there is no mask (decoder.cpu
+runs the same program inside its own buffer). Per-call times: `python bench/decode_ops.py`. Its KV
+cache appends in place (`make_cache_layer`, graftlm/engine/kv_cache.py).
 
 Other attention classes are refused by name: their forward may compute something else
 (logit soft-capping, gated or chunked attention, ...).
@@ -31,7 +32,7 @@ from graftlm.engine.kv_cache import GrowingLayer, GrowingSlidingLayer
 from graftlm.kernels.cpu import fused, qblocks
 from graftlm.models.compat import given_cache
 from graftlm.ops.base import InjectedModule
-from graftlm.ops.linear_cpu import LinearCPU, aligned, direct_specs, fused_linears, runs_direct
+from graftlm.ops.linear_cpu import aligned, direct_specs, fused_linears, runs_direct
 from graftlm.ops.norm_cpu import NormCPU
 
 # Attention classes whose forward is Llama's (q/k/v projections, optional q/k RMSNorm over the
@@ -79,8 +80,7 @@ class GQAttention(InjectedModule, name="attention.gqa"):
         self._eager = sys.modules[type(orig_module).__module__].eager_attention_forward
         self.has_qk_norm = "q_norm" in self._modules and "k_norm" in self._modules
         self._cache_kind: tuple | None = None  # make_cache_layer's answer, worked out once
-        self._plan: tuple | bool | None = None  # _decode_plan's answer, worked out after load
-        self._program: AttentionProgram | bool | None = None  # program()'s
+        self._program: AttentionProgram | bool | None = None  # program()'s answer, worked out after load
 
     def make_cache_layer(self):
         """This layer's KV cache: what transformers' DynamicCache would hold for it (a full or a
@@ -103,10 +103,10 @@ class GQAttention(InjectedModule, name="attention.gqa"):
 
     def load(self) -> None:
         """Nothing of its own: the adopted projections and norms load their weights."""
-        self._plan = self._program = None
+        self._program = None
 
     def unload(self) -> None:
-        self._plan = self._program = None
+        self._program = None
 
     def forward(
         self,
@@ -176,43 +176,28 @@ class GQAttention(InjectedModule, name="attention.gqa"):
         return out, weights
 
     def program(self, hidden: int) -> AttentionProgram | None:
-        """The one-token forward as direct C calls (AttentionProgram) for inputs of `hidden` values,
-        or None where the children do not allow it; worked out once per load."""
+        """The one-token forward as direct C calls (AttentionProgram) for inputs of `hidden` values, or
+        None where the children do not allow it (another operator or layout below, an attention
+        implementation other than SDPA or eager, no C extension); worked out once per load."""
         if self._program is None:
-            plan = self._decode_plan()
+            self._program = False
             q, k, v, o = (self._modules[n] for n in PROJECTIONS)
-            self._program = (
-                AttentionProgram(self, plan, hidden)
-                if plan
-                and runs_direct([q, k, v], hidden)
-                and runs_direct([o], o.in_features)
-                and o.out_features == hidden
-                else False
-            )
-        return self._program if self._program and self._program.hidden == hidden else None
-
-    def _decode_plan(self) -> tuple | None:
-        """(kernels, heads, kv_heads) when the loaded children allow a one-token step as direct C
-        calls (decoder.cpu's, graftlm/ops/decoder_cpu.py), else None; worked out once per load."""
-        if self._plan is None:
-            self._plan = False
-            linears = [self._modules[n] for n in PROJECTIONS]
             norms = [self._modules[n] for n in ("q_norm", "k_norm")] if self.has_qk_norm else []
             dim = self.head_dim
             if (
                 qblocks.available()
                 and self.config._attn_implementation in ("sdpa", "eager")
-                and all(type(m) is LinearCPU and m.packed is not None and m.packed.prepared for m in linears)
-                and all(m.out_device is None for m in linears)
+                and runs_direct([q, k, v], hidden)
+                and runs_direct([o], o.in_features)
+                and o.out_features == hidden
                 and all(type(m) is NormCPU and m.scale is not None and m.out_device is None for m in norms)
                 and all(m.dim == dim for m in norms)
-                and self.q_proj.out_features % dim == 0
-                and self.k_proj.out_features % dim == 0
+                and q.out_features % dim == 0
+                and k.out_features % dim == 0
+                and (q.out_features // dim) % (k.out_features // dim) == 0
             ):
-                heads, kv_heads = self.q_proj.out_features // dim, self.k_proj.out_features // dim
-                if heads % kv_heads == 0:
-                    self._plan = (qblocks._qkernels, heads, kv_heads)
-        return self._plan or None
+                self._program = AttentionProgram(self, q.out_features // dim, k.out_features // dim, hidden)
+        return self._program if self._program and self._program.hidden == hidden else None
 
     def extra_repr(self) -> str:
         window = f", window={self.sliding_window}" if self.sliding_window else ""
@@ -246,8 +231,8 @@ class AttentionProgram:
     tested), with a mask SDPA as forward's lone query; o_proj in one call. The same kernels as the
     modules otherwise."""
 
-    def __init__(self, attn: GQAttention, plan: tuple, hidden: int) -> None:
-        _, self.heads, self.kv_heads = plan
+    def __init__(self, attn: GQAttention, heads: int, kv_heads: int, hidden: int) -> None:
+        self.heads, self.kv_heads = heads, kv_heads
         self.attn, self.dim, self.hidden = attn, attn.head_dim, hidden
         self.qkv = [attn.q_proj, attn.k_proj, attn.v_proj]
         self.norms = (attn.q_norm, attn.k_norm) if attn.has_qk_norm else None
