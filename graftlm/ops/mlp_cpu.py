@@ -56,8 +56,8 @@ class MLPCPU(InjectedModule, name="mlp.cpu"):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         program = self._program if self._program is not None else self.program()
         if program and x.dtype == torch.float32 and x.device.type == "cpu" and x.numel() == program.hidden:
-            scratch = torch.empty(program.size, dtype=torch.float32)
-            out = program.run(scratch, 0, x.contiguous().data_ptr())
+            scratch, row = torch.empty(program.size, dtype=torch.float32), x.contiguous()  # (kept alive)
+            out = program.run(scratch, 0, row.data_ptr())
             return scratch[out : out + program.hidden].view(x.shape)
         both = fused_linears([self.gate_proj, self.up_proj], x)
         gate, up = both if both is not None else (self.gate_proj(x), self.up_proj(x))

@@ -260,3 +260,21 @@ def test_output_hidden_states_are_recorded_through_the_operators(arch, tmp_path)
     assert len(states[1]) == len(states[0]) == fast.model.config.num_hidden_layers + 1
     for want, got in zip(*states):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@needs_kernels
+def test_programs_take_a_strided_token(tmp_path):
+    """A one-token input that is a strided view runs the programs on a contiguous copy it keeps
+    alive: the same outputs as for the contiguous row."""
+    _, programs, _ = _three_ways("qwen3", tmp_path)
+    layer = programs.model.model.layers[0]
+    hidden = programs.model.config.hidden_size
+    wide = torch.randn(1, 1, 2 * hidden, generator=torch.Generator().manual_seed(5))
+    strided, row = wide[..., ::2], wide[..., ::2].contiguous()
+    assert not strided.is_contiguous()
+    rope = programs.model.model.rotary_emb(row, torch.tensor([[3]]))
+    with torch.no_grad():
+        assert torch.equal(layer.mlp(strided), layer.mlp(row))
+        got = layer.self_attn(strided, position_embeddings=rope, attention_mask=None)[0]
+        assert torch.equal(got, layer.self_attn(row, position_embeddings=rope, attention_mask=None)[0])
+    assert layer.mlp._program and layer.self_attn._program  # the programs ran

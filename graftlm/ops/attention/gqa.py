@@ -129,9 +129,9 @@ class GQAttention(InjectedModule, name="attention.gqa"):
             program = self.program(hidden_states.shape[-1])
             if program is not None and program.applies(position_embeddings, attention_mask):
                 scratch = torch.empty(program.size, dtype=torch.float32)
-                x = hidden_states.contiguous().data_ptr()
+                row = hidden_states.contiguous()  # (kept alive while the program reads it)
                 past = given_cache(cache, past_key_values)
-                out = program.run(scratch, 0, x, position_embeddings, attention_mask, past)
+                out = program.run(scratch, 0, row.data_ptr(), position_embeddings, attention_mask, past)
                 return scratch[out : out + program.hidden].view(hidden_states.shape), None
         input_shape = hidden_states.shape[:-1]
         shape = (*input_shape, -1, self.head_dim)  # [B, S, heads, D]
