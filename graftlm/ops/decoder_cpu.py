@@ -102,15 +102,21 @@ class DecoderCPU(InjectedModule, name="decoder.cpu"):
             return self._decode_one(
                 plan, hidden_states, position_embeddings, attention_mask, cache, past_key_values, kwargs
             )
+        x = self.input_layernorm(hidden_states)
+        attn = self._attention(x, position_embeddings, attention_mask, cache, past_key_values, kwargs)
+        return self._after_attention(hidden_states, attn)
+
+    def _attention(self, x, position_embeddings, attention_mask, cache, past_key_values, kwargs):
+        """The attention module's output for x, the cache passed on under the name it came by."""
         cache_kwargs = {"cache": cache} if past_key_values is None else {"past_key_values": past_key_values}
-        attn, _ = self.self_attn(
-            hidden_states=self.input_layernorm(hidden_states),
+        out, _ = self.self_attn(
+            hidden_states=x,
             position_embeddings=position_embeddings,
             attention_mask=attention_mask,
             **cache_kwargs,
             **kwargs,
         )
-        return self._after_attention(hidden_states, attn)
+        return out
 
     def _after_attention(self, residual: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
         if self.sandwich:
@@ -175,16 +181,8 @@ class DecoderCPU(InjectedModule, name="decoder.cpu"):
         if plan.attn is not None and plan.attn.applies(position_embeddings, attention_mask):
             o = base + 4 * plan.attn.run(scratch, plan.attn_at, x, position_embeddings, attention_mask, past)
         else:
-            cache_kwargs = (
-                {"cache": cache} if past_key_values is None else {"past_key_values": past_key_values}
-            )
-            attn, _ = self.self_attn(
-                hidden_states=scratch[:dim].view(1, 1, dim),
-                position_embeddings=position_embeddings,
-                attention_mask=attention_mask,
-                **cache_kwargs,
-                **kwargs,
-            )
+            x_row = scratch[:dim].view(1, 1, dim)
+            attn = self._attention(x_row, position_embeddings, attention_mask, cache, past_key_values, kwargs)
             if not _plain_row(attn, h):  # an output elsewhere (another device or dtype): modules from here
                 return self._after_attention(h, attn)
             o = attn.data_ptr()

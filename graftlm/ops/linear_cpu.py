@@ -48,21 +48,11 @@ def fused_linears(linears: list, x: torch.Tensor) -> list[torch.Tensor] | None:
     shape = x.shape
     width = shape[-1] if shape else 0
     rows = x.numel() // width if width else 0
-    specs, outs = [], []
-    for lin in linears:
-        packed = lin.packed if isinstance(lin, LinearCPU) else None
-        prepared = packed.prepared if packed is not None else None
-        if (
-            not prepared
-            or prepared[4] != width
-            or not 0 < rows <= packed.kernel_rows
-            or lin.out_device is not None
-        ):
-            return None
-        y = torch.empty(*shape[:-1], prepared[3], dtype=torch.float32)
-        specs.append((*prepared[:4], y.data_ptr(), prepared[3]))
-        outs.append(y)
+    if not runs_direct(linears, width, rows):
+        return None
+    outs = [torch.empty(*shape[:-1], lin.packed.prepared[3], dtype=torch.float32) for lin in linears]
     x = x.contiguous()
+    specs = direct_specs(linears, [y.data_ptr() for y in outs])
     qblocks._qkernels.matmul_many(width, x.data_ptr(), rows, torch.get_num_threads(), specs)
     for lin, y in zip(linears, outs):
         if lin.bias is not None:
@@ -70,15 +60,15 @@ def fused_linears(linears: list, x: torch.Tensor) -> list[torch.Tensor] | None:
     return outs
 
 
-def runs_direct(linears: list, width: int) -> bool:
-    """Whether each of these layers is a `linear.cpu` on the file's blocks that takes inputs of
+def runs_direct(linears: list, width: int, rows: int = 1) -> bool:
+    """Whether each of these layers is a `linear.cpu` on the file's blocks that takes `rows` inputs of
     `width` values straight into the kernel (what `direct_specs` needs)."""
     return all(
         type(m) is LinearCPU
         and m.packed is not None
         and bool(m.packed.prepared)
         and m.packed.prepared[4] == width
-        and m.packed.kernel_rows >= 1
+        and 0 < rows <= m.packed.kernel_rows
         and m.out_device is None
         for m in linears
     )
@@ -88,6 +78,14 @@ def direct_specs(linears: list, outs: list[int]) -> list[tuple]:
     """`matmul_many`'s specs for `runs_direct` layers writing one row each to the addresses `outs`
     (the caller adds biases and keeps the outputs alive)."""
     return [(*lin.packed.prepared[:4], out, lin.packed.prepared[3]) for lin, out in zip(linears, outs)]
+
+
+def add_biases(biases: list, outs: list[int]) -> None:
+    """Adds each bias (or None) to the one row at the matching address, in place, as `y += bias`
+    does (one C call each: the same sum)."""
+    for bias, out in zip(biases, outs):
+        if bias is not None:
+            qblocks._qkernels.add_rmsnorm(out, bias.data_ptr(), 1, bias.numel(), out, 0, 0, 0.0, 0)
 
 
 def aligned(n: int) -> int:

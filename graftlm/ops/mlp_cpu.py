@@ -20,7 +20,7 @@ import torch
 
 from graftlm.kernels.cpu import qblocks
 from graftlm.ops.base import InjectedModule
-from graftlm.ops.linear_cpu import aligned, direct_specs, fused_linears, runs_direct
+from graftlm.ops.linear_cpu import add_biases, aligned, direct_specs, fused_linears, runs_direct
 
 SUPPORTED = frozenset(
     {
@@ -103,11 +103,8 @@ class MLPProgram:
         kernels.matmul_many(
             self.hidden, x, 1, threads, direct_specs([mlp.gate_proj, mlp.up_proj], [gate, up])
         )
-        for bias, ptr in zip(self.biases[:2], (gate, up)):
-            if bias is not None:
-                kernels.add_rmsnorm(ptr, bias.data_ptr(), 1, inter, ptr, 0, 0, 0.0, 0)
+        add_biases(self.biases[:2], [gate, up])
         hidden = mlp.act_fn(scratch[g_off : g_off + inter]).mul_(scratch[u_off : u_off + inter])
         kernels.matmul_many(inter, hidden.data_ptr(), 1, threads, direct_specs([mlp.down_proj], [down]))
-        if self.biases[2] is not None:
-            kernels.add_rmsnorm(down, self.biases[2].data_ptr(), 1, self.hidden, down, 0, 0, 0.0, 0)
+        add_biases(self.biases[2:], [down])
         return d_off

@@ -32,7 +32,7 @@ from graftlm.engine.kv_cache import GrowingLayer, GrowingSlidingLayer
 from graftlm.kernels.cpu import fused, qblocks
 from graftlm.models.compat import given_cache
 from graftlm.ops.base import InjectedModule
-from graftlm.ops.linear_cpu import aligned, direct_specs, fused_linears, runs_direct
+from graftlm.ops.linear_cpu import add_biases, aligned, direct_specs, fused_linears, runs_direct
 from graftlm.ops.norm_cpu import NormCPU
 
 # Attention classes whose forward is Llama's (q/k/v projections, optional q/k RMSNorm over the
@@ -268,9 +268,7 @@ class AttentionProgram:
         base = scratch.data_ptr()
         q, k, v, a, o = (base + 4 * off for off in (q_off, k_off, v_off, a_off, o_off))
         kernels.matmul_many(self.hidden, x, 1, threads, direct_specs(self.qkv, [q, k, v]))
-        for bias, ptr in zip(self.biases[:3], (q, k, v)):
-            if bias is not None:
-                kernels.add_rmsnorm(ptr, bias.data_ptr(), 1, bias.numel(), ptr, 0, 0, 0.0, 0)
+        add_biases(self.biases[:3], [q, k, v])
         if self.norms is not None:
             qn, kn = self.norms
             kernels.rmsnorm(q, heads, dim, qn.scale.data_ptr(), qn.eps, q, 1)
@@ -305,6 +303,5 @@ class AttentionProgram:
             )
             scratch[a_off : a_off + heads * dim].copy_(out.reshape(-1))
         kernels.matmul_many(heads * dim, a, 1, threads, direct_specs([attn.o_proj], [o]))
-        if self.biases[3] is not None:
-            kernels.add_rmsnorm(o, self.biases[3].data_ptr(), 1, self.hidden, o, 0, 0, 0.0, 0)
+        add_biases(self.biases[3:], [o])
         return o_off

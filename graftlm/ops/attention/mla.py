@@ -55,8 +55,9 @@ ABSORBED_EFFICIENCY = 2.0
 # invisible in fp32 or bf16 next to the row's maximum, exp(0) = 1).
 SCORE_FLOOR = 60.0
 # Up to this many cached tokens a decode step's latent attention runs as one C call (`attend`), beyond
-# it as torch's two GEMMs: 16 heads of 576 on the AMD AVX2 machine, 2 threads, C against torch: 73
-# against 171 us at 80 tokens, 419 against 373 at 512, 1827 against 1070 at 2048 (bench/decode_ops.py).
+# it as torch's two GEMMs: 16 heads of 576 on the AMD AVX2 machine, 2 threads, torch against C
+# (`python bench/decode_ops.py --deepseek FILE`, 16:09): 83 against 53 us at 80 tokens, 235 against
+# 397 at 512, 812 against 1344 at 2048.
 C_ATTENTION_TOKENS = 256
 # Score elements one absorbed block may hold (64 MiB in fp32); longer prompts are cut into query blocks.
 BLOCK_ELEMENTS = 1 << 24
