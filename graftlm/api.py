@@ -54,6 +54,7 @@ def load(
     cpu_memory: str | int | None = None,
     gpu_weights: str = "dtype",
     sparse: Any = None,
+    mmap: bool = True,
 ) -> LLM:
     """Load a GGUF file or HF folder into its transformers architecture.
 
@@ -66,9 +67,11 @@ def load(
     `sparse` (a dict, "key=value,..." or SparseSettings; True for the defaults) puts a block-sparse
     attention operator (`attention.sparse`, graftlm/ops/attention/sparse.py) on every decoder
     attention module, before `rules`; `configure_sparse(llm.model, ...)` changes its settings later.
+    `mmap=False` reads a GGUF's tensors into RAM (GGUFFile.read_into_memory) instead of leaving them
+    memory-mapped: pages the kernel cannot drop; resident memory is the same once every weight is used.
     """
     start = time.perf_counter()
-    files = open_weights(path, hf_dir=hf_dir)
+    files = open_weights(path, hf_dir=hf_dir, mmap=mmap, progress=progress)
     model = files.meta_model
     if gpu_memory is not None or cpu_memory is not None or gpu_weights != "dtype":
         rules, device = _placed_rules(files, rules, device, dtype, gpu_memory, cpu_memory, gpu_weights)

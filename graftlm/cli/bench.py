@@ -30,12 +30,14 @@ def main(args: argparse.Namespace) -> int:
     load_seconds = time.perf_counter() - t0
     result = run_bench(llm.engine, args.prompt_tokens, args.gen_tokens, args.repeat)
     result.load_seconds = load_seconds
+    result.mmap = args.mmap
     if args.json:
         json.dump(result.to_dict(), sys.stdout, indent=1)
         print()
         return 0
     print(f"machine   {result.machine}, {result.threads} threads")
-    print(f"load      {load_seconds:.1f} s, peak RSS {result.peak_rss_mib:.0f} MiB")
+    where = "memory-mapped" if args.mmap else "read into RAM (--no-mmap)"
+    print(f"load      {load_seconds:.1f} s, weights {where}, peak RSS {result.peak_rss_mib:.0f} MiB")
     print(
         f"prefill   {result.prefill_tok_s:8.1f} tok/s  ({args.prompt_tokens} tokens, median of {args.repeat})"
     )

@@ -39,6 +39,13 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         help="torch CPU threads (default: the number of physical cores available)",
     )
+    parser.add_argument(
+        "--no-mmap",
+        dest="mmap",
+        action="store_false",
+        help="read a GGUF's weights into RAM instead of memory-mapping the file: a slower load, pages the "
+        "kernel cannot drop under memory pressure, the same resident memory once every weight is used",
+    )
 
 
 def add_sparse_args(parser: argparse.ArgumentParser) -> None:
@@ -173,6 +180,8 @@ def load_llm(args: argparse.Namespace) -> Any:
     sparse = sparse_settings(args)
     if sparse is not None:  # only when set: loaders without it still work
         budgets["sparse"] = sparse
+    if getattr(args, "mmap", True) is False:  # likewise
+        budgets["mmap"] = False
     return api.load(path, rules=rules, device=args.device, **budgets)
 
 

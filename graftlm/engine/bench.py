@@ -33,6 +33,7 @@ class BenchResult:
     decode_gb_s: float = 0.0
     peak_rss_mib: float = 0.0
     load_seconds: float = 0.0
+    mmap: bool = True  # False: the weights were read into RAM (--no-mmap)
     machine: str = ""
 
     def to_dict(self) -> dict:

@@ -119,11 +119,15 @@ def _check_special_tokens(file: GGUFFile) -> None:
             )
 
 
-def open_weights(path: str | Path, *, hf_dir: str | Path | None = None) -> ModelFiles:
+def open_weights(
+    path: str | Path, *, hf_dir: str | Path | None = None, mmap: bool = True, progress: bool = True
+) -> ModelFiles:
     """Open `path` and bind its weights to the HF architecture it describes.
 
     `path` may be a .gguf file, a folder holding config.json plus one .gguf (or plus safetensors),
-    and `hf_dir` names an HF folder whose config and tokenizer override the GGUF's.
+    and `hf_dir` names an HF folder whose config and tokenizer override the GGUF's. `mmap=False`
+    reads a GGUF's tensors into RAM instead of leaving them memory-mapped
+    (GGUFFile.read_into_memory); safetensors are read by the safetensors library either way.
     """
     from graftlm.models.tokenizer import tokenizer_from_folder, tokenizer_from_gguf
 
@@ -133,6 +137,11 @@ def open_weights(path: str | Path, *, hf_dir: str | Path | None = None) -> Model
     if p.is_dir():
         has_config = (p / "config.json").is_file()
         if has_config and any(p.glob("*.safetensors")):
+            if not mmap:
+                log.info(
+                    "%s: safetensors weights are read by the safetensors library; mmap=False applies to GGUF",
+                    p,
+                )
             return _open_safetensors(p)
         ggufs = sorted(p.glob("*.gguf"))
         if len(ggufs) != 1:
@@ -144,6 +153,8 @@ def open_weights(path: str | Path, *, hf_dir: str | Path | None = None) -> Model
         p = ggufs[0]
 
     file = GGUFFile(p)
+    if not mmap:
+        file.read_into_memory(progress=progress)
     has_hf_tokenizer = hf_dir is not None and any(
         (Path(hf_dir) / n).is_file() for n in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
     )

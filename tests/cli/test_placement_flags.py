@@ -1,4 +1,5 @@
-"""`graftlm run --gpu-memory/--cpu-memory` reach graftlm.api.load as budgets; unset, they are not passed."""
+"""`graftlm run --gpu-memory/--cpu-memory` reach graftlm.api.load as budgets, and `--no-mmap` as mmap=False;
+unset, they are not passed."""
 
 from __future__ import annotations
 
@@ -42,3 +43,12 @@ def test_no_budget_no_kwargs(captured):
     with pytest.raises(Stop):
         common.load_llm(_args())
     assert "gpu_memory" not in captured[-1] and "cpu_memory" not in captured[-1]
+
+
+def test_no_mmap_is_passed_only_when_given(captured):
+    with pytest.raises(Stop):
+        common.load_llm(_args("--no-mmap"))
+    assert captured[-1]["mmap"] is False
+    with pytest.raises(Stop):
+        common.load_llm(_args())
+    assert "mmap" not in captured[-1]
