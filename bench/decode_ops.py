@@ -186,7 +186,7 @@ def deepseek(path) -> None:
             us(lambda: absorbed_attention(q.view(1, 1, heads, -1), kv[None], r, None, None)),
             us(lambda: one_query_attention(q, kv, r)),
         )
-        for length in (80, 512, 2048):  # MLA's C_ATTENTION_TOKENS picks between these two
+        for length in (80, 512, 2048):  # the portable path's C_ATTENTION_TOKENS picks between these two
             latent_attention_row(q, r, length)
         emb = llm.model.model.embed_tokens
         ids = torch.tensor([[5]])

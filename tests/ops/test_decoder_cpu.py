@@ -73,6 +73,8 @@ def test_add_rmsnorm_is_the_torch_seam_bit_for_bit(post, norm):
         (8, 8, 64, 1, 4),
         (32, 8, 128, 1500, 1600),  # parallel over KV heads
         (6, 2, 40, 33, 40),
+        (70, 1, 36, 45, 45),  # a group of more than 64 heads; a width not a multiple of 8
+        (5, 1, 24, 130, 131),  # three spans of keys; 16 + 8 value columns
     ],
 )
 def test_attend_matches_sdpa(isa, heads, kv_heads, dim, length, capacity):
@@ -94,6 +96,32 @@ def test_attend_matches_sdpa(isa, heads, kv_heads, dim, length, capacity):
                 out.data_ptr(), threads,
             )  # fmt: skip
             torch.testing.assert_close(out, want, rtol=1e-5, atol=2e-6)
+    finally:
+        kernels.set_isa(previous)
+
+
+@needs_kernels
+@pytest.mark.parametrize("isa", ["avx2", "portable"])
+@pytest.mark.parametrize("heads, width, vdim, length", [(16, 576, 512, 300), (3, 36, 20, 7), (4, 64, 64, 1)])
+def test_attend_over_latent_rows(isa, heads, width, vdim, length):
+    """MLA's form: one KV head whose rows are `width` apart, keys the whole row, values its first
+    `vdim` values (softmax(q K^T) K[:, :vdim], as one_query_attention computes it)."""
+    kernels = qblocks._qkernels
+    previous = kernels.isa()
+    kernels.set_isa(isa)
+    try:
+        g = torch.Generator().manual_seed(2)
+        q, keys = torch.randn(heads, width, generator=g) * 0.2, torch.randn(length, width, generator=g)
+        qd, kd = q.double(), keys.double()
+        want = (torch.softmax(qd @ kd.T, dim=-1) @ kd[:, :vdim]).float()
+        for threads in (1, 2):
+            out = torch.empty(heads, vdim)
+            kernels.attend(
+                q.data_ptr(), heads, 1, width, keys.data_ptr(), keys.data_ptr(), length, keys.numel(), 1.0,
+                out.data_ptr(), threads, width, vdim,
+            )  # fmt: skip
+            # fp32 sums of up to 576 products against a float64 reference: float rounding
+            torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-5)
     finally:
         kernels.set_isa(previous)
 

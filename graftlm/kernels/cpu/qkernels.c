@@ -1032,39 +1032,192 @@ static void axpy_f32_c(float *y, float a, const float *x, int64_t n) {
     for (int64_t j = 0; j < n; j++) y[j] += a * x[j];
 }
 
+
 #ifdef GL_X86
-AVX2_FN static float dot_f32_avx2(const float *a, const float *b, int64_t n) {
-    __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
-    int64_t j = 0;
-    for (; j + 16 <= n; j += 16) {
-        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + j), _mm256_loadu_ps(b + j), s0);
-        s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + j + 8), _mm256_loadu_ps(b + j + 8), s1);
-    }
-    for (; j + 8 <= n; j += 8) s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + j), _mm256_loadu_ps(b + j), s0);
-    float s = hsum_ps(_mm256_add_ps(s0, s1));
-    for (; j < n; j++) s += a[j] * b[j];
-    return s;
+/* lane i = the sum of v[i]'s eight floats */
+AVX2_FN static inline __m256 hsum8_ps(const __m256 *v) {
+    __m256 ab = _mm256_hadd_ps(_mm256_hadd_ps(v[0], v[1]), _mm256_hadd_ps(v[2], v[3]));
+    __m256 cd = _mm256_hadd_ps(_mm256_hadd_ps(v[4], v[5]), _mm256_hadd_ps(v[6], v[7]));
+    return _mm256_add_ps(_mm256_permute2f128_ps(ab, cd, 0x20), _mm256_permute2f128_ps(ab, cd, 0x31));
 }
 
-AVX2_FN static void axpy_f32_avx2(float *y, float a, const float *x, int64_t n) {
-    const __m256 av = _mm256_set1_ps(a);
-    int64_t j = 0;
-    for (; j + 8 <= n; j += 8) _mm256_storeu_ps(y + j, _mm256_fmadd_ps(av, _mm256_loadu_ps(x + j), _mm256_loadu_ps(y + j)));
-    for (; j < n; j++) y[j] += a * x[j];
+/* e^x for x in [-88, 0] (softmax weights after the maximum is subtracted): Cephes' expf, 8 lanes,
+   within 2 ulp of expf */
+AVX2_FN static inline __m256 exp_ps(__m256 x) {
+    x = _mm256_max_ps(x, _mm256_set1_ps(-87.3f));
+    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    x = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    x = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), x);
+    __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
+    y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+
+/* scores s[i * t + j] = scale * q_i . k_j for up to four heads (hb) and two keys at a time: eight
+   accumulators in registers, each q and k vector loaded once for four or two products */
+AVX2_FN static inline __attribute__((always_inline)) void scores_block(const float *q, int hb, const float *k0,
+                                                                       const float *k1, int64_t dim, float *o0,
+                                                                       float *o1, int64_t t, float scale) {
+    __m256 acc[8];
+    for (int a = 0; a < 8; a++) acc[a] = _mm256_setzero_ps();
+    int64_t d = 0;
+    for (; d + 8 <= dim; d += 8) {
+        __m256 ka = _mm256_loadu_ps(k0 + d), kb = _mm256_loadu_ps(k1 + d);
+        for (int h = 0; h < hb; h++) {
+            __m256 qv = _mm256_loadu_ps(q + h * dim + d);
+            acc[2 * h] = _mm256_fmadd_ps(qv, ka, acc[2 * h]);
+            acc[2 * h + 1] = _mm256_fmadd_ps(qv, kb, acc[2 * h + 1]);
+        }
+    }
+    float sums[8];
+    _mm256_storeu_ps(sums, hsum8_ps(acc));
+    for (int h = 0; h < hb; h++) {
+        float a = sums[2 * h], b = sums[2 * h + 1];
+        for (int64_t e = d; e < dim; e++) a += q[h * dim + e] * k0[e], b += q[h * dim + e] * k1[e];
+        o0[h * t] = a * scale, o1[h * t] = b * scale;
+    }
+}
+
+/* out[h] (+)= sum_j w[h * t + j] v_j over keys j0..j1, for up to four heads and 16 of the value's
+   columns at a time, accumulated in registers over the keys; the first span starts from zero, the
+   last scales by inv[h] (1 / the softmax's total) */
+AVX2_FN static inline __attribute__((always_inline)) void values_block(const float *w, int hb, int64_t t, int64_t j0,
+                                                                       int64_t j1, const float *v, int64_t ld,
+                                                                       int64_t c, int wide, float *out, int64_t vdim,
+                                                                       const float *inv, int first, int last) {
+    __m256 acc[8];
+    for (int h = 0; h < hb; h++) {
+        acc[2 * h] = first ? _mm256_setzero_ps() : _mm256_loadu_ps(out + h * vdim + c);
+        acc[2 * h + 1] = first || !wide ? _mm256_setzero_ps() : _mm256_loadu_ps(out + h * vdim + c + 8);
+    }
+    for (int64_t j = j0; j < j1; j++) {
+        const float *vj = v + j * ld + c;
+        __m256 va = _mm256_loadu_ps(vj), vb = wide ? _mm256_loadu_ps(vj + 8) : va;
+        for (int h = 0; h < hb; h++) {
+            __m256 p = _mm256_broadcast_ss(w + h * t + j);
+            acc[2 * h] = _mm256_fmadd_ps(p, va, acc[2 * h]);
+            if (wide) acc[2 * h + 1] = _mm256_fmadd_ps(p, vb, acc[2 * h + 1]);
+        }
+    }
+    for (int h = 0; h < hb; h++) {
+        __m256 r = _mm256_set1_ps(last ? inv[h] : 1.0f);
+        _mm256_storeu_ps(out + h * vdim + c, _mm256_mul_ps(acc[2 * h], r));
+        if (wide) _mm256_storeu_ps(out + h * vdim + c + 8, _mm256_mul_ps(acc[2 * h + 1], r));
+    }
+}
+
+/* attend_heads on AVX2: the same softmax(scale q K^T) V per head, computed as small register-blocked
+   matrix products (four heads by two keys for the scores, four heads by 16 columns for the values)
+   with a vectorized exp; the sums run in another order than the portable path's, so the results
+   differ from it by float rounding (tested against SDPA). */
+#define ATTEND_SPAN 64 /* keys per span: a span's key (or value) rows stay in L2 while every head uses them */
+
+AVX2_FN static inline __attribute__((always_inline)) void scores_heads(const float *qi, int hb, const float *k,
+                                                                       int64_t j0, int64_t j1, int64_t ld,
+                                                                       int64_t dim, float *si, int64_t t,
+                                                                       float scale) {
+    int64_t j = j0;
+    for (; j + 2 <= j1; j += 2) scores_block(qi, hb, k + j * ld, k + (j + 1) * ld, dim, si + j, si + j + 1, t, scale);
+    if (j < j1) /* the last key alone: paired with itself */
+        for (int h = 0; h < hb; h++)
+            scores_block(qi + h * dim, 1, k + j * ld, k + j * ld, dim, si + h * t + j, si + h * t + j, t, scale);
+}
+
+/* softmax weights in place over one head's t scores; returns 1 / their total */
+AVX2_FN static float softmax_avx2(float *sh, int64_t t) {
+    float mx = -INFINITY;
+    for (int64_t e = 0; e < t; e++) mx = sh[e] > mx ? sh[e] : mx;
+    /* below e^-80 a weight is 0, not a subnormal (which would slow the FMAs; invisible next to e^0) */
+    const __m256 m = _mm256_set1_ps(mx), cut = _mm256_set1_ps(-80.0f);
+    __m256 sum = _mm256_setzero_ps();
+    int64_t e = 0;
+    for (; e + 8 <= t; e += 8) {
+        __m256 x = _mm256_sub_ps(_mm256_loadu_ps(sh + e), m);
+        __m256 p = _mm256_and_ps(exp_ps(x), _mm256_cmp_ps(x, cut, _CMP_GE_OQ));
+        _mm256_storeu_ps(sh + e, p);
+        sum = _mm256_add_ps(sum, p);
+    }
+    float total = hsum_ps(sum);
+    for (; e < t; e++) total += (sh[e] = sh[e] - mx < -80.0f ? 0.0f : expf(sh[e] - mx));
+    return 1.0f / total;
+}
+
+AVX2_FN static inline __attribute__((always_inline)) void values_heads(const float *si, int hb, int64_t t, int64_t j0,
+                                                                       int64_t j1, const float *v, int64_t ld,
+                                                                       float *oi, int64_t vdim, const float *inv) {
+    const int first = j0 == 0, last = j1 == t;
+    int64_t c = 0;
+    for (; c + 16 <= vdim; c += 16) values_block(si, hb, t, j0, j1, v, ld, c, 1, oi, vdim, inv, first, last);
+    if (c + 8 <= vdim) values_block(si, hb, t, j0, j1, v, ld, c, 0, oi, vdim, inv, first, last), c += 8;
+    for (; c < vdim; c++)
+        for (int h = 0; h < hb; h++) {
+            float a = first ? 0.0f : oi[h * vdim + c];
+            for (int64_t e = j0; e < j1; e++) a += si[h * t + e] * v[e * ld + c];
+            oi[h * vdim + c] = last ? a * inv[h] : a;
+        }
+}
+
+/* attend_heads on AVX2: the same softmax(scale q K^T) V per head, as small register-blocked matrix
+   products (four heads by two keys for the scores, four heads by 16 columns for the values) over spans
+   of ATTEND_SPAN keys, with a vectorized exp; the sums run in another order than the portable path's,
+   so the results differ from it by float rounding (tested against SDPA). */
+AVX2_FN static void attend_heads_avx2(const float *q, int64_t n, const float *k, const float *v, int64_t t,
+                                      int64_t dim, int64_t ld, int64_t vdim, float scale, float *s, float *out) {
+    float inv[64];
+    for (int64_t g0 = 0; g0 < n; g0 += 64) {
+        const int64_t g1 = g0 + 64 < n ? g0 + 64 : n;
+        for (int64_t j0 = 0; j0 < t; j0 += ATTEND_SPAN) {
+            const int64_t j1 = j0 + ATTEND_SPAN < t ? j0 + ATTEND_SPAN : t;
+            for (int64_t i0 = g0; i0 < g1; i0 += 4) {
+                const float *qi = q + i0 * dim;
+                float *si = s + i0 * t;
+                switch (g1 - i0 < 4 ? g1 - i0 : 4) { /* constant head counts: accumulators in registers */
+                    case 4: scores_heads(qi, 4, k, j0, j1, ld, dim, si, t, scale); break;
+                    case 3: scores_heads(qi, 3, k, j0, j1, ld, dim, si, t, scale); break;
+                    case 2: scores_heads(qi, 2, k, j0, j1, ld, dim, si, t, scale); break;
+                    default: scores_heads(qi, 1, k, j0, j1, ld, dim, si, t, scale); break;
+                }
+            }
+        }
+        for (int64_t i = g0; i < g1; i++) inv[i - g0] = softmax_avx2(s + i * t, t);
+        for (int64_t j0 = 0; j0 < t; j0 += ATTEND_SPAN) {
+            const int64_t j1 = j0 + ATTEND_SPAN < t ? j0 + ATTEND_SPAN : t;
+            for (int64_t i0 = g0; i0 < g1; i0 += 4) {
+                const float *si = s + i0 * t, *iv = inv + (i0 - g0);
+                float *oi = out + i0 * vdim;
+                switch (g1 - i0 < 4 ? g1 - i0 : 4) {
+                    case 4: values_heads(si, 4, t, j0, j1, v, ld, oi, vdim, iv); break;
+                    case 3: values_heads(si, 3, t, j0, j1, v, ld, oi, vdim, iv); break;
+                    case 2: values_heads(si, 2, t, j0, j1, v, ld, oi, vdim, iv); break;
+                    default: values_heads(si, 1, t, j0, j1, v, ld, oi, vdim, iv); break;
+                }
+            }
+        }
+    }
 }
 #endif
 
 /* n query heads that share one KV head: each key row and each value row is read once for all of them
-   (it stays in L1 while the n heads use it), so a group of heads streams the KV head once. Per head, the
-   same operations in the same order as one head alone. */
+   (it stays in L1 while the n heads use it), so a group of heads streams the KV head once. Portable
+   path: per head, the same operations in the same order as one head alone; AVX2: attend_heads_avx2. */
 static void attend_heads(const float *q, int64_t n, const float *k, const float *v, int64_t t, int64_t dim,
                          int64_t ld, int64_t vdim, float scale, float *s, float *out, int avx2) {
-    float (*dot)(const float *, const float *, int64_t) = dot_f32_c;
-    void (*axpy)(float *, float, const float *, int64_t) = axpy_f32_c;
 #ifdef GL_X86
-    if (avx2) dot = dot_f32_avx2, axpy = axpy_f32_avx2;
+    if (avx2) {
+        attend_heads_avx2(q, n, k, v, t, dim, ld, vdim, scale, s, out);
+        return;
+    }
 #endif
     (void)avx2;
+    float (*dot)(const float *, const float *, int64_t) = dot_f32_c;
+    void (*axpy)(float *, float, const float *, int64_t) = axpy_f32_c;
     for (int64_t j = 0; j < t; j++)
         for (int64_t i = 0; i < n; i++) s[i * t + j] = dot(q + i * dim, k + j * ld, dim) * scale;
     memset(out, 0, sizeof(float) * (size_t)(n * vdim));

@@ -54,10 +54,12 @@ ABSORBED_EFFICIENCY = 2.0
 # underflowing into subnormals, which make the CPU's fp32 GEMMs 10-20x slower (e^-60 ~ 1e-26:
 # invisible in fp32 or bf16 next to the row's maximum, exp(0) = 1).
 SCORE_FLOOR = 60.0
-# Up to this many cached tokens a decode step's latent attention runs as one C call (`attend`), beyond
-# it as torch's two GEMMs: 16 heads of 576 on the AMD AVX2 machine, 2 threads, torch against C
-# (`python bench/decode_ops.py --deepseek FILE`, 16:09): 83 against 53 us at 80 tokens, 235 against
-# 397 at 512, 812 against 1344 at 2048.
+# A decode step's latent attention runs as one C call (`attend`) at any length on the AVX2 path, and
+# up to this many cached tokens on the portable one; beyond that as torch's two GEMMs. 16 heads of 576
+# on the AMD AVX2 machine, torch against C (`python bench/decode_ops.py --deepseek FILE`, 2026-11-30):
+# 2 threads 120 against 30 us at 80 tokens, 328 against 195 at 512, 929 against 770 at 2048, 3259
+# against 1619 at 4096; one thread 4058 against 3353 at 4096. The portable path (one head's dot
+# products and axpys at a time) lost to the GEMMs beyond ~256 tokens.
 C_ATTENTION_TOKENS = 256
 # Score elements one absorbed block may hold (64 MiB in fp32); longer prompts are cut into query blocks.
 BLOCK_ELEMENTS = 1 << 24
@@ -410,7 +412,7 @@ class MLAttention(InjectedModule, name="attention.mla"):
         keys = kv[0]
         if (
             fused.C_ATTENTION
-            and keys.shape[0] <= C_ATTENTION_TOKENS
+            and (keys.shape[0] <= C_ATTENTION_TOKENS or qblocks.isa() == "avx2")
             and keys.dtype == q_cat.dtype == torch.float32
             and keys.stride(-1) == 1
         ):
