@@ -58,11 +58,15 @@ def test_dequantize_matches_gguf_py_bit_for_bit(qtype: Q):
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
 @pytest.mark.parametrize("m", [1, 3, 6, 70])  # 4-row tiles with leftovers; two x blocks of 64
 @pytest.mark.parametrize("threads", [1, 2])
-def test_matmul_is_the_product_with_int8_activations(qtype: Q, m: int, threads: int, isa: str):
+@pytest.mark.parametrize("tail", [False, True])
+def test_matmul_is_the_product_with_int8_activations(qtype: Q, m: int, threads: int, isa: str, tail: bool):
     """Exactly (to fp32 rounding) dequantized W times x as the kernel rounds it; and within the stated
     bound of the product with x itself."""
     rng = np.random.default_rng(100 + int(qtype))
-    n, k = 67, 768  # rows not a multiple of the kernel's chunk; three K-quant super-blocks
+    # rows not a multiple of the kernel's chunk; three K-quant super-blocks, or 24 32-value blocks (three
+    # groups of eight); with `tail`, four super-blocks, or 27 blocks (a pair and a single after the groups)
+    block = gguf.GGML_QUANT_SIZES[qtype][0]
+    n, k = 67, 768 + (block if block == 256 else 3 * block) * tail
     raw = random_blocks(qtype, n, k, rng)
     w = reference(qtype, raw, n, k).double()
     x = torch.from_numpy(rng.standard_normal((m, k)).astype(np.float32))

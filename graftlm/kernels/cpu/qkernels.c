@@ -293,20 +293,25 @@ AVX2_FN static inline __m256i dot_ss(__m256i a, __m256i b) { return dot_us(_mm25
 
 /* The 32-value types: two blocks per step into two accumulators (one chain would wait on FMA latency).
    Eight blocks' scales (weight scale times activation scale) are converted and multiplied as one vector
-   and broadcast from memory, one load per block instead of a scalar conversion, multiply and broadcast
-   (the same products, so the same results). */
-#define LEGACY_PAIR_AVX2(VALUES, BYTES, W, B, DD0, DD1)                                                       \
+   and broadcast from memory, one load per block instead of a scalar conversion, multiply and broadcast.
+   Q4_0 and Q5_0 dot their stored values (unsigned: 0..15, 0..31) with the activations, which takes one
+   multiply-add instruction (signed weights take two sign instructions more), and take the offset (8,
+   16) times each block's activation sum (x.s32) out afterwards, eight blocks' worth as one vector
+   multiply-add: the same integers, so the same sums up to the order of the float additions. DOT is
+   dot_ss for signed values, dot_us for unsigned; OFF the offset (0: none). */
+#define LEGACY_PAIR_AVX2(VALUES, DOT, BYTES, W, B, DD0, DD1)                                                  \
     do {                                                                                                      \
         _mm_prefetch((const char *)(W) + PREFETCH, PREFETCH_HINT);                                            \
-        __m256i p0 = dot_ss(VALUES(W), _mm256_loadu_si256((const __m256i *)(x.q + (B) * 32)));                \
-        __m256i p1 = dot_ss(VALUES((W) + (BYTES)), _mm256_loadu_si256((const __m256i *)(x.q + (B) * 32 + 32))); \
+        __m256i p0 = DOT(VALUES(W), _mm256_loadu_si256((const __m256i *)(x.q + (B) * 32)));                   \
+        __m256i p1 = DOT(VALUES((W) + (BYTES)), _mm256_loadu_si256((const __m256i *)(x.q + (B) * 32 + 32)));  \
         acc0 = _mm256_fmadd_ps(DD0, _mm256_cvtepi32_ps(p0), acc0);                                            \
         acc1 = _mm256_fmadd_ps(DD1, _mm256_cvtepi32_ps(p1), acc1);                                            \
     } while (0)
 
-#define LEGACY_AVX2(NAME, BYTES, VALUES)                                                                      \
+#define LEGACY_AVX2(NAME, BYTES, VALUES, DOT, OFF)                                                            \
     AVX2_FN static float NAME(const uint8_t *w, qx_t x, int64_t k) {                                          \
-        __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();                                        \
+        __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps(), off = _mm256_setzero_ps();             \
+        float off_tail = 0.0f;                                                                                \
         int64_t b = 0, nb = k / 32;                                                                           \
         float dd[8];                                                                                          \
         for (; b + 8 <= nb; b += 8, w += 8 * (BYTES)) {                                                       \
@@ -318,32 +323,45 @@ AVX2_FN static inline __m256i dot_ss(__m256i a, __m256i b) { return dot_us(_mm25
             h = _mm_insert_epi16(h, rd16(w + 5 * (BYTES)), 5);                                                \
             h = _mm_insert_epi16(h, rd16(w + 6 * (BYTES)), 6);                                                \
             h = _mm_insert_epi16(h, rd16(w + 7 * (BYTES)), 7);                                                \
-            _mm256_storeu_ps(dd, _mm256_mul_ps(_mm256_cvtph_ps(h), _mm256_loadu_ps(x.d + b)));                \
+            __m256 ddv = _mm256_mul_ps(_mm256_cvtph_ps(h), _mm256_loadu_ps(x.d + b));                         \
+            _mm256_storeu_ps(dd, ddv);                                                                        \
+            if (OFF) {                                                                                        \
+                __m256i s = _mm256_cvtepi16_epi32(_mm_loadu_si128((const __m128i *)(x.s32 + b)));             \
+                off = _mm256_fmadd_ps(ddv, _mm256_cvtepi32_ps(s), off);                                       \
+            }                                                                                                 \
             for (int i = 0; i < 8; i += 2)                                                                    \
-                LEGACY_PAIR_AVX2(VALUES, BYTES, w + i * (BYTES), b + i, _mm256_broadcast_ss(dd + i),          \
+                LEGACY_PAIR_AVX2(VALUES, DOT, BYTES, w + i * (BYTES), b + i, _mm256_broadcast_ss(dd + i),     \
                                  _mm256_broadcast_ss(dd + i + 1));                                            \
         }                                                                                                     \
-        for (; b + 1 < nb; b += 2, w += 2 * (BYTES))                                                          \
-            LEGACY_PAIR_AVX2(VALUES, BYTES, w, b, _mm256_set1_ps(_cvtsh_ss(rd16(w)) * x.d[b]),                \
-                             _mm256_set1_ps(_cvtsh_ss(rd16(w + (BYTES))) * x.d[b + 1]));                      \
-        if (b < nb) {                                                                                         \
-            __m256i p0 = dot_ss(VALUES(w), _mm256_loadu_si256((const __m256i *)(x.q + b * 32)));              \
-            acc0 = _mm256_fmadd_ps(_mm256_set1_ps(_cvtsh_ss(rd16(w)) * x.d[b]), _mm256_cvtepi32_ps(p0), acc0); \
+        for (; b + 1 < nb; b += 2, w += 2 * (BYTES)) {                                                        \
+            const float d0 = _cvtsh_ss(rd16(w)) * x.d[b], d1 = _cvtsh_ss(rd16(w + (BYTES))) * x.d[b + 1];     \
+            LEGACY_PAIR_AVX2(VALUES, DOT, BYTES, w, b, _mm256_set1_ps(d0), _mm256_set1_ps(d1));                \
+            if (OFF) off_tail += d0 * (float)x.s32[b] + d1 * (float)x.s32[b + 1];                             \
         }                                                                                                     \
-        return hsum_ps(_mm256_add_ps(acc0, acc1));                                                            \
+        if (b < nb) {                                                                                         \
+            const float d = _cvtsh_ss(rd16(w)) * x.d[b];                                                      \
+            __m256i p0 = DOT(VALUES(w), _mm256_loadu_si256((const __m256i *)(x.q + b * 32)));                 \
+            acc0 = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(p0), acc0);                          \
+            if (OFF) off_tail += d * (float)x.s32[b];                                                         \
+        }                                                                                                     \
+        float y = hsum_ps(_mm256_add_ps(acc0, acc1));                                                         \
+        return OFF ? y - (float)(OFF) * (hsum_ps(off) + off_tail) : y;                                        \
     }
 
-/* each type's 32 weights as signed bytes */
+/* each type's 32 weights as bytes: signed (value - offset) for the four-row kernels and Q8_0, unsigned
+   (the stored value) for the one-row Q4_0 and Q5_0 kernels */
 AVX2_FN static inline __m256i q4_0_values(const uint8_t *w) { return _mm256_sub_epi8(nibbles32(w + 2), _mm256_set1_epi8(8)); }
 AVX2_FN static inline __m256i q5_0_values(const uint8_t *w) {
     /* v - 16 as a signed byte: the nibble where the fifth bit is set, the nibble | 0xf0 (= nibble - 16) where not */
     return _mm256_or_si256(nibbles32(w + 6), _mm256_andnot_si256(bits32_mask(w + 2), _mm256_set1_epi8((char)0xf0)));
 }
 AVX2_FN static inline __m256i q8_0_values(const uint8_t *w) { return _mm256_loadu_si256((const __m256i *)(w + 2)); }
+AVX2_FN static inline __m256i q4_0_unsigned(const uint8_t *w) { return nibbles32(w + 2); }
+AVX2_FN static inline __m256i q5_0_unsigned(const uint8_t *w) { return _mm256_or_si256(nibbles32(w + 6), bits32_x16(w + 2)); }
 
-LEGACY_AVX2(dot_q4_0_avx2, 18, q4_0_values)
-LEGACY_AVX2(dot_q5_0_avx2, 22, q5_0_values)
-LEGACY_AVX2(dot_q8_0_avx2, 34, q8_0_values)
+LEGACY_AVX2(dot_q4_0_avx2, 18, q4_0_unsigned, dot_us, 8)
+LEGACY_AVX2(dot_q5_0_avx2, 22, q5_0_unsigned, dot_us, 16)
+LEGACY_AVX2(dot_q8_0_avx2, 34, q8_0_values, dot_ss, 0)
 
 AVX2_FN static float dot_q4_1_avx2(const uint8_t *w, qx_t x, int64_t k) {
     __m256 acc = _mm256_setzero_ps();
