@@ -754,24 +754,20 @@ static int check_matrix(int type, int64_t k, int64_t row_bytes) {
    W row (kept in L1) dotted with a block four x rows at a time. */
 static void matmul_rows(dot_fn dot, dot4_fn dot4, const uint8_t *w, int64_t row_bytes, int64_t k, int64_t j0,
                         int64_t j1, const xbuf_t *xb, int64_t m, float *out, int64_t ldo) {
-    const int64_t XBLOCK = 64;
-    for (int64_t i0 = 0; i0 < m; i0 += XBLOCK) {
-        int64_t i1 = i0 + XBLOCK < m ? i0 + XBLOCK : m;
-        for (int64_t j = j0; j < j1; j++) {
-            const uint8_t *row = w + j * row_bytes;
-            int64_t i = i0;
-            if (dot4) {
-                for (; i + R4 <= i1; i += R4) {
-                    qx_t xs4[R4];
-                    float o[R4];
-                    for (int r = 0; r < R4; r++) xs4[r] = xbuf_row(xb, i + r);
-                    dot4(row, xs4, k, o);
-                    for (int r = 0; r < R4; r++) out[(i + r) * ldo + j] = o[r];
-                }
+    int64_t i = 0;
+    if (dot4) {
+        for (; i + R4 <= m; i += R4) {
+            qx_t xs4[R4];
+            for (int r = 0; r < R4; r++) xs4[r] = xbuf_row(xb, i + r);
+            for (int64_t j = j0; j < j1; j++) {
+                float o[R4];
+                dot4(w + j * row_bytes, xs4, k, o);
+                for (int r = 0; r < R4; r++) out[(i + r) * ldo + j] = o[r];
             }
-            for (; i < i1; i++) out[i * ldo + j] = dot(row, xbuf_row(xb, i), k);
         }
     }
+    for (; i < m; i++)
+        for (int64_t j = j0; j < j1; j++) out[i * ldo + j] = dot(w + j * row_bytes, xbuf_row(xb, i), k);
 }
 
 /* One matrix of a product call: W [n, k] of `type` at w (rows row_bytes apart), out [m, n] with rows
