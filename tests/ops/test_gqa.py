@@ -12,6 +12,7 @@ import graftlm
 from graftlm.inject.registry import get_operator
 from graftlm.kernels.cpu import fused, qblocks
 from graftlm.models.compat import library_cache_arg
+from graftlm.ops.attention import gqa
 from graftlm.ops.attention.gqa import GQAttention
 from graftlm.weights.convert import convert
 from tests.inject.helpers import random_model, tiny_config
@@ -109,3 +110,45 @@ def test_auto_rules_decode_matches_hf_past_the_window(arch, tmp_path):
             steps.append(logits)
         states.append(torch.stack(steps))
     torch.testing.assert_close(states[1], states[0], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(not qblocks.available(), reason="needs graftlm's C kernels")
+def test_sliding_window_decode_attends_the_masks_span(tmp_path, monkeypatch):
+    """Gemma 3 on GGUF blocks (the one-token program), 30 decode steps past its window of 8: the
+    sliding layers' masks each allow one span of keys, and `attend` on that span gives the logits
+    SDPA with the mask gives."""
+    make_model("gemma3", tmp_path / "hf")
+    llm = graftlm.load(convert(tmp_path / "hf", tmp_path / "q8.gguf", "q8_0"), rules="auto", progress=False)
+    ids = torch.randint(3, VOCAB, (10,), generator=torch.Generator().manual_seed(4)).tolist()
+    real, spans, runs = gqa.mask_span, [], []
+
+    def spied(mask, keys):
+        spans.append(real(mask, keys))
+        return spans[-1]
+
+    for finder in (spied, lambda mask, keys: None):  # the span, then SDPA with the mask
+        monkeypatch.setattr(gqa, "mask_span", finder)
+        logits, cache = llm.engine.prefill(ids)
+        steps = []
+        for t in range(30):
+            logits, cache = llm.engine.forward(torch.tensor([[(7 * t) % VOCAB]]), cache, len(ids) + t)
+            steps.append(logits)
+        runs.append(torch.stack(steps))
+    assert spans and all(s is not None and 0 < s[1] - s[0] <= 8 for s in spans), spans[:5]
+    torch.testing.assert_close(runs[0], runs[1], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(not qblocks.available(), reason="needs graftlm's C kernels")
+def test_mask_span_takes_one_contiguous_span_of_a_bool_row():
+    def span(values, dtype=torch.bool):
+        mask = torch.tensor(values, dtype=dtype).view(1, 1, 1, -1)
+        return gqa.mask_span(mask, mask.shape[-1])
+
+    assert span([1, 1, 1, 1]) == (0, 4)  # causal: every key
+    assert span([0, 0, 1, 1, 1]) == (2, 5)  # a sliding window past its length
+    assert span([1, 1, 0]) == (0, 2)
+    assert span([0, 1, 0, 1]) is None  # a hole (padding): SDPA with the mask
+    assert span([0, 0, 0]) is None  # nothing allowed: SDPA decides
+    assert span([0.0, 0.0, 0.0], torch.float32) is None  # an additive float mask
+    rows = torch.ones(1, 1, 2, 3, dtype=torch.bool)  # two queries
+    assert gqa.mask_span(rows, 3) is None and gqa.mask_span(rows[..., :1, :], 4) is None

@@ -1300,6 +1300,22 @@ static PyObject *py_attend(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* mask_span(mask_ptr, n): for one query's bool mask row of n bytes (true = attend), (lo, hi) when the
+   true entries are exactly lo..hi-1, one contiguous span of at least one key (a causal mask, or a
+   sliding window's: attend then runs on keys lo..hi-1 with no mask); None otherwise. */
+static PyObject *py_mask_span(PyObject *self, PyObject *args) {
+    Py_ssize_t p, n;
+    if (!PyArg_ParseTuple(args, "nn", &p, &n)) return NULL;
+    const uint8_t *m = (const uint8_t *)p;
+    Py_ssize_t lo = 0, hi;
+    while (lo < n && !m[lo]) lo++;
+    for (hi = lo; hi < n && m[hi];) hi++;
+    for (Py_ssize_t j = hi; j < n; j++)
+        if (m[j]) Py_RETURN_NONE;
+    if (lo == hi) Py_RETURN_NONE;
+    return Py_BuildValue("nn", lo, hi);
+}
+
 /* set_isa("avx2" | "portable"): returns the path now in use ("avx2" only where the CPU has it). */
 static PyObject *py_set_isa(PyObject *self, PyObject *args) {
     const char *name;
@@ -1336,6 +1352,7 @@ static PyMethodDef methods[] = {
     {"rope", py_rope, METH_VARARGS, "Rotary embedding (rotate-half form) in place on fp32 rows of heads."},
     {"add_rmsnorm", py_add_rmsnorm, METH_VARARGS, "Residual add (after an optional RMSNorm), then an optional RMSNorm."},
     {"attend", py_attend, METH_VARARGS, "One query's attention over fp32 K/V rows, no mask."},
+    {"mask_span", py_mask_span, METH_VARARGS, "(lo, hi) when a bool mask row's true entries are one span, else None."},
     {"set_isa", py_set_isa, METH_VARARGS, "Choose the code path: avx2 (where supported) or portable."},
     {"isa", py_isa, METH_NOARGS, "The code path in use."},
     {"openmp", py_openmp, METH_NOARGS, "Whether the build uses OpenMP threads."},

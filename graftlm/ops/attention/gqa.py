@@ -209,6 +209,20 @@ def _shared_mask(mask: torch.Tensor | None) -> bool:
     return mask is None or (mask.dim() == 4 and mask.shape[1] == 1 and mask.shape[2] == 1)
 
 
+def mask_span(mask: torch.Tensor, keys: int) -> tuple[int, int] | None:
+    """(lo, hi) when one query's mask over `keys` cached keys allows exactly keys lo..hi-1: a causal
+    mask, or a sliding window's once the cache holds more than the window (transformers' SDPA masks
+    are bool, True = attend). None for anything else: a float bias, padding holes, several rows."""
+    if (
+        mask.dtype != torch.bool
+        or mask.device.type != "cpu"
+        or mask.numel() != keys
+        or not mask.is_contiguous()
+    ):
+        return None
+    return qblocks._qkernels.mask_span(mask.data_ptr(), keys)
+
+
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """RoPE on x [B, S, H, D]: in place by the C kernel where it applies, else apply_rotary_pos_emb's formula."""
     if (
@@ -281,9 +295,13 @@ class AttentionProgram:
         value = scratch[v_off : v_off + kv_heads * dim].view(1, kv_heads, 1, dim)
         if past is not None:
             key, value = past.update(key, value, attn.layer_idx)
+        first, length = 0, key.shape[-2]
+        span = None if attention_mask is None else mask_span(attention_mask, length)
+        if span is not None:  # a causal or sliding-window mask: attend on the keys it allows
+            first, length = span[0], span[1] - span[0]
         if (
             fused.C_ATTENTION
-            and attention_mask is None
+            and (attention_mask is None or span is not None)
             and key.dtype == torch.float32
             and key.device.type == "cpu"
             and key.shape[:2] == (1, kv_heads)
@@ -293,10 +311,10 @@ class AttentionProgram:
             and key.stride(1) >= key.shape[-2] * dim  # each KV head's rows apart from the next's
         ):
             kernels.attend(
-                q, heads, kv_heads, dim, key.data_ptr(), value.data_ptr(), key.shape[-2], key.stride(1),
-                attn.scaling, a, threads,
+                q, heads, kv_heads, dim, key.data_ptr() + 4 * first * dim, value.data_ptr() + 4 * first * dim,
+                length, key.stride(1), attn.scaling, a, threads,
             )  # fmt: skip
-        else:  # a mask (padding, a window the cache keeps more than): SDPA, as forward's lone query
+        else:  # any other mask (padding, a float bias): SDPA, as forward's lone query
             packed = scratch[q_off : q_off + heads * dim].view(1, kv_heads, heads // kv_heads, dim)
             out = F.scaled_dot_product_attention(
                 packed, key, value, attn_mask=attention_mask, scale=attn.scaling
