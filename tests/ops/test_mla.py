@@ -420,3 +420,51 @@ def test_one_query_attention_is_absorbed_attention(total):
     kv = torch.randn(total, 576, generator=g)
     want = mla.absorbed_attention(q.view(1, 1, 16, 576), kv[None], 512, None, None)[0, 0]
     assert torch.equal(mla.one_query_attention(q, kv, 512), want)
+
+
+@pytest.mark.parametrize(
+    "case", ["v2_lite_yarn_no_q_lora", "v2_q_lora", "v3_interleave", "v3_rotate_half_yarn"]
+)
+def test_one_token_step_is_the_absorbed_path(case, tmp_path, monkeypatch):
+    """A decode step's direct C sequence (`_step`: query with or without q_lora, both RMSNorms, the
+    three rope forms, the latent cache append, W_UK, attend, W_UV, o_proj) gives the output the
+    modules' absorbed path gives on the same cache, layer by layer over several decode steps."""
+    import graftlm
+    from graftlm.kernels.cpu import qblocks
+    from graftlm.weights.convert import convert
+    from tests.models.tiny import make_tokenizer
+
+    if not qblocks.available():
+        pytest.skip("graftlm._qkernels is not built")
+    name, overrides = CASES[case]
+    # widths the 32-value blocks divide (q_lora_rank is q_b_proj's row width)
+    widths = dict(qk_nope_head_dim=32, kv_lora_rank=64, v_head_dim=32)
+    if name != "deepseek_v2_lite":
+        widths["q_lora_rank"] = 32
+    config = tiny_config(name, **widths, **overrides)
+    folder = tmp_path / "hf"
+    random_model(config).save_pretrained(folder)
+    make_tokenizer(folder)
+    llm = graftlm.load(convert(folder, tmp_path / "m.gguf", "q8_0"), rules="auto", progress=False)
+    real, compared = MLAttention._step, []
+
+    def both(self, x, position_embeddings, mask, cache):
+        ahead = copy.deepcopy(cache)
+        y = real(self, x, position_embeddings, mask, cache)
+        assert y is not None, f"{self.key}: the one-token step did not apply"
+        monkeypatch.setattr(MLAttention, "_step", lambda *args: None)
+        want, _ = self(x, position_embeddings=position_embeddings, attention_mask=mask, **{CACHE: ahead})
+        monkeypatch.setattr(MLAttention, "_step", both)
+        torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+        torch.testing.assert_close(
+            cache.layers[self.layer_idx].entries(), ahead.layers[self.layer_idx].entries()
+        )
+        compared.append(self.layer_idx)
+        return y
+
+    monkeypatch.setattr(MLAttention, "_step", both)
+    ids = torch.randint(0, config.vocab_size, (9,), generator=torch.Generator().manual_seed(5)).tolist()
+    _, cache = llm.engine.prefill(ids)
+    for t in range(4):
+        _, cache = llm.engine.forward(torch.tensor([[ids[t]]]), cache, len(ids) + t)
+    assert len(compared) == 4 * config.num_hidden_layers

@@ -1012,6 +1012,42 @@ static PyObject *py_rope(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* rope_pairs(x_ptr, rows, heads, dim, cos_ptr, sin_ptr, rot, halves): rotary embedding in place on the
+   first rot values of each head of fp32 x [rows, heads, dim], the form where pairs (a, b) = (x[2i],
+   x[2i + 1]) rotate together by cos[i], sin[i] (cos and sin [rows, rot / 2]): (a c - b s, a s + b c),
+   written back as the pair (DeepSeek-V2's complex multiplication, as torch computes it), or with
+   `halves` as [the rot / 2 first parts, then the second parts] (DeepSeek-V3's interleaved rope). */
+static PyObject *py_rope_pairs(PyObject *self, PyObject *args) {
+    Py_ssize_t xp, rows, heads, dim, cp, sp, rot;
+    int halves;
+    if (!PyArg_ParseTuple(args, "nnnnnnni", &xp, &rows, &heads, &dim, &cp, &sp, &rot, &halves)) return NULL;
+    if (rot > dim || rot % 2 || rot > 1024) {
+        PyErr_SetString(PyExc_ValueError, "rot must be even, at most dim and at most 1024");
+        return NULL;
+    }
+    float *x = (float *)xp, tmp[1024];
+    const float *cs = (const float *)cp, *sn = (const float *)sp;
+    const int64_t half = rot / 2;
+    for (int64_t r = 0; r < rows; r++) {
+        const float *c = cs + r * half, *s = sn + r * half;
+        for (int64_t h = 0; h < heads; h++) {
+            float *v = x + (r * heads + h) * dim;
+            for (int64_t i = 0; i < half; i++) {
+                const float a = v[2 * i], b = v[2 * i + 1];
+                tmp[i] = a * c[i] - b * s[i];
+                tmp[half + i] = a * s[i] + b * c[i];
+            }
+            for (int64_t i = 0; i < half; i++) {
+                if (halves)
+                    v[i] = tmp[i], v[half + i] = tmp[half + i];
+                else
+                    v[2 * i] = tmp[i], v[2 * i + 1] = tmp[half + i];
+            }
+        }
+    }
+    Py_RETURN_NONE;
+}
+
 /* add_rmsnorm(res_ptr, x_ptr, rows, dim, sum_ptr, post_w_ptr, w_ptr, eps, norm_ptr): the seam between a
    decoder layer's sublayers, on fp32 rows [rows, dim]: sum = res + (post_w ? rmsnorm(x, post_w) : x) (Gemma's
    norm after attention or MLP, where post_w is given), then, where w_ptr is not 0, norm = rmsnorm(sum, w)
@@ -1350,6 +1386,7 @@ static PyMethodDef methods[] = {
     {"dequantize", py_dequantize, METH_VARARGS, "GGUF blocks -> fp32 rows, as gguf-py computes them."},
     {"rmsnorm", py_rmsnorm, METH_VARARGS, "RMSNorm of fp32 rows with an fp32 weight, in one call."},
     {"rope", py_rope, METH_VARARGS, "Rotary embedding (rotate-half form) in place on fp32 rows of heads."},
+    {"rope_pairs", py_rope_pairs, METH_VARARGS, "Rotary embedding on pairs (x[2i], x[2i+1]) in place on fp32 rows of heads."},
     {"add_rmsnorm", py_add_rmsnorm, METH_VARARGS, "Residual add (after an optional RMSNorm), then an optional RMSNorm."},
     {"attend", py_attend, METH_VARARGS, "One query's attention over fp32 K/V rows, no mask."},
     {"mask_span", py_mask_span, METH_VARARGS, "(lo, hi) when a bool mask row's true entries are one span, else None."},

@@ -39,7 +39,8 @@ from graftlm.engine.latent_cache import LatentLayer
 from graftlm.kernels.cpu import fused, qblocks
 from graftlm.models.compat import given_cache
 from graftlm.ops.base import InjectedModule
-from graftlm.ops.linear_cpu import fused_linears
+from graftlm.ops.linear_cpu import direct_specs, fused_linears, runs_direct
+from graftlm.ops.norm_cpu import NormCPU
 from graftlm.ops.packed import raw_parts
 
 log = logging.getLogger(__name__)
@@ -111,6 +112,49 @@ def apply_rope(
             return x * c + torch.cat((-x2, x1), dim=-1) * s
 
     return rot(q, cos.unsqueeze(2), sin.unsqueeze(2)), rot(k, cos, sin)
+
+
+# The last decode step's rotary tables for the C kernels: (position_embeddings, interleave, tables); every
+# layer of a step gets the same position_embeddings object, so they are made once per step.
+_ROPE_TABLES: list = [None, None, None]
+
+
+def rope_tables(position_embeddings, interleave: bool, rope_dim: int) -> tuple | None:
+    """One position's rotary tables as the C kernels take them: ("pairs", cos, sin [R/2], halves) for
+    DeepSeek-V2's complex freqs_cis and V3's interleaved cos/sin, ("half", cos, sin [R]) for V3's
+    rotate-half form; None for anything else (several positions, other dtypes or devices)."""
+    last = _ROPE_TABLES
+    if last[0] is position_embeddings and last[1] == interleave:
+        return last[2]
+    tables = None
+    if isinstance(position_embeddings, torch.Tensor):
+        pe = position_embeddings
+        if (
+            pe.is_complex()
+            and pe.device.type == "cpu"
+            and pe.numel() == rope_dim // 2
+            and pe.dtype == torch.complex64
+        ):
+            tables = ("pairs", pe.real.contiguous().view(-1), pe.imag.contiguous().view(-1), False)
+    elif isinstance(position_embeddings, (tuple, list)) and len(position_embeddings) == 2:
+        cos, sin = position_embeddings
+        if (
+            cos.dtype == sin.dtype == torch.float32
+            and cos.device.type == sin.device.type == "cpu"
+            and cos.numel() == sin.numel() == rope_dim
+        ):
+            if interleave:
+                half = rope_dim // 2
+                tables = (
+                    "pairs",
+                    cos.reshape(-1)[:half].contiguous(),
+                    sin.reshape(-1)[:half].contiguous(),
+                    True,
+                )
+            else:
+                tables = ("half", cos.reshape(-1).contiguous(), sin.reshape(-1).contiguous())
+    _ROPE_TABLES[:] = [position_embeddings, interleave, tables]
+    return tables
 
 
 def absorbed_attention(
@@ -344,6 +388,10 @@ class MLAttention(InjectedModule, name="attention.mla"):
             )
         x = hidden_states.to(device=self.device, dtype=self.dtype)
         batch, length, _ = x.shape
+        if batch == 1 and length == 1:
+            y = self._step(x, position_embeddings, attention_mask, given_cache(cache, past_key_values))
+            if y is not None:
+                return self.to_out(y, hidden_states), None
         r = self.kv_lora_rank
         # decode: the query's first projection and kv_a_proj_with_mqa share x: one C call for both
         first = "q_a_proj" if self.q_lora_rank else "q_proj"
@@ -366,6 +414,98 @@ class MLAttention(InjectedModule, name="attention.mla"):
             out = self._expanded(q_nope, q_rope, kv, allowed, past)
         y = self._child("o_proj", out.reshape(batch, length, self.num_heads * self.v_dim))
         return self.to_out(y, hidden_states), None
+
+    def _step(self, x: torch.Tensor, position_embeddings, mask, cache) -> torch.Tensor | None:
+        """One fp32 token's attention on the CPU as direct C calls into one scratch buffer: the query
+        and kv_a products, their RMSNorms, the rope, the latent cache append, q_nope W_UK, `attend` over
+        the latent cache, W_UV and o_proj. The absorbed path's arithmetic, with the softmax scale
+        applied inside `attend` (so equal up to float rounding; tested). None where any piece does
+        not take it: a plain or other child, biases, a mask with holes, another cache, several tokens."""
+        heads_q, m = self.heads_q, self._modules
+        if heads_q is None or not fused.C_ATTENTION or x.dtype != torch.float32 or x.device.type != "cpu":
+            return None
+        layers = getattr(cache, "layers", None)
+        layer = layers[self.layer_idx] if layers is not None and self.layer_idx < len(layers) else None
+        if not isinstance(layer, LatentLayer) or (layer.buffer is not None and layer.buffer.shape[0] != 1):
+            return None
+        total = layer.length + 1  # cached tokens once this one is in
+        if total > C_ATTENTION_TOKENS and qblocks.isa() != "avx2":
+            return None
+        if mask is not None:
+            from graftlm.ops.attention.gqa import mask_span
+
+            if mask_span(mask, total) != (0, total):
+                return None
+        hidden, heads, r, rope, nope, v = (
+            x.shape[-1],
+            self.num_heads,
+            self.kv_lora_rank,
+            self.rope_dim,
+            self.nope_dim,
+            self.v_dim,
+        )
+        ql = self.q_lora_rank or 0
+        first, kv_a, kv_norm, o_proj = (
+            m["q_a_proj" if ql else "q_proj"],
+            m["kv_a_proj_with_mqa"],
+            m["kv_a_layernorm"],
+            m["o_proj"],
+        )
+        linears = [first, kv_a, o_proj, *([m["q_b_proj"]] if ql else [])]
+        if (
+            type(kv_norm) is not NormCPU
+            or (ql and type(m["q_a_layernorm"]) is not NormCPU)
+            or not runs_direct([first, kv_a], hidden)
+            or not runs_direct([o_proj], heads * v)
+            or (ql and not runs_direct([m["q_b_proj"]], ql))
+            or any(lin.bias is not None for lin in linears)
+        ):
+            return None
+        tables = rope_tables(position_embeddings, self.rope_interleave, rope)
+        if tables is None:
+            return None
+        kernels, threads = qblocks._qkernels, torch.get_num_threads()
+        width, entry = nope + rope, r + rope
+        sizes = [heads * width, ql, entry, heads * nope, heads * entry, heads * r, heads * v, hidden]
+        offsets = [sum(sizes[:i]) for i in range(len(sizes))]
+        s = torch.empty(sum(sizes), dtype=torch.float32)
+        o_q, o_qa, o_c, o_qn, o_cat, o_lat, o_uv, o_y = offsets
+        base = s.data_ptr()
+        q, qa, c, qn, cat, lat, uv, y = (base + 4 * off for off in offsets)
+        xin = x.contiguous()
+        kernels.matmul_many(
+            hidden, xin.data_ptr(), 1, threads, direct_specs([first, kv_a], [qa if ql else q, c])
+        )
+        if ql:
+            norm = m["q_a_layernorm"]
+            kernels.rmsnorm(qa, 1, ql, norm.scale.data_ptr(), norm.eps, qa, 1)
+            kernels.matmul_many(ql, qa, 1, threads, direct_specs([m["q_b_proj"]], [q]))
+        kernels.rmsnorm(c, 1, r, kv_norm.scale.data_ptr(), kv_norm.eps, c, 1)
+        if tables[0] == "pairs":
+            _, cos, sin, halves = tables
+            kernels.rope_pairs(q + 4 * nope, 1, heads, width, cos.data_ptr(), sin.data_ptr(), rope, halves)
+            kernels.rope_pairs(c + 4 * r, 1, 1, rope, cos.data_ptr(), sin.data_ptr(), rope, halves)
+        else:
+            _, cos, sin = tables
+            kernels.rope(q + 4 * nope, 1, heads, width, cos.data_ptr(), sin.data_ptr(), rope)
+            kernels.rope(c + 4 * r, 1, 1, rope, cos.data_ptr(), sin.data_ptr(), rope)
+        keys = layer.append(s[o_c : o_c + entry].view(1, 1, entry))[0]  # every cached entry [T, C]
+        q_heads = s[o_q : o_q + heads * width].view(heads, width)
+        s[o_qn : o_qn + heads * nope].view(heads, nope).copy_(q_heads[:, :nope])
+        (uk_type, uk_ptrs, uk_bytes, _, _), (uv_type, uv_ptrs, uv_bytes, _, _) = heads_q
+        kernels.matmul_experts(
+            uk_type, uk_ptrs.data_ptr(), heads, uk_bytes, r, nope, qn, heads, lat, threads, 1
+        )
+        q_cat = s[o_cat : o_cat + heads * entry].view(heads, entry)
+        q_cat[:, :r].copy_(s[o_lat : o_lat + heads * r].view(heads, r))
+        q_cat[:, r:].copy_(q_heads[:, nope:])
+        kernels.attend(
+            cat, heads, 1, entry, keys.data_ptr(), keys.data_ptr(), keys.shape[0], keys.numel(), self.scaling, lat,
+            threads, keys.stride(0), r,
+        )  # fmt: skip
+        kernels.matmul_experts(uv_type, uv_ptrs.data_ptr(), heads, uv_bytes, v, r, lat, heads, uv, threads, 1)
+        kernels.matmul_many(heads * v, uv, 1, threads, direct_specs([o_proj], [y]))
+        return s[o_y : o_y + hidden].view(1, 1, hidden)
 
     def use_absorbed(self, length: int, past: int) -> bool:
         """Whether `length` queries after `past` cached tokens run absorbed (see the module docstring)."""
