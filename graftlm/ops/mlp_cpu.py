@@ -17,8 +17,9 @@ needs its own operator.
 from __future__ import annotations
 
 import torch
+from torch import nn
 
-from graftlm.kernels.cpu import qblocks
+from graftlm.kernels.cpu import fused, qblocks
 from graftlm.ops.base import InjectedModule
 from graftlm.ops.linear_cpu import add_biases, aligned, direct_specs, fused_linears, runs_direct
 
@@ -80,6 +81,19 @@ class MLPCPU(InjectedModule, name="mlp.cpu"):
         return self._program
 
 
+def act_kind(act: nn.Module) -> int | None:
+    """The C kernel `act_mul`'s kind for an MLP's activation module: 0 SiLU, 1 the tanh-approximated
+    GELU; None for any other (the module then runs)."""
+    name = type(act).__name__
+    if name in ("SiLUActivation", "SiLU"):
+        return 0
+    if name in ("GELUTanh", "PytorchGELUTanh", "NewGELUActivation", "GELUPytorchTanh"):
+        return 1
+    if isinstance(act, nn.GELU) and act.approximate == "tanh":
+        return 1
+    return None
+
+
 class MLPProgram:
     """mlp.cpu's forward for one fp32 row as fixed direct C calls into a caller's scratch buffer: gate
     and up in one `matmul_many`, the activation and the product with up as the module's torch
@@ -92,6 +106,7 @@ class MLPProgram:
         self.hidden, self.inter = mlp.gate_proj.in_features, mlp.gate_proj.out_features
         self.biases = [m.bias for m in (mlp.gate_proj, mlp.up_proj, mlp.down_proj)]
         self.size = 2 * aligned(self.inter) + aligned(self.hidden)  # floats: gate, up, down
+        self.act_kind = act_kind(mlp.act_fn)
 
     def run(self, scratch: torch.Tensor, start: int, x: int) -> int:
         """The MLP of the row at address x, computed in scratch[start : start + size]; returns the
@@ -104,7 +119,11 @@ class MLPProgram:
             self.hidden, x, 1, threads, direct_specs([mlp.gate_proj, mlp.up_proj], [gate, up])
         )
         add_biases(self.biases[:2], [gate, up])
-        hidden = mlp.act_fn(scratch[g_off : g_off + inter]).mul_(scratch[u_off : u_off + inter])
-        kernels.matmul_many(inter, hidden.data_ptr(), 1, threads, direct_specs([mlp.down_proj], [down]))
+        if self.act_kind is not None and fused.C_ATTENTION:  # in place in gate (float rounding apart)
+            kernels.act_mul(gate, up, inter, self.act_kind)
+            kernels.matmul_many(inter, gate, 1, threads, direct_specs([mlp.down_proj], [down]))
+        else:  # the module's torch operations (`hidden` stays alive for the call)
+            hidden = mlp.act_fn(scratch[g_off : g_off + inter]).mul_(scratch[u_off : u_off + inter])
+            kernels.matmul_many(inter, hidden.data_ptr(), 1, threads, direct_specs([mlp.down_proj], [down]))
         add_biases(self.biases[2:], [down])
         return d_off

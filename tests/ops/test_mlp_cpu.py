@@ -105,3 +105,33 @@ def test_mla_decode_with_one_call_equals_separate_calls(model_files):
     finally:
         mla.fused_linears = real
     assert torch.equal(together, apart)
+
+
+@pytest.mark.parametrize("isa", ["avx2", "portable"])
+@pytest.mark.parametrize("name, kind", [("silu", 0), ("gelu_pytorch_tanh", 1), ("gelu_new", 1)])
+def test_act_mul_is_the_activation_times_up(isa, name, kind):
+    """`act_mul` (the one-token MLP's activation times up, in place) against the float64 formula:
+    within 5e-7 of |x y| (torch's fp32 is within ~1.5e-7), across the exp's clamped range, with a
+    length that leaves a tail after the 8-wide vectors."""
+    from transformers.activations import ACT2FN
+
+    from graftlm.ops.mlp_cpu import act_kind
+
+    if not qblocks.available():
+        pytest.skip("graftlm._qkernels is not built")
+    assert act_kind(ACT2FN[name]) == kind
+    kernels = qblocks._qkernels
+    previous = kernels.isa()
+    kernels.set_isa(isa)
+    try:
+        g = torch.Generator().manual_seed(7)
+        x, y = torch.randn(4099, generator=g) * 4, torch.randn(4099, generator=g)
+        x[:6] = torch.tensor([-200.0, 200.0, 0.0, -90.0, 90.0, 1e-8])
+        want = ACT2FN[name](x.double()) * y.double()
+        got = x.clone()
+        kernels.act_mul(got.data_ptr(), y.data_ptr(), got.numel(), kind)
+        assert torch.isfinite(got).all()
+        assert ((got.double() - want).abs() <= 5e-7 * (x.double() * y.double()).abs() + 1e-30).all()
+    finally:
+        kernels.set_isa(previous)
+    assert act_kind(nn.ReLU()) is None and act_kind(nn.GELU()) is None and act_kind(nn.GELU("tanh")) == 1

@@ -1091,10 +1091,10 @@ AVX2_FN static inline __m256 hsum8_ps(const __m256 *v) {
     return _mm256_add_ps(_mm256_permute2f128_ps(ab, cd, 0x20), _mm256_permute2f128_ps(ab, cd, 0x31));
 }
 
-/* e^x for x in [-88, 0] (softmax weights after the maximum is subtracted): Cephes' expf, 8 lanes,
-   within 2 ulp of expf */
+/* e^x, Cephes' expf on 8 lanes, within 2 ulp of expf for x in [-87.3, 88.3] (clamped to that range:
+   softmax weights after the maximum is subtracted, and the activations' sigmoid and tanh) */
 AVX2_FN static inline __m256 exp_ps(__m256 x) {
-    x = _mm256_max_ps(x, _mm256_set1_ps(-87.3f));
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
     __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
                                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     x = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
@@ -1108,6 +1108,25 @@ AVX2_FN static inline __m256 exp_ps(__m256 x) {
     y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
     __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
     return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+
+/* act_mul's AVX2 loop over whole vectors; returns how many values it did */
+AVX2_FN static Py_ssize_t act_mul_avx2(float *x, const float *y, Py_ssize_t n, int kind) {
+    const __m256 one = _mm256_set1_ps(1.0f), half = _mm256_set1_ps(0.5f), two = _mm256_set1_ps(2.0f);
+    const __m256 c = _mm256_set1_ps(0.7978845608028654f), k3 = _mm256_set1_ps(0.044715f);
+    Py_ssize_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m256 v = _mm256_loadu_ps(x + i), a;
+        if (kind == 0) {
+            a = _mm256_div_ps(v, _mm256_add_ps(one, exp_ps(_mm256_sub_ps(_mm256_setzero_ps(), v))));
+        } else {
+            __m256 u = _mm256_mul_ps(c, _mm256_fmadd_ps(_mm256_mul_ps(k3, v), _mm256_mul_ps(v, v), v));
+            __m256 t = _mm256_sub_ps(one, _mm256_div_ps(two, _mm256_add_ps(exp_ps(_mm256_add_ps(u, u)), one)));
+            a = _mm256_mul_ps(_mm256_mul_ps(half, v), _mm256_add_ps(one, t));
+        }
+        _mm256_storeu_ps(x + i, _mm256_mul_ps(a, _mm256_loadu_ps(y + i)));
+    }
+    return i;
 }
 
 /* scores s[i * t + j] = scale * q_i . k_j for up to four heads (hb) and two keys at a time: eight
@@ -1336,6 +1355,32 @@ static PyObject *py_attend(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* act_mul(x_ptr, y_ptr, n, kind): x = act(x) * y in place on fp32 [n], act SiLU (kind 0: x / (1 + e^-x))
+   or the tanh-approximated GELU (kind 1: x / 2 (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3)))), an MLP's
+   gate activation times its up projection. AVX2: e^x by exp_ps and tanh(u) = 1 - 2 / (e^2u + 1), within
+   a few ulp of torch's; portable: expf and tanhf. */
+static PyObject *py_act_mul(PyObject *self, PyObject *args) {
+    Py_ssize_t xp, yp, n;
+    int kind;
+    if (!PyArg_ParseTuple(args, "nnni", &xp, &yp, &n, &kind)) return NULL;
+    if (kind != 0 && kind != 1) {
+        PyErr_SetString(PyExc_ValueError, "act_mul: kind is 0 (SiLU) or 1 (GELU, tanh form)");
+        return NULL;
+    }
+    float *x = (float *)xp;
+    const float *y = (const float *)yp;
+    const float c = 0.7978845608028654f, k3 = 0.044715f;
+    Py_ssize_t i = 0;
+#ifdef GL_X86
+    if (use_avx2) i = act_mul_avx2(x, y, n, kind);
+#endif
+    for (; i < n; i++) {
+        const float v = x[i];
+        x[i] = (kind == 0 ? v / (1.0f + expf(-v)) : 0.5f * v * (1.0f + tanhf(c * (v + k3 * v * v * v)))) * y[i];
+    }
+    Py_RETURN_NONE;
+}
+
 /* mask_span(mask_ptr, n): for one query's bool mask row of n bytes (true = attend), (lo, hi) when the
    true entries are exactly lo..hi-1, one contiguous span of at least one key (a causal mask, or a
    sliding window's: attend then runs on keys lo..hi-1 with no mask); None otherwise. */
@@ -1389,6 +1434,7 @@ static PyMethodDef methods[] = {
     {"rope_pairs", py_rope_pairs, METH_VARARGS, "Rotary embedding on pairs (x[2i], x[2i+1]) in place on fp32 rows of heads."},
     {"add_rmsnorm", py_add_rmsnorm, METH_VARARGS, "Residual add (after an optional RMSNorm), then an optional RMSNorm."},
     {"attend", py_attend, METH_VARARGS, "One query's attention over fp32 K/V rows, no mask."},
+    {"act_mul", py_act_mul, METH_VARARGS, "x = act(x) * y in place (SiLU or tanh GELU), fp32."},
     {"mask_span", py_mask_span, METH_VARARGS, "(lo, hi) when a bool mask row's true entries are one span, else None."},
     {"set_isa", py_set_isa, METH_VARARGS, "Choose the code path: avx2 (where supported) or portable."},
     {"isa", py_isa, METH_NOARGS, "The code path in use."},
