@@ -34,18 +34,13 @@ class _Buffered:
     def _reset_buffers(self) -> None:
         self._kbuf = self._vbuf = None
         self._start = self._length = 0
+        self._exposed = (None, None)
 
     def _owns_views(self) -> bool:
-        """Whether keys/values are still the views this layer made (no parent method replaced them)."""
-        if getattr(self, "_kbuf", None) is None or self.keys is None or self.keys.dim() != 4:
-            return False
-        expect = self._kbuf[:, :, self._start : self._start + self._length]
-        return (
-            self.keys.data_ptr() == expect.data_ptr()
-            and self.keys.shape == expect.shape
-            and self.values.data_ptr() == self._vbuf[:, :, self._start].data_ptr()
-            and self.values.shape[-2] == self._length
-        )
+        """Whether keys/values are still the views this layer made: the very tensors `_expose` set
+        (a parent method that replaces them, `crop` or the batch operations, assigns new ones)."""
+        exposed_k, exposed_v = getattr(self, "_exposed", (None, None))
+        return exposed_k is not None and self.keys is exposed_k and self.values is exposed_v
 
     def _append(
         self, key_states: torch.Tensor, value_states: torch.Tensor
@@ -73,8 +68,8 @@ class _Buffered:
             # a fresh buffer (never the front of this one: tensors already handed out stay intact)
             self._allocate(self.keys, self.values, self._length + new)
         end = self._start + self._length
-        self._kbuf[:, :, end : end + new] = key_states
-        self._vbuf[:, :, end : end + new] = value_states
+        self._kbuf.narrow(2, end, new).copy_(key_states)
+        self._vbuf.narrow(2, end, new).copy_(value_states)
         self._length += new
         self._expose()
         return self.keys, self.values
@@ -93,8 +88,9 @@ class _Buffered:
 
     def _expose(self) -> None:
         s, n = self._start, self._length
-        self.keys = self._kbuf[:, :, s : s + n]
-        self.values = self._vbuf[:, :, s : s + n]
+        self.keys = self._kbuf.narrow(2, s, n)
+        self.values = self._vbuf.narrow(2, s, n)
+        self._exposed = (self.keys, self.values)
 
 
 class GrowingLayer(_Buffered, DynamicLayer):
@@ -128,10 +124,12 @@ class GrowingSlidingLayer(_Buffered, DynamicSlidingWindowLayer):
             self.lazy_initialization(key_states, value_states)
         self.cumulative_length += key_states.shape[-2]
         full_k, full_v = self._append(key_states, value_states)
-        kept = full_k[:, :, -self.sliding_window + 1 :].shape[-2]  # what the parent keeps (its slice)
-        self._start += self._length - kept
-        self._length = kept
-        self._expose()
+        # what the parent keeps, its slice [-sliding_window + 1:] (all of it for a window of 1)
+        kept = self._length if self.sliding_window <= 1 else min(self._length, self.sliding_window - 1)
+        if kept != self._length:
+            self._start += self._length - kept
+            self._length = kept
+            self._expose()
         return full_k, full_v
 
     def reset(self) -> None:
