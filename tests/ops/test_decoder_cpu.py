@@ -67,8 +67,9 @@ def test_add_rmsnorm_is_the_torch_seam_bit_for_bit(post, norm):
     "heads, kv_heads, dim, length, capacity",
     [
         (4, 1, 256, 100, 300),
-        (4, 1, 256, 400, 400),  # parallel: the group split in two
-        (3, 1, 64, 2000, 2000),  # parallel: a group of three in parts of two and one
+        (4, 1, 256, 400, 400),  # parallel: on AVX2 the keys split between threads, else the group
+        (3, 1, 64, 2000, 2000),  # parallel: keys in parts (AVX2), else the group in parts of two and one
+        (4, 2, 128, 1001, 1001),  # parallel: with 4 threads each KV head's keys in two parts
         (16, 4, 128, 7, 7),
         (8, 8, 64, 1, 4),
         (32, 8, 128, 1500, 1600),  # parallel over KV heads
@@ -89,7 +90,7 @@ def test_attend_matches_sdpa(isa, heads, kv_heads, dim, length, capacity):
         k, v = kbuf[:, :, :length], vbuf[:, :, :length]
         q = torch.randn(1, heads, 1, dim, generator=g) * 2
         want = F.scaled_dot_product_attention(q, k, v, scale=dim**-0.5, enable_gqa=True).view(heads, dim)
-        for threads in (1, 2):
+        for threads in (1, 2, 3, 4):
             out = torch.empty(heads, dim)
             kernels.attend(
                 q.data_ptr(), heads, kv_heads, dim, k.data_ptr(), v.data_ptr(), length, k.stride(1), dim**-0.5,
@@ -102,7 +103,9 @@ def test_attend_matches_sdpa(isa, heads, kv_heads, dim, length, capacity):
 
 @needs_kernels
 @pytest.mark.parametrize("isa", ["avx2", "portable"])
-@pytest.mark.parametrize("heads, width, vdim, length", [(16, 576, 512, 300), (3, 36, 20, 7), (4, 64, 64, 1)])
+@pytest.mark.parametrize(
+    "heads, width, vdim, length", [(16, 576, 512, 300), (16, 576, 512, 2049), (3, 36, 20, 7), (4, 64, 64, 1)]
+)
 def test_attend_over_latent_rows(isa, heads, width, vdim, length):
     """MLA's form: one KV head whose rows are `width` apart, keys the whole row, values its first
     `vdim` values (softmax(q K^T) K[:, :vdim], as one_query_attention computes it)."""
@@ -114,7 +117,7 @@ def test_attend_over_latent_rows(isa, heads, width, vdim, length):
         q, keys = torch.randn(heads, width, generator=g) * 0.2, torch.randn(length, width, generator=g)
         qd, kd = q.double(), keys.double()
         want = (torch.softmax(qd @ kd.T, dim=-1) @ kd[:, :vdim]).float()
-        for threads in (1, 2):
+        for threads in (1, 2, 3):
             out = torch.empty(heads, vdim)
             kernels.attend(
                 q.data_ptr(), heads, 1, width, keys.data_ptr(), keys.data_ptr(), length, keys.numel(), 1.0,

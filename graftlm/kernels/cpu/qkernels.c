@@ -1199,10 +1199,11 @@ AVX2_FN static inline __attribute__((always_inline)) void scores_heads(const flo
             scores_block(qi + h * dim, 1, k + j * ld, k + j * ld, dim, si + h * t + j, si + h * t + j, t, scale);
 }
 
-/* softmax weights in place over one head's t scores; returns 1 / their total */
-AVX2_FN static float softmax_avx2(float *sh, int64_t t) {
+/* softmax weights in place over one head's t scores; returns 1 / their total, and the maximum in *max */
+AVX2_FN static float softmax_avx2(float *sh, int64_t t, float *max) {
     float mx = -INFINITY;
     for (int64_t e = 0; e < t; e++) mx = sh[e] > mx ? sh[e] : mx;
+    *max = mx;
     /* below e^-80 a weight is 0, not a subnormal (which would slow the FMAs; invisible next to e^0) */
     const __m256 m = _mm256_set1_ps(mx), cut = _mm256_set1_ps(-80.0f);
     __m256 sum = _mm256_setzero_ps();
@@ -1238,8 +1239,9 @@ AVX2_FN static inline __attribute__((always_inline)) void values_heads(const flo
    of ATTEND_SPAN keys, with a vectorized exp; the sums run in another order than the portable path's,
    so the results differ from it by float rounding (tested against SDPA). */
 AVX2_FN static void attend_heads_avx2(const float *q, int64_t n, const float *k, const float *v, int64_t t,
-                                      int64_t dim, int64_t ld, int64_t vdim, float scale, float *s, float *out) {
-    float inv[64];
+                                      int64_t dim, int64_t ld, int64_t vdim, float scale, float *s, float *out,
+                                      float *stats) {
+    float inv[64], mx[64];
     for (int64_t g0 = 0; g0 < n; g0 += 64) {
         const int64_t g1 = g0 + 64 < n ? g0 + 64 : n;
         for (int64_t j0 = 0; j0 < t; j0 += ATTEND_SPAN) {
@@ -1255,7 +1257,10 @@ AVX2_FN static void attend_heads_avx2(const float *q, int64_t n, const float *k,
                 }
             }
         }
-        for (int64_t i = g0; i < g1; i++) inv[i - g0] = softmax_avx2(s + i * t, t);
+        for (int64_t i = g0; i < g1; i++) {
+            inv[i - g0] = softmax_avx2(s + i * t, t, mx + (i - g0));
+            if (stats) stats[2 * i] = mx[i - g0], stats[2 * i + 1] = 1.0f / inv[i - g0];
+        }
         for (int64_t j0 = 0; j0 < t; j0 += ATTEND_SPAN) {
             const int64_t j1 = j0 + ATTEND_SPAN < t ? j0 + ATTEND_SPAN : t;
             for (int64_t i0 = g0; i0 < g1; i0 += 4) {
@@ -1280,7 +1285,7 @@ static void attend_heads(const float *q, int64_t n, const float *k, const float 
                          int64_t ld, int64_t vdim, float scale, float *s, float *out, int avx2) {
 #ifdef GL_X86
     if (avx2) {
-        attend_heads_avx2(q, n, k, v, t, dim, ld, vdim, scale, s, out);
+        attend_heads_avx2(q, n, k, v, t, dim, ld, vdim, scale, s, out, NULL);
         return;
     }
 #endif
@@ -1310,6 +1315,58 @@ static void attend_heads(const float *q, int64_t n, const float *k, const float 
     }
 }
 
+#if defined(GL_X86) && defined(_OPENMP)
+/* attend with each KV head's t keys in `splits` parts, a task each: a part's softmax(scale q K^T) V for
+   the whole group of query heads (normalized by the part's total), with its maximum m and total l per
+   head; then, per head, out = sum_p o_p l_p e^(m_p - M) / sum_p l_p e^(m_p - M), M the largest m_p. */
+static PyObject *attend_split(Py_ssize_t qp, Py_ssize_t heads, Py_ssize_t kv_heads, Py_ssize_t dim, Py_ssize_t kp,
+                              Py_ssize_t vp, Py_ssize_t t, Py_ssize_t hs, float scale, Py_ssize_t op, Py_ssize_t ld,
+                              Py_ssize_t vdim, int64_t splits) {
+    const int64_t group = heads / kv_heads, tasks = kv_heads * splits, per = (t + splits - 1) / splits;
+    float *scores = malloc(sizeof(float) * (size_t)(group * per * tasks));
+    float *parts = malloc(sizeof(float) * (size_t)(group * vdim * tasks));
+    float *stats = malloc(sizeof(float) * (size_t)(2 * group * tasks));
+    if (!scores || !parts || !stats) {
+        free(scores), free(parts), free(stats);
+        return PyErr_NoMemory();
+    }
+    Py_BEGIN_ALLOW_THREADS
+#pragma omp parallel for schedule(static) num_threads((int)tasks)
+    for (int64_t task = 0; task < tasks; task++) {
+        const int64_t g = task / splits, j0 = (task % splits) * per, j1 = j0 + per < t ? j0 + per : t;
+        if (j0 < j1)
+            attend_heads_avx2((const float *)qp + g * group * dim, group, (const float *)kp + g * hs + j0 * ld,
+                              (const float *)vp + g * hs + j0 * ld, j1 - j0, dim, ld, vdim, scale,
+                              scores + task * group * per, parts + task * group * vdim, stats + task * 2 * group);
+        else
+            for (int64_t i = 0; i < group; i++) stats[task * 2 * group + 2 * i + 1] = 0.0f; /* an empty part */
+    }
+    for (int64_t g = 0; g < kv_heads; g++)
+        for (int64_t i = 0; i < group; i++) {
+            float top = -INFINITY, total = 0.0f, w[64];
+            for (int64_t p = 0; p < splits; p++) {
+                const float *st = stats + (g * splits + p) * 2 * group + 2 * i;
+                if (st[1] > 0.0f && st[0] > top) top = st[0];
+            }
+            for (int64_t p = 0; p < splits; p++) {
+                const float *st = stats + (g * splits + p) * 2 * group + 2 * i;
+                w[p] = st[1] > 0.0f ? st[1] * expf(st[0] - top) : 0.0f;
+                total += w[p];
+            }
+            float *o = (float *)op + (g * group + i) * vdim;
+            for (int64_t c = 0; c < vdim; c++) {
+                float a = 0.0f;
+                for (int64_t p = 0; p < splits; p++)
+                    if (w[p] > 0.0f) a += w[p] * parts[((g * splits + p) * group + i) * vdim + c];
+                o[c] = a / total;
+            }
+        }
+    Py_END_ALLOW_THREADS
+    free(scores), free(parts), free(stats);
+    Py_RETURN_NONE;
+}
+#endif
+
 /* attend(q_ptr, heads, kv_heads, dim, k_ptr, v_ptr, t, head_stride, scale, out_ptr, threads[, ld, vdim]) */
 static PyObject *py_attend(PyObject *self, PyObject *args) {
     Py_ssize_t qp, heads, kv_heads, dim, kp, vp, t, hs, op, ld = 0, vdim = 0;
@@ -1326,10 +1383,20 @@ static PyObject *py_attend(PyObject *self, PyObject *args) {
                         "attend: heads must be a multiple of kv_heads, t > 0, ld >= dim and vdim, head_stride >= t * ld");
         return NULL;
     }
-    float *scores = malloc(sizeof(float) * (size_t)(heads * t));
-    if (!scores) return PyErr_NoMemory();
     const int64_t group = heads / kv_heads;
     const int avx2 = use_avx2;
+#if defined(GL_X86) && defined(_OPENMP)
+    /* fewer KV heads than threads (Gemma's one, MLA's latent): split each KV head's keys between the
+       threads rather than its query heads, so that the KV is read once and each part runs all of the
+       group's heads in its register blocks; the parts' softmaxes are merged by their maxima and totals */
+    int64_t splits = threads > kv_heads ? threads / kv_heads : 1;
+    if (splits > t / ATTEND_SPAN) splits = t / ATTEND_SPAN;
+    if (splits > 64) splits = 64;
+    if (avx2 && splits > 1 && group <= 64 && heads * t * dim >= 262144)
+        return attend_split(qp, heads, kv_heads, dim, kp, vp, t, hs, scale, op, ld, vdim, splits);
+#endif
+    float *scores = malloc(sizeof(float) * (size_t)(heads * t));
+    if (!scores) return PyErr_NoMemory();
     /* tasks: each KV head's group of query heads, split into `parts` when there are fewer KV heads than
        threads (each part then reads the KV head once) */
     int64_t parts = 1;
