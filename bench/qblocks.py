@@ -38,7 +38,11 @@ def kernel_s(qtype: Q, rows: np.ndarray, x: torch.Tensor) -> float:
 def gemm_s(qtype: Q, rows: np.ndarray, x: torch.Tensor) -> float:
     n, k = rows.shape[0], x.shape[1]
     return (
-        best_ms(lambda: packed._sliced_gemm(x, n, k, lambda a, b: qblocks.dequantize(qtype, rows, k, a, b)))
+        best_ms(
+            lambda: packed._sliced_gemm(
+                x, n, k, lambda a, b, dt: qblocks.dequantize(qtype, rows, k, a, b, dt)
+            )
+        )
         / 1e3
     )
 

@@ -111,12 +111,21 @@ def test_many_row_int8_gemm_equals_the_weight_only_kernel(monkeypatch, dtype):
 
 @pytest.mark.skipif(not qblocks.available(), reason="graftlm._qkernels is not built")
 @pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q5_0, Q.Q8_0, Q.Q4_K, Q.Q5_K, Q.Q6_K], ids=lambda t: t.name)
-@pytest.mark.parametrize("rows", [1, QBLOCK_ROWS_NATIVE_BF16, QBLOCK_ROWS_NATIVE_BF16 + 1, QBLOCK_ROWS + 1])
+@pytest.mark.parametrize("rows", ["1", "native bf16 limit", "above it", "above the fp32 limit"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_auto_keeps_the_gguf_blocks(monkeypatch, qtype, rows, dtype):
     """auto computes on the GGUF blocks, without a copy; few rows run the C kernel (int8 activations per
-    32), many rows a GEMM on slices dequantized as gguf-py does them."""
+    32), many rows a GEMM on slices dequantized as gguf-py does them (straight to bf16 where that is
+    the GEMM's dtype)."""
     from graftlm.kernels.cpu import packed
+
+    limit = QBLOCK_ROWS_NATIVE_BF16.get(qtype, 16)
+    rows = {
+        "1": 1,
+        "native bf16 limit": limit,
+        "above it": limit + 1,
+        "above the fp32 limit": QBLOCK_ROWS + 1,
+    }[rows]
 
     monkeypatch.setattr(packed, "gemm_dtype", lambda: dtype)
     monkeypatch.setattr(packed, "GEMM_SLICE_BYTES", 7 * K * 4)  # slices of 7 rows

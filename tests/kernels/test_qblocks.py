@@ -44,15 +44,39 @@ def isa(request):
 
 
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
-def test_dequantize_matches_gguf_py_bit_for_bit(qtype: Q):
+def test_dequantize_matches_gguf_py_bit_for_bit(qtype: Q, isa):
     rng = np.random.default_rng(int(qtype))
-    n, k = 24, 512
+    n, k = 27, 512  # the bf16 path's chunks of 8 rows, and a leftover
     raw = random_blocks(qtype, n, k, rng)
-    got = qblocks.dequantize(qtype, qblocks.as_rows(raw, qtype, n, k), k)
+    rows = qblocks.as_rows(raw, qtype, n, k)
+    got = qblocks.dequantize(qtype, rows, k)
     want = reference(qtype, raw, n, k)
     assert torch.equal(got.view(torch.int32), want.view(torch.int32))
-    part = qblocks.dequantize(qtype, qblocks.as_rows(raw, qtype, n, k), k, 5, 17)
+    part = qblocks.dequantize(qtype, rows, k, 5, 17)
     assert torch.equal(part, want[5:17])
+    # bf16 in one pass: the same values rounded as .to(torch.bfloat16) rounds them
+    for start, stop in ((0, n), (3, 20)):
+        got = qblocks.dequantize(qtype, rows, k, start, stop, torch.bfloat16)
+        assert got.dtype == torch.bfloat16
+        assert torch.equal(got.view(torch.int16), want[start:stop].to(torch.bfloat16).view(torch.int16))
+
+
+def test_dequantize_to_bf16_rounds_ties_to_even_and_nans_as_torch(isa):
+    """Q8_0 blocks whose scales make ties at bf16's precision (1 + 2^-8 and its multiples), and
+    infinite and NaN scales (NaN of either sign, and inf * 0): every one of the 256 int8 values.
+    NaNs stay NaN (0x7fc0)."""
+    scales = [1 + 2**-8, 1 + 3 * 2**-8, 2**-14 * (1 + 2**-9), 65504.0, float("inf"), float("nan"), -float("nan")]
+    rows = np.zeros((len(scales), 8, 34), np.uint8)  # 8 blocks a row: every int8 value once
+    for r, d in enumerate(scales):
+        rows[r, :, :2] = np.array([d], np.float16).view(np.uint8)
+        rows[r, :, 2:] = np.arange(-128, 128, dtype=np.int8).view(np.uint8).reshape(8, 32)
+    rows = rows.reshape(len(scales), 8 * 34)
+    want = qblocks.dequantize(Q.Q8_0, rows, 256)
+    assert want.isnan().any() and want.isinf().any()
+    got, rounded = qblocks.dequantize(Q.Q8_0, rows, 256, dtype=torch.bfloat16), want.to(torch.bfloat16)
+    nan = want.isnan()  # a NaN's bits are torch's choice (0xffff from its vector code here, 0x7fc0 in c10's)
+    assert torch.equal(got.isnan(), nan)
+    assert torch.equal(got.view(torch.int16)[~nan], rounded.view(torch.int16)[~nan])
 
 
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)

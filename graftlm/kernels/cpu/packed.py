@@ -52,9 +52,11 @@ PREFILL_ROWS = 16
 # the dequantize + fp32 GEMM path 4-159, ahead only at 512 rows (by up to 12%), so K-quants always
 # take the kernel; Q5_0/Q8_0 run at 79-100 GOPS and fall behind between 48 and 128 rows. Where the CPU
 # has native bf16 (AMX: ~890 GFLOP/s per core for oneDNN's bf16 GEMM on the Intel machine, as issue 4
-# records), many rows go to the GEMM from 16 rows; that threshold is not yet measured on such a CPU.
+# records), the blocks are dequantized straight to bf16 and the GEMM overtakes the kernel sooner; where,
+# per type, on the Intel AMX machine, 2 threads (bench/qblocks.py, 2026-11-30 19:03): Q8_0 at ~16 rows,
+# Q5_0 ~20, Q4_K ~24, Q6_K ~64 (its dequantization is the slowest). Others: 16.
 QBLOCK_ROWS = 32
-QBLOCK_ROWS_NATIVE_BF16 = 16
+QBLOCK_ROWS_NATIVE_BF16 = {Q.Q8_0: 16, Q.Q5_0: 20, Q.Q5_1: 20, Q.Q4_K: 24, Q.Q5_K: 24, Q.Q6_K: 64}
 K_QUANTS = frozenset({Q.Q4_K, Q.Q5_K, Q.Q6_K})
 GEMM_SLICE_BYTES = 64 << 20  # dequantized weight held at once by the many-row int8 path
 
@@ -144,7 +146,7 @@ class PackedMatrix:
                 return qblocks.matmul_prepared(self.prepared, x)
             qtype = Q[self.source_type]
             return _sliced_gemm(
-                x, self.n, self.k, lambda a, b: qblocks.dequantize(qtype, self.weight, self.k, a, b)
+                x, self.n, self.k, lambda a, b, dt: qblocks.dequantize(qtype, self.weight, self.k, a, b, dt)
             )
         if self.layout == "int8" and x.shape[0] > PREFILL_ROWS:
             gemm = _int8_gemm if self.int8_activations else _dequantized_gemm
@@ -184,22 +186,21 @@ def gemm_dtype() -> torch.dtype:
 def qblock_rows(qtype: Q) -> int:
     """The most rows of activations a `gguf` matrix of this type multiplies with the C kernel."""
     if gemm_dtype() == torch.bfloat16:
-        return QBLOCK_ROWS_NATIVE_BF16
+        return QBLOCK_ROWS_NATIVE_BF16.get(qtype, 16)
     return 1 << 62 if qtype in K_QUANTS else QBLOCK_ROWS
 
 
-def _sliced_gemm(
-    x: torch.Tensor, n: int, k: int, rows_fp32, scale: torch.Tensor | None = None
-) -> torch.Tensor:
-    """x @ W^T with W's rows produced GEMM_SLICE_BYTES at a time by `rows_fp32(start, stop)`, each
-    slice multiplied in `gemm_dtype()`; `scale` [N] multiplies each output column."""
+def _sliced_gemm(x: torch.Tensor, n: int, k: int, rows, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ W^T with W's rows produced GEMM_SLICE_BYTES at a time by `rows(start, stop, dtype)` in
+    `gemm_dtype()` (the fp32 values rounded, where that is bf16), each slice multiplied in that
+    dtype; `scale` [N] multiplies each output column."""
     dtype = gemm_dtype()
     xd = x.to(dtype)
     step = max(1, GEMM_SLICE_BYTES // (k * 4))
     out = torch.empty(x.shape[0], n, dtype=torch.float32, device=x.device)
     for start in range(0, n, step):
         stop = min(start + step, n)
-        y = F.linear(xd, rows_fp32(start, stop).to(dtype))
+        y = F.linear(xd, rows(start, stop, dtype))
         if scale is not None:
             torch.mul(y.float(), scale[start:stop], out=out[:, start:stop])
         else:
@@ -210,7 +211,7 @@ def _sliced_gemm(
 def _dequantized_gemm(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
     """x @ (w * w_scale)^T for int8 w [N, K], dequantized a slice at a time: the same products as
     `_weight_int8pack_mm` (exact int8 weights, the scale applied per output)."""
-    return _sliced_gemm(x, w.shape[0], w.shape[1], lambda a, b: w[a:b].float(), w_scale)
+    return _sliced_gemm(x, w.shape[0], w.shape[1], lambda a, b, dt: w[a:b].to(dt), w_scale)
 
 
 def _int8_gemm(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:

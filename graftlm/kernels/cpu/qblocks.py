@@ -184,15 +184,32 @@ def matmul_experts(qtype: Q, ptrs: torch.Tensor, row_bytes: int, n: int, x: torc
     return out
 
 
-def dequantize(qtype: Q, rows: np.ndarray, k: int, start: int = 0, stop: int | None = None) -> torch.Tensor:
-    """Rows start..stop of W as fp32 [rows, K], computed as gguf-py computes them."""
+def dequantize(
+    qtype: Q,
+    rows: np.ndarray,
+    k: int,
+    start: int = 0,
+    stop: int | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Rows start..stop of W as [rows, K], computed as gguf-py computes them, in fp32 or (dtype
+    bfloat16) those values rounded as `.to(torch.bfloat16)` rounds them, in one pass."""
     stop = rows.shape[0] if stop is None else stop
     _check_rows(qtype, rows, k)
     if not 0 <= start <= stop <= rows.shape[0]:
         raise ValueError(f"rows {start}:{stop} out of 0:{rows.shape[0]}")
-    out = torch.empty(stop - start, k, dtype=torch.float32)
+    if dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"dequantize writes float32 or bfloat16, not {dtype}")
+    out = torch.empty(stop - start, k, dtype=dtype)
     part = rows[start:stop]
     _qkernels.dequantize(
-        int(qtype), address(part), rows.shape[1], stop - start, k, out.data_ptr(), torch.get_num_threads()
+        int(qtype),
+        address(part),
+        rows.shape[1],
+        stop - start,
+        k,
+        out.data_ptr(),
+        torch.get_num_threads(),
+        dtype == torch.bfloat16,
     )
     return out

@@ -650,7 +650,9 @@ static void pick_kernels(int type, dot_fn *dot, dot4_fn *dot4) {
 
 /* ---------------------------------------------------------------- dequantization (gguf-py's order) */
 
-static void dequant_row(int type, const uint8_t *w, int64_t k, float *y) {
+/* the body of dequant_row, inlined into a portable and an AVX2-compiled instance (the compiler
+   vectorizes its loops for the target; the same operations, so the same values) */
+static inline __attribute__((always_inline)) void dequant_row_body(int type, const uint8_t *w, int64_t k, float *y) {
     const int64_t bb = block_bytes(type), nb = k / block_values(type);
     for (int64_t b = 0; b < nb; b++, w += bb) {
         switch (type) {
@@ -658,13 +660,22 @@ static void dequant_row(int type, const uint8_t *w, int64_t k, float *y) {
             case T_Q4_1:
             case T_Q5_0:
             case T_Q5_1: {
+                /* legacy_value's values, unpacked in loops the compiler vectorizes */
+                const int q5 = type == T_Q5_0 || type == T_Q5_1, has_min = type == T_Q4_1 || type == T_Q5_1;
+                const uint8_t *qs = w + 2 + 2 * has_min + 4 * q5;
+                uint32_t qh = 0;
+                if (q5) memcpy(&qh, w + 2 + 2 * has_min, 4);
+                int v[32];
+                for (int j = 0; j < 16; j++) v[j] = qs[j] & 15, v[j + 16] = qs[j] >> 4;
+                if (q5)
+                    for (int j = 0; j < 32; j++) v[j] |= (int)((qh >> j) & 1) << 4;
                 float d = rdh(w);
-                if (type == T_Q4_1 || type == T_Q5_1) {
+                if (has_min) {
                     float m = rdh(w + 2);
-                    for (int j = 0; j < 32; j++) y[j] = d * (float)legacy_value(w, type, j) + m;
+                    for (int j = 0; j < 32; j++) y[j] = d * (float)v[j] + m;
                 } else {
                     int offset = type == T_Q4_0 ? 8 : 16;
-                    for (int j = 0; j < 32; j++) y[j] = d * (float)(legacy_value(w, type, j) - offset);
+                    for (int j = 0; j < 32; j++) y[j] = d * (float)(v[j] - offset);
                 }
                 y += 32;
                 break;
@@ -697,13 +708,44 @@ static void dequant_row(int type, const uint8_t *w, int64_t k, float *y) {
             case T_Q6_K: {
                 float d = rdh(w + 208);
                 const int8_t *sc = (const int8_t *)(w + 192);
-                for (int i = 0; i < 256; i++) y[i] = (d * (float)sc[i / 16]) * (float)(q6_value(w, i) - 32);
+                int v[256]; /* q6_value's values, unpacked in loops the compiler vectorizes */
+                for (int h = 0; h < 2; h++) {
+                    const uint8_t *ql = w + 64 * h, *qh = w + 128 + 32 * h;
+                    int *vh = v + 128 * h;
+                    for (int l = 0; l < 32; l++) {
+                        vh[l] = (ql[l] & 15) | ((qh[l] & 3) << 4);
+                        vh[l + 32] = (ql[l + 32] & 15) | (((qh[l] >> 2) & 3) << 4);
+                        vh[l + 64] = (ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4);
+                        vh[l + 96] = (ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4);
+                    }
+                }
+                for (int i = 0; i < 256; i++) y[i] = (d * (float)sc[i / 16]) * (float)(v[i] - 32);
                 y += 256;
                 break;
             }
         }
     }
 }
+
+static void dequant_row_c(int type, const uint8_t *w, int64_t k, float *y) { dequant_row_body(type, w, k, y); }
+#ifdef GL_X86
+AVX2_FN static void dequant_row_avx2(int type, const uint8_t *w, int64_t k, float *y) { dequant_row_body(type, w, k, y); }
+#endif
+
+/* fp32 -> bf16 bits, rounded to nearest even as torch's .to(torch.bfloat16) rounds (c10's
+   round_to_nearest_even: any NaN becomes 0x7fc0) */
+static inline __attribute__((always_inline)) void to_bf16_body(const float *x, uint16_t *y, int64_t n) {
+    for (int64_t i = 0; i < n; i++) {
+        uint32_t u;
+        memcpy(&u, x + i, 4);
+        const uint32_t r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+        y[i] = (uint16_t)((u & 0x7fffffffu) > 0x7f800000u ? 0x7fc0u : r);
+    }
+}
+static void to_bf16_c(const float *x, uint16_t *y, int64_t n) { to_bf16_body(x, y, n); }
+#ifdef GL_X86
+AVX2_FN static void to_bf16_avx2(const float *x, uint16_t *y, int64_t n) { to_bf16_body(x, y, n); }
+#endif
 
 /* Activations of one call, quantized (quantize_rows) into buffers of its own. */
 typedef struct {
@@ -921,22 +963,53 @@ static PyObject *py_matmul_experts(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
-/* dequantize(type, w_ptr, row_bytes, n, k, out_ptr, threads): fp32 [n, k] */
+#define DEQUANT_ROWS 8 /* rows a thread dequantizes into its fp32 buffer before rounding them to bf16 */
+
+/* dequantize(type, w_ptr, row_bytes, n, k, out_ptr, threads[, bf16]): [n, k] in fp32, or with bf16 true
+   the same values rounded to bf16 (as torch's .to(torch.bfloat16) rounds), without an fp32 pass
+   through memory */
 static PyObject *py_dequantize(PyObject *self, PyObject *args) {
-    int type, threads;
+    int type, threads, bf16 = 0;
     Py_ssize_t wp, row_bytes, n, k, op;
-    if (!PyArg_ParseTuple(args, "innnnni", &type, &wp, &row_bytes, &n, &k, &op, &threads)) return NULL;
+    if (!PyArg_ParseTuple(args, "innnnni|p", &type, &wp, &row_bytes, &n, &k, &op, &threads, &bf16)) return NULL;
     if (!check_matrix(type, k, row_bytes)) return NULL;
     const uint8_t *w = (const uint8_t *)wp;
-    float *out = (float *)op;
+    void (*row)(int, const uint8_t *, int64_t, float *) = dequant_row_c;
+    void (*round)(const float *, uint16_t *, int64_t) = to_bf16_c;
+#ifdef GL_X86
+    if (use_avx2) row = dequant_row_avx2, round = to_bf16_avx2;
+#endif
+    int failed = 0;
     Py_BEGIN_ALLOW_THREADS
 #ifdef _OPENMP
     int nt = threads > 0 ? threads : 1;
-#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1 && n > 1)
+#pragma omp parallel num_threads(nt) if (nt > 1 && n > DEQUANT_ROWS)
 #endif
-    for (int64_t j = 0; j < n; j++) dequant_row(type, w + j * row_bytes, k, out + j * k);
+    {
+        float *buf = bf16 ? malloc(sizeof(float) * (size_t)(DEQUANT_ROWS * k)) : NULL;
+        if (bf16 && !buf) {
+#ifdef _OPENMP
+#pragma omp atomic write
+#endif
+            failed = 1;
+        }
+#ifdef _OPENMP
+#pragma omp for schedule(static)
+#endif
+        for (int64_t j0 = 0; j0 < n; j0 += DEQUANT_ROWS) {
+            const int64_t j1 = j0 + DEQUANT_ROWS < n ? j0 + DEQUANT_ROWS : n;
+            if (!bf16) {
+                for (int64_t j = j0; j < j1; j++) row(type, w + j * row_bytes, k, (float *)op + j * k);
+            } else if (buf) {
+                for (int64_t j = j0; j < j1; j++) row(type, w + j * row_bytes, k, buf + (j - j0) * k);
+                round(buf, (uint16_t *)op + j0 * k, (j1 - j0) * k);
+            }
+        }
+        free(buf);
+    }
     Py_END_ALLOW_THREADS
     (void)threads;
+    if (failed) return PyErr_NoMemory();
     Py_RETURN_NONE;
 }
 
