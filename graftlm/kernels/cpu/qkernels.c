@@ -745,6 +745,115 @@ static inline __attribute__((always_inline)) void to_bf16_body(const float *x, u
 static void to_bf16_c(const float *x, uint16_t *y, int64_t n) { to_bf16_body(x, y, n); }
 #ifdef GL_X86
 AVX2_FN static void to_bf16_avx2(const float *x, uint16_t *y, int64_t n) { to_bf16_body(x, y, n); }
+
+/* Dequantization straight to bf16 on AVX2: each block's values as dequant_row_body computes them (the
+   same multiplies and subtractions, unfused), rounded as to_bf16_body rounds, 8 at a time. */
+AVX2_FN static inline __m128i bf16x8(__m256 v) {
+    const __m256i u = _mm256_castps_si256(v);
+    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff))), 16);
+    const __m256i nan = _mm256_cmpgt_epi32(_mm256_and_si256(u, _mm256_set1_epi32(0x7fffffff)),
+                                           _mm256_set1_epi32(0x7f800000));
+    r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7fc0), nan);
+    return _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+}
+
+AVX2_FN static inline __m256i bytes8(const uint8_t *p) { return _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p)); }
+
+AVX2_FN static void dequant_row_bf16_avx2(int type, const uint8_t *w, int64_t k, uint16_t *y) {
+    const int64_t bb = block_bytes(type), nb = k / block_values(type);
+    const __m256i m15 = _mm256_set1_epi32(15), one = _mm256_set1_epi32(1), three = _mm256_set1_epi32(3);
+    for (int64_t b = 0; b < nb; b++, w += bb) {
+        switch (type) {
+            case T_Q4_0:
+            case T_Q4_1:
+            case T_Q5_0:
+            case T_Q5_1: {
+                const int q5 = type == T_Q5_0 || type == T_Q5_1, has_min = type == T_Q4_1 || type == T_Q5_1;
+                const uint8_t *qs = w + 2 + 2 * has_min + 4 * q5;
+                uint32_t qh = 0;
+                if (q5) memcpy(&qh, w + 2 + 2 * has_min, 4);
+                const __m256 d = _mm256_set1_ps(rdh(w)), m = _mm256_set1_ps(has_min ? rdh(w + 2) : 0.0f);
+                const __m256i off = _mm256_set1_epi32(has_min ? 0 : (type == T_Q4_0 ? 8 : 16));
+                for (int j = 0; j < 32; j += 8) {
+                    __m256i v = bytes8(qs + (j & 15));
+                    v = j < 16 ? _mm256_and_si256(v, m15) : _mm256_srli_epi32(v, 4);
+                    if (q5) {
+                        const __m256i lane = _mm256_setr_epi32(j, j + 1, j + 2, j + 3, j + 4, j + 5, j + 6, j + 7);
+                        const __m256i bit = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32((int)qh), lane), one);
+                        v = _mm256_or_si256(v, _mm256_slli_epi32(bit, 4));
+                    }
+                    __m256 f = has_min ? _mm256_add_ps(_mm256_mul_ps(d, _mm256_cvtepi32_ps(v)), m)
+                                       : _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_sub_epi32(v, off)));
+                    _mm_storeu_si128((__m128i *)(y + j), bf16x8(f));
+                }
+                y += 32;
+                break;
+            }
+            case T_Q8_0: {
+                const __m256 d = _mm256_set1_ps(rdh(w));
+                for (int j = 0; j < 32; j += 8) {
+                    const __m256i v = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(w + 2 + j)));
+                    _mm_storeu_si128((__m128i *)(y + j), bf16x8(_mm256_mul_ps(_mm256_cvtepi32_ps(v), d)));
+                }
+                y += 32;
+                break;
+            }
+            case T_Q4_K:
+            case T_Q5_K: {
+                const int q5 = type == T_Q5_K;
+                const float d = rdh(w), dmin = rdh(w + 2);
+                uint8_t sc[8], mn[8];
+                k_scale_min(w + 4, sc, mn);
+                const uint8_t *qh = w + 16, *qs = w + (q5 ? 48 : 16);
+                for (int j = 0; j < 8; j++) {
+                    const __m256 ds = _mm256_set1_ps(d * (float)sc[j]), dm = _mm256_set1_ps(dmin * (float)mn[j]);
+                    const uint8_t *ql = qs + 32 * (j / 2);
+                    for (int l = 0; l < 32; l += 8) {
+                        __m256i v = bytes8(ql + l);
+                        v = (j & 1) ? _mm256_srli_epi32(v, 4) : _mm256_and_si256(v, m15);
+                        if (q5) {
+                            const __m256i h = _mm256_and_si256(_mm256_srli_epi32(bytes8(qh + l), j), one);
+                            v = _mm256_or_si256(v, _mm256_slli_epi32(h, 4));
+                        }
+                        const __m256 f = _mm256_sub_ps(_mm256_mul_ps(ds, _mm256_cvtepi32_ps(v)), dm);
+                        _mm_storeu_si128((__m128i *)(y + 32 * j + l), bf16x8(f));
+                    }
+                }
+                y += 256;
+                break;
+            }
+            case T_Q6_K: {
+                const float d = rdh(w + 208);
+                const int8_t *sc = (const int8_t *)(w + 192);
+                const __m256i c32 = _mm256_set1_epi32(32);
+                for (int h = 0; h < 2; h++) {
+                    const uint8_t *ql = w + 64 * h, *qh = w + 128 + 32 * h;
+                    uint16_t *yh = y + 128 * h;
+                    for (int l = 0; l < 32; l += 8) {
+                        const __m256i a = bytes8(ql + l), c = bytes8(ql + l + 32), hb = bytes8(qh + l);
+                        __m256i q[4];
+                        q[0] = _mm256_or_si256(_mm256_and_si256(a, m15), _mm256_slli_epi32(_mm256_and_si256(hb, three), 4));
+                        q[1] = _mm256_or_si256(_mm256_and_si256(c, m15),
+                                               _mm256_slli_epi32(_mm256_and_si256(_mm256_srli_epi32(hb, 2), three), 4));
+                        q[2] = _mm256_or_si256(_mm256_srli_epi32(a, 4),
+                                               _mm256_slli_epi32(_mm256_and_si256(_mm256_srli_epi32(hb, 4), three), 4));
+                        q[3] = _mm256_or_si256(_mm256_srli_epi32(c, 4),
+                                               _mm256_slli_epi32(_mm256_and_si256(_mm256_srli_epi32(hb, 6), three), 4));
+                        for (int r = 0; r < 4; r++) {
+                            const int i = 128 * h + 32 * r + l; /* 8 values in one group of 16: one scale */
+                            const __m256 s = _mm256_set1_ps(d * (float)sc[i / 16]);
+                            const __m256 f = _mm256_mul_ps(s, _mm256_cvtepi32_ps(_mm256_sub_epi32(q[r], c32)));
+                            _mm_storeu_si128((__m128i *)(yh + 32 * r + l), bf16x8(f));
+                        }
+                    }
+                }
+                y += 256;
+                break;
+            }
+        }
+    }
+}
 #endif
 
 /* Activations of one call, quantized (quantize_rows) into buffers of its own. */
@@ -976,8 +1085,9 @@ static PyObject *py_dequantize(PyObject *self, PyObject *args) {
     const uint8_t *w = (const uint8_t *)wp;
     void (*row)(int, const uint8_t *, int64_t, float *) = dequant_row_c;
     void (*round)(const float *, uint16_t *, int64_t) = to_bf16_c;
+    int direct = 0; /* bf16 straight from the blocks, no fp32 buffer */
 #ifdef GL_X86
-    if (use_avx2) row = dequant_row_avx2, round = to_bf16_avx2;
+    if (use_avx2) row = dequant_row_avx2, round = to_bf16_avx2, direct = bf16;
 #endif
     int failed = 0;
     Py_BEGIN_ALLOW_THREADS
@@ -986,8 +1096,8 @@ static PyObject *py_dequantize(PyObject *self, PyObject *args) {
 #pragma omp parallel num_threads(nt) if (nt > 1 && n > DEQUANT_ROWS)
 #endif
     {
-        float *buf = bf16 ? malloc(sizeof(float) * (size_t)(DEQUANT_ROWS * k)) : NULL;
-        if (bf16 && !buf) {
+        float *buf = bf16 && !direct ? malloc(sizeof(float) * (size_t)(DEQUANT_ROWS * k)) : NULL;
+        if (bf16 && !direct && !buf) {
 #ifdef _OPENMP
 #pragma omp atomic write
 #endif
@@ -1000,6 +1110,10 @@ static PyObject *py_dequantize(PyObject *self, PyObject *args) {
             const int64_t j1 = j0 + DEQUANT_ROWS < n ? j0 + DEQUANT_ROWS : n;
             if (!bf16) {
                 for (int64_t j = j0; j < j1; j++) row(type, w + j * row_bytes, k, (float *)op + j * k);
+#ifdef GL_X86
+            } else if (direct) {
+                for (int64_t j = j0; j < j1; j++) dequant_row_bf16_avx2(type, w + j * row_bytes, k, (uint16_t *)op + j * k);
+#endif
             } else if (buf) {
                 for (int64_t j = j0; j < j1; j++) row(type, w + j * row_bytes, k, buf + (j - j0) * k);
                 round(buf, (uint16_t *)op + j0 * k, (j1 - j0) * k);
