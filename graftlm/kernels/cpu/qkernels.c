@@ -650,6 +650,15 @@ static void pick_kernels(int type, dot_fn *dot, dot4_fn *dot4) {
 
 /* ---------------------------------------------------------------- dequantization (gguf-py's order) */
 
+/* a Q4_0/Q4_1/Q5_0/Q5_1 block's layout: d, then m (the _1 types), then the fifth bits (qh, the 5-bit
+   types), then the 16 bytes of nibbles it returns */
+static inline const uint8_t *legacy_layout(const uint8_t *w, int type, int *q5, int *has_min, uint32_t *qh) {
+    *q5 = type == T_Q5_0 || type == T_Q5_1, *has_min = type == T_Q4_1 || type == T_Q5_1;
+    *qh = 0;
+    if (*q5) memcpy(qh, w + 2 + 2 * *has_min, 4);
+    return w + 2 + 2 * *has_min + 4 * *q5;
+}
+
 /* the body of dequant_row, inlined into a portable and an AVX2-compiled instance (the compiler
    vectorizes its loops for the target; the same operations, so the same values) */
 static inline __attribute__((always_inline)) void dequant_row_body(int type, const uint8_t *w, int64_t k, float *y) {
@@ -661,10 +670,9 @@ static inline __attribute__((always_inline)) void dequant_row_body(int type, con
             case T_Q5_0:
             case T_Q5_1: {
                 /* legacy_value's values, unpacked in loops the compiler vectorizes */
-                const int q5 = type == T_Q5_0 || type == T_Q5_1, has_min = type == T_Q4_1 || type == T_Q5_1;
-                const uint8_t *qs = w + 2 + 2 * has_min + 4 * q5;
-                uint32_t qh = 0;
-                if (q5) memcpy(&qh, w + 2 + 2 * has_min, 4);
+                int q5, has_min;
+                uint32_t qh;
+                const uint8_t *qs = legacy_layout(w, type, &q5, &has_min, &qh);
                 int v[32];
                 for (int j = 0; j < 16; j++) v[j] = qs[j] & 15, v[j + 16] = qs[j] >> 4;
                 if (q5)
@@ -769,10 +777,9 @@ AVX2_FN static void dequant_row_bf16_avx2(int type, const uint8_t *w, int64_t k,
             case T_Q4_1:
             case T_Q5_0:
             case T_Q5_1: {
-                const int q5 = type == T_Q5_0 || type == T_Q5_1, has_min = type == T_Q4_1 || type == T_Q5_1;
-                const uint8_t *qs = w + 2 + 2 * has_min + 4 * q5;
-                uint32_t qh = 0;
-                if (q5) memcpy(&qh, w + 2 + 2 * has_min, 4);
+                int q5, has_min;
+                uint32_t qh;
+                const uint8_t *qs = legacy_layout(w, type, &q5, &has_min, &qh);
                 const __m256 d = _mm256_set1_ps(rdh(w)), m = _mm256_set1_ps(has_min ? rdh(w + 2) : 0.0f);
                 const __m256i off = _mm256_set1_epi32(has_min ? 0 : (type == T_Q4_0 ? 8 : 16));
                 for (int j = 0; j < 32; j += 8) {
