@@ -103,6 +103,33 @@ def test_attend_matches_sdpa(isa, heads, kv_heads, dim, length, capacity):
 
 @needs_kernels
 @pytest.mark.parametrize("isa", ["avx2", "portable"])
+def test_attend_keeps_an_infinite_score_a_nan_as_sdpa_does(isa):
+    """A key with an infinite score makes its heads' outputs NaN in SDPA; so with any thread count
+    (the key split must not drop the part whose softmax total is 0)."""
+    kernels = qblocks._qkernels
+    previous = kernels.isa()
+    kernels.set_isa(isa)
+    try:
+        g = torch.Generator().manual_seed(5)
+        heads, dim, length = 4, 64, 1024
+        k, v = torch.randn(1, 1, length, dim, generator=g), torch.randn(1, 1, length, dim, generator=g)
+        q = torch.randn(1, heads, 1, dim, generator=g)
+        k[0, 0, 700, 0] = float("inf")
+        want = F.scaled_dot_product_attention(q, k, v, scale=dim**-0.5, enable_gqa=True).view(heads, dim)
+        assert want.isnan().any() and not want.isnan().all()  # the heads whose q[0] is positive
+        for threads in (1, 2, 4):
+            out = torch.empty(heads, dim)
+            kernels.attend(
+                q.data_ptr(), heads, 1, dim, k.data_ptr(), v.data_ptr(), length, k.stride(1), dim**-0.5,
+                out.data_ptr(), threads,
+            )  # fmt: skip
+            assert torch.equal(out.isnan().all(-1), want.isnan().all(-1)), threads
+    finally:
+        kernels.set_isa(previous)
+
+
+@needs_kernels
+@pytest.mark.parametrize("isa", ["avx2", "portable"])
 @pytest.mark.parametrize(
     "heads, width, vdim, length", [(16, 576, 512, 300), (16, 576, 512, 2049), (3, 36, 20, 7), (4, 64, 64, 1)]
 )

@@ -1306,18 +1306,22 @@ AVX2_FN static inline __m256 exp_ps(__m256 x) {
 
 /* act_mul's AVX2 loop over whole vectors; returns how many values it did */
 AVX2_FN static Py_ssize_t act_mul_avx2(float *x, const float *y, Py_ssize_t n, int kind) {
-    const __m256 one = _mm256_set1_ps(1.0f), half = _mm256_set1_ps(0.5f), two = _mm256_set1_ps(2.0f);
+    const __m256 one = _mm256_set1_ps(1.0f), big = _mm256_set1_ps(88.3f);
     const __m256 c = _mm256_set1_ps(0.7978845608028654f), k3 = _mm256_set1_ps(0.044715f);
     Py_ssize_t i = 0;
     for (; i + 8 <= n; i += 8) {
-        __m256 v = _mm256_loadu_ps(x + i), a;
-        if (kind == 0) {
-            a = _mm256_div_ps(v, _mm256_add_ps(one, exp_ps(_mm256_sub_ps(_mm256_setzero_ps(), v))));
-        } else {
-            __m256 u = _mm256_mul_ps(c, _mm256_fmadd_ps(_mm256_mul_ps(k3, v), _mm256_mul_ps(v, v), v));
-            __m256 t = _mm256_sub_ps(one, _mm256_div_ps(two, _mm256_add_ps(exp_ps(_mm256_add_ps(u, u)), one)));
-            a = _mm256_mul_ps(_mm256_mul_ps(half, v), _mm256_add_ps(one, t));
+        /* x / (1 + e^-z) with z = x (SiLU) or z = 2u (GELU: (1 + tanh(u)) / 2 = 1 / (1 + e^-2u), without
+           tanh's cancellation for negative u); where e^-z overflows, x * 0 (-0, or NaN for -inf) as
+           torch's x / inf gives */
+        const __m256 v = _mm256_loadu_ps(x + i);
+        __m256 z = v;
+        if (kind == 1) {
+            const __m256 u = _mm256_mul_ps(c, _mm256_fmadd_ps(_mm256_mul_ps(k3, v), _mm256_mul_ps(v, v), v));
+            z = _mm256_add_ps(u, u);
         }
+        const __m256 nz = _mm256_sub_ps(_mm256_setzero_ps(), z);
+        __m256 a = _mm256_div_ps(v, _mm256_add_ps(one, exp_ps(nz)));
+        a = _mm256_blendv_ps(a, _mm256_mul_ps(v, _mm256_setzero_ps()), _mm256_cmp_ps(nz, big, _CMP_GT_OQ));
         _mm256_storeu_ps(x + i, _mm256_mul_ps(a, _mm256_loadu_ps(y + i)));
     }
     return i;
@@ -1532,26 +1536,30 @@ static PyObject *attend_split(Py_ssize_t qp, Py_ssize_t heads, Py_ssize_t kv_hea
             attend_heads_avx2((const float *)qp + g * group * dim, group, (const float *)kp + g * hs + j0 * ld,
                               (const float *)vp + g * hs + j0 * ld, j1 - j0, dim, ld, vdim, scale,
                               scores + task * group * per, parts + task * group * vdim, stats + task * 2 * group);
-        else
-            for (int64_t i = 0; i < group; i++) stats[task * 2 * group + 2 * i + 1] = 0.0f; /* an empty part */
+        else /* an empty part (splits <= t / ATTEND_SPAN leaves none): weight 0, values 0 */
+            for (int64_t i = 0; i < group; i++) {
+                stats[task * 2 * group + 2 * i] = -INFINITY, stats[task * 2 * group + 2 * i + 1] = 0.0f;
+                memset(parts + (task * group + i) * vdim, 0, sizeof(float) * (size_t)vdim);
+            }
     }
     for (int64_t g = 0; g < kv_heads; g++)
         for (int64_t i = 0; i < group; i++) {
             float top = -INFINITY, total = 0.0f, w[64];
+            /* a part whose total is 0 (an infinite score) is not dropped: its NaN reaches the output,
+               as it does with one thread and with SDPA */
             for (int64_t p = 0; p < splits; p++) {
                 const float *st = stats + (g * splits + p) * 2 * group + 2 * i;
-                if (st[1] > 0.0f && st[0] > top) top = st[0];
+                if (st[0] > top) top = st[0];
             }
             for (int64_t p = 0; p < splits; p++) {
                 const float *st = stats + (g * splits + p) * 2 * group + 2 * i;
-                w[p] = st[1] > 0.0f ? st[1] * expf(st[0] - top) : 0.0f;
+                w[p] = st[1] * expf(st[0] - top);
                 total += w[p];
             }
             float *o = (float *)op + (g * group + i) * vdim;
             for (int64_t c = 0; c < vdim; c++) {
                 float a = 0.0f;
-                for (int64_t p = 0; p < splits; p++)
-                    if (w[p] > 0.0f) a += w[p] * parts[((g * splits + p) * group + i) * vdim + c];
+                for (int64_t p = 0; p < splits; p++) a += w[p] * parts[((g * splits + p) * group + i) * vdim + c];
                 o[c] = a / total;
             }
         }
@@ -1618,8 +1626,9 @@ static PyObject *py_attend(PyObject *self, PyObject *args) {
 
 /* act_mul(x_ptr, y_ptr, n, kind): x = act(x) * y in place on fp32 [n], act SiLU (kind 0: x / (1 + e^-x))
    or the tanh-approximated GELU (kind 1: x / 2 (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3)))), an MLP's
-   gate activation times its up projection. AVX2: e^x by exp_ps and tanh(u) = 1 - 2 / (e^2u + 1), within
-   a few ulp of torch's; portable: expf and tanhf. */
+   gate activation times its up projection. AVX2: x / (1 + e^-x), and the GELU as x / (1 + e^-2u) (the same
+   function, without tanh's cancellation for negative u), e^x by exp_ps; -0 (NaN for -inf) where e^-z
+   overflows, as torch. Portable: expf and tanhf. */
 static PyObject *py_act_mul(PyObject *self, PyObject *args) {
     Py_ssize_t xp, yp, n;
     int kind;
