@@ -65,7 +65,15 @@ def test_dequantize_to_bf16_rounds_ties_to_even_and_nans_as_torch(isa):
     """Q8_0 blocks whose scales make ties at bf16's precision (1 + 2^-8 and its multiples), and
     infinite and NaN scales (NaN of either sign, and inf * 0): every one of the 256 int8 values.
     NaNs stay NaN (0x7fc0)."""
-    scales = [1 + 2**-8, 1 + 3 * 2**-8, 2**-14 * (1 + 2**-9), 65504.0, float("inf"), float("nan"), -float("nan")]
+    scales = [
+        1 + 2**-8,
+        1 + 3 * 2**-8,
+        2**-14 * (1 + 2**-9),
+        65504.0,
+        float("inf"),
+        float("nan"),
+        -float("nan"),
+    ]
     rows = np.zeros((len(scales), 8, 34), np.uint8)  # 8 blocks a row: every int8 value once
     for r, d in enumerate(scales):
         rows[r, :, :2] = np.array([d], np.float16).view(np.uint8)
