@@ -85,11 +85,11 @@ def act_kind(act: nn.Module) -> int | None:
     """The C kernel `act_mul`'s kind for an MLP's activation module: 0 SiLU, 1 the tanh-approximated
     GELU; None for any other (the module then runs)."""
     name = type(act).__name__
-    if name in ("SiLUActivation", "SiLU"):
+    if isinstance(act, nn.SiLU) or name == "SiLUActivation":
         return 0
-    if name in ("GELUTanh", "PytorchGELUTanh", "NewGELUActivation", "GELUPytorchTanh"):
-        return 1
-    if isinstance(act, nn.GELU) and act.approximate == "tanh":
+    if name in ("GELUTanh", "PytorchGELUTanh", "NewGELUActivation") or (
+        isinstance(act, nn.GELU) and act.approximate == "tanh"
+    ):
         return 1
     return None
 
@@ -119,7 +119,7 @@ class MLPProgram:
             self.hidden, x, 1, threads, direct_specs([mlp.gate_proj, mlp.up_proj], [gate, up])
         )
         add_biases(self.biases[:2], [gate, up])
-        if self.act_kind is not None and fused.C_ATTENTION:  # in place in gate (float rounding apart)
+        if self.act_kind is not None and fused.C_ACTIVATION:  # in place in gate (float rounding apart)
             kernels.act_mul(gate, up, inter, self.act_kind)
             kernels.matmul_many(inter, gate, 1, threads, direct_specs([mlp.down_proj], [down]))
         else:  # the module's torch operations (`hidden` stays alive for the call)

@@ -208,6 +208,7 @@ def test_one_token_programs_are_the_general_path_bit_for_bit(arch, tmp_path, mon
     the attention done by SDPA, the fused layer and the per-operator programs give the general
     path's logits exactly (the same kernels and operations, in the same order)."""
     monkeypatch.setattr(fused, "C_ATTENTION", False)
+    monkeypatch.setattr(fused, "C_ACTIVATION", False)
     layers, programs, general = _three_ways(arch, tmp_path)
     want = _decode(general, IDS, STEPS)
     for llm in (layers, programs):
@@ -235,6 +236,7 @@ def test_one_token_attention_in_c(arch, tmp_path, monkeypatch):
     layers, programs, general = _three_ways(arch, tmp_path)
     got = [_decode(llm, IDS, STEPS) for llm in (layers, programs)]
     monkeypatch.setattr(fused, "C_ATTENTION", False)
+    monkeypatch.setattr(fused, "C_ACTIVATION", False)
     want = _decode(general, IDS, STEPS)
     for logits in got:
         torch.testing.assert_close(logits, want, rtol=1e-3, atol=5e-3)

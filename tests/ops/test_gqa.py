@@ -164,7 +164,7 @@ def test_sliding_window_decode_attends_the_masks_span(tmp_path, monkeypatch):
 def test_mask_span_takes_one_contiguous_span_of_a_bool_row():
     def span(values, dtype=torch.bool):
         mask = torch.tensor(values, dtype=dtype).view(1, 1, 1, -1)
-        return gqa.mask_span(mask, mask.shape[-1])
+        return fused.mask_span(mask, mask.shape[-1])
 
     assert span([1, 1, 1, 1]) == (0, 4)  # causal: every key
     assert span([0, 0, 1, 1, 1]) == (2, 5)  # a sliding window past its length
@@ -173,4 +173,4 @@ def test_mask_span_takes_one_contiguous_span_of_a_bool_row():
     assert span([0, 0, 0]) is None  # nothing allowed: SDPA decides
     assert span([0.0, 0.0, 0.0], torch.float32) is None  # an additive float mask
     rows = torch.ones(1, 1, 2, 3, dtype=torch.bool)  # two queries
-    assert gqa.mask_span(rows, 3) is None and gqa.mask_span(rows[..., :1, :], 4) is None
+    assert fused.mask_span(rows, 3) is None and fused.mask_span(rows[..., :1, :], 4) is None

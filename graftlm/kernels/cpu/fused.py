@@ -17,6 +17,10 @@ from graftlm.kernels.cpu import qblocks
 # (`_qkernels.attend`) where there is no mask; else SDPA or torch's GEMMs, which make those paths'
 # results the general ones' bit for bit: the tests switch it off to check that.
 C_ATTENTION = True
+# Whether an MLP's SiLU or tanh-GELU times up runs as one C call (`_qkernels.act_mul`, mlp.cpu's
+# one-token program) rather than as the module's torch operations; the tests switch it off with
+# C_ATTENTION to compare those paths bit for bit.
+C_ACTIVATION = True
 
 
 def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -70,3 +74,17 @@ def rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
         return x
     qblocks._qkernels.rope(x.data_ptr(), batch * length, heads, dim, cos.data_ptr(), sin.data_ptr(), rot)
     return x
+
+
+def mask_span(mask: torch.Tensor, keys: int) -> tuple[int, int] | None:
+    """(lo, hi) when one query's mask over `keys` cached keys allows exactly keys lo..hi-1: a causal
+    mask, or a sliding window's once the cache holds more than the window (transformers' SDPA masks
+    are bool, True = attend). None for anything else: a float bias, padding holes, several rows."""
+    if (
+        mask.dtype != torch.bool
+        or mask.device.type != "cpu"
+        or mask.numel() != keys
+        or not mask.is_contiguous()
+    ):
+        return None
+    return qblocks._qkernels.mask_span(mask.data_ptr(), keys)

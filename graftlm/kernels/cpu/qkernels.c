@@ -741,8 +741,8 @@ AVX2_FN static void dequant_row_avx2(int type, const uint8_t *w, int64_t k, floa
 #endif
 
 /* fp32 -> bf16 bits, rounded to nearest even as torch's .to(torch.bfloat16) rounds (c10's
-   round_to_nearest_even: any NaN becomes 0x7fc0) */
-static inline __attribute__((always_inline)) void to_bf16_body(const float *x, uint16_t *y, int64_t n) {
+   round_to_nearest_even: any NaN becomes 0x7fc0); the portable path's (AVX2 rounds in bf16x8) */
+static void to_bf16(const float *x, uint16_t *y, int64_t n) {
     for (int64_t i = 0; i < n; i++) {
         uint32_t u;
         memcpy(&u, x + i, 4);
@@ -750,12 +750,10 @@ static inline __attribute__((always_inline)) void to_bf16_body(const float *x, u
         y[i] = (uint16_t)((u & 0x7fffffffu) > 0x7f800000u ? 0x7fc0u : r);
     }
 }
-static void to_bf16_c(const float *x, uint16_t *y, int64_t n) { to_bf16_body(x, y, n); }
 #ifdef GL_X86
-AVX2_FN static void to_bf16_avx2(const float *x, uint16_t *y, int64_t n) { to_bf16_body(x, y, n); }
 
 /* Dequantization straight to bf16 on AVX2: each block's values as dequant_row_body computes them (the
-   same multiplies and subtractions, unfused), rounded as to_bf16_body rounds, 8 at a time. */
+   same multiplies and subtractions, unfused), rounded as to_bf16 rounds, 8 at a time. */
 AVX2_FN static inline __m128i bf16x8(__m256 v) {
     const __m256i u = _mm256_castps_si256(v);
     const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
@@ -908,8 +906,8 @@ static int check_matrix(int type, int64_t k, int64_t row_bytes) {
 
 #define CHUNK 16 /* W rows a thread takes at a time */
 
-/* out[i, j] = x[i] . W[j] for W rows j0..j1 and every x row: x in blocks of XBLOCK rows (kept in L2); each
-   W row (kept in L1) dotted with a block four x rows at a time. */
+/* out[i, j] = x[i] . W[j] for W rows j0..j1 and every x row: each group of four x rows dotted with every
+   W row of the chunk (dot4: each unpacked weight block used four times), leftover x rows one at a time. */
 static void matmul_rows(dot_fn dot, dot4_fn dot4, const uint8_t *w, int64_t row_bytes, int64_t k, int64_t j0,
                         int64_t j1, const xbuf_t *xb, int64_t m, float *out, int64_t ldo) {
     int64_t i = 0;
@@ -1079,7 +1077,7 @@ static PyObject *py_matmul_experts(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
-#define DEQUANT_ROWS 8 /* rows a thread dequantizes into its fp32 buffer before rounding them to bf16 */
+#define DEQUANT_ROWS 8 /* rows a thread takes at a time (bf16 on the portable path: its fp32 buffer's) */
 
 /* dequantize(type, w_ptr, row_bytes, n, k, out_ptr, threads[, bf16]): [n, k] in fp32, or with bf16 true
    the same values rounded to bf16 (as torch's .to(torch.bfloat16) rounds), without an fp32 pass
@@ -1091,10 +1089,9 @@ static PyObject *py_dequantize(PyObject *self, PyObject *args) {
     if (!check_matrix(type, k, row_bytes)) return NULL;
     const uint8_t *w = (const uint8_t *)wp;
     void (*row)(int, const uint8_t *, int64_t, float *) = dequant_row_c;
-    void (*round)(const float *, uint16_t *, int64_t) = to_bf16_c;
-    int direct = 0; /* bf16 straight from the blocks, no fp32 buffer */
+    int direct = 0; /* bf16 straight from the blocks (AVX2); else through a per-thread fp32 buffer */
 #ifdef GL_X86
-    if (use_avx2) row = dequant_row_avx2, round = to_bf16_avx2, direct = bf16;
+    if (use_avx2) row = dequant_row_avx2, direct = bf16;
 #endif
     int failed = 0;
     Py_BEGIN_ALLOW_THREADS
@@ -1123,7 +1120,7 @@ static PyObject *py_dequantize(PyObject *self, PyObject *args) {
 #endif
             } else if (buf) {
                 for (int64_t j = j0; j < j1; j++) row(type, w + j * row_bytes, k, buf + (j - j0) * k);
-                round(buf, (uint16_t *)op + j0 * k, (j1 - j0) * k);
+                to_bf16(buf, (uint16_t *)op + j0 * k, (j1 - j0) * k);
             }
         }
         free(buf);

@@ -30,6 +30,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from graftlm.engine.kv_cache import GrowingLayer, GrowingSlidingLayer
 from graftlm.kernels.cpu import fused, qblocks
+from graftlm.kernels.cpu.fused import mask_span
 from graftlm.models.compat import given_cache
 from graftlm.ops.base import InjectedModule
 from graftlm.ops.linear_cpu import add_biases, aligned, direct_specs, fused_linears, runs_direct
@@ -207,20 +208,6 @@ class GQAttention(InjectedModule, name="attention.gqa"):
 def _shared_mask(mask: torch.Tensor | None) -> bool:
     """Whether a mask is absent or the same for every head ([B, 1, 1, T]), as one-token packing needs."""
     return mask is None or (mask.dim() == 4 and mask.shape[1] == 1 and mask.shape[2] == 1)
-
-
-def mask_span(mask: torch.Tensor, keys: int) -> tuple[int, int] | None:
-    """(lo, hi) when one query's mask over `keys` cached keys allows exactly keys lo..hi-1: a causal
-    mask, or a sliding window's once the cache holds more than the window (transformers' SDPA masks
-    are bool, True = attend). None for anything else: a float bias, padding holes, several rows."""
-    if (
-        mask.dtype != torch.bool
-        or mask.device.type != "cpu"
-        or mask.numel() != keys
-        or not mask.is_contiguous()
-    ):
-        return None
-    return qblocks._qkernels.mask_span(mask.data_ptr(), keys)
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

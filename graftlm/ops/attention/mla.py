@@ -266,6 +266,7 @@ class MLAttention(InjectedModule, name="attention.mla"):
         self.register_buffer("w_uk", None, persistent=False)
         self.register_buffer("w_uv", None, persistent=False)
         self.heads_q: tuple | None = None  # decode's W_UK and W_UV on the file's blocks (_load_heads)
+        self._direct: bool | None = None  # whether the children take _step's direct C calls (once loaded)
 
     # -- weights ---------------------------------------------------------------------------
 
@@ -291,6 +292,7 @@ class MLAttention(InjectedModule, name="attention.mla"):
         self.w_uk = per_head[:, : self.nope_dim].contiguous()  # [H, nope, rank]
         self.w_uv = per_head[:, self.nope_dim :].contiguous()  # [H, v, rank]
         self.heads_q = self._load_heads()
+        self._direct = None
 
     def _load_heads(self) -> tuple | None:
         """W_UK and W_UV as the file stores them, for one-token steps: per head, (type, int64 [H] head
@@ -322,6 +324,7 @@ class MLAttention(InjectedModule, name="attention.mla"):
     def unload(self) -> None:
         self.w_uk = self.w_uv = None
         self.heads_q = None
+        self._direct = None
 
     # -- cache -----------------------------------------------------------------------------
 
@@ -431,11 +434,8 @@ class MLAttention(InjectedModule, name="attention.mla"):
         total = layer.length + 1  # cached tokens once this one is in
         if total > C_ATTENTION_TOKENS and qblocks.isa() != "avx2":
             return None
-        if mask is not None:
-            from graftlm.ops.attention.gqa import mask_span
-
-            if mask_span(mask, total) != (0, total):
-                return None
+        if mask is not None and fused.mask_span(mask, total) != (0, total):
+            return None
         hidden, heads, r, rope, nope, v = (
             x.shape[-1],
             self.num_heads,
@@ -451,15 +451,17 @@ class MLAttention(InjectedModule, name="attention.mla"):
             m["kv_a_layernorm"],
             m["o_proj"],
         )
-        linears = [first, kv_a, o_proj, *([m["q_b_proj"]] if ql else [])]
-        if (
-            type(kv_norm) is not NormCPU
-            or (ql and type(m["q_a_layernorm"]) is not NormCPU)
-            or not runs_direct([first, kv_a], hidden)
-            or not runs_direct([o_proj], heads * v)
-            or (ql and not runs_direct([m["q_b_proj"]], ql))
-            or any(lin.bias is not None for lin in linears)
-        ):
+        if self._direct is None:  # the children's kinds and layouts: fixed once loaded
+            linears = [first, kv_a, o_proj, *([m["q_b_proj"]] if ql else [])]
+            self._direct = not (
+                type(kv_norm) is not NormCPU
+                or (ql and type(m["q_a_layernorm"]) is not NormCPU)
+                or not runs_direct([first, kv_a], hidden)
+                or not runs_direct([o_proj], heads * v)
+                or (ql and not runs_direct([m["q_b_proj"]], ql))
+                or any(lin.bias is not None for lin in linears)
+            )
+        if not self._direct:
             return None
         tables = rope_tables(position_embeddings, self.rope_interleave, rope)
         if tables is None:
