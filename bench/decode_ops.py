@@ -89,7 +89,26 @@ def gemma(path) -> None:
             us(lambda: qblocks.matmul_many(prepared, x2)),
         )
         row("mlp: Gemma3MLP (over linear.cpu) -> mlp.cpu", us(lambda: mlp_hf(x)), us(lambda: mlp(x)))
-        for heads, kv_heads, dim, length in [(4, 1, 256, 100), (4, 1, 256, 512), (32, 8, 128, 2048)]:
+        gate, up, buf = torch.randn(2048), torch.randn(2048), torch.empty(2048)
+        act = mlp.act_fn
+
+        def act_mul():  # in place, so on a copy of gate each call
+            qblocks._qkernels.act_mul(buf.copy_(gate).data_ptr(), up.data_ptr(), 2048, 1)
+
+        row(
+            "activation times up (2048): GELU-tanh and mul in torch -> act_mul (on a copy)",
+            us(lambda: act(gate).mul_(up)),
+            us(act_mul),
+        )
+        kv_append_row()
+        # Gemma's one KV head of four query heads: above the kernel's threshold the keys are split
+        # between threads (compare --threads 1)
+        for heads, kv_heads, dim, length in [
+            (4, 1, 256, 100),
+            (4, 1, 256, 512),
+            (4, 1, 256, 2048),
+            (32, 8, 128, 2048),
+        ]:
             attention_row(heads, kv_heads, dim, length)
     keep_layers = [  # the same operators under transformers' own decoder layers
         {"match": {"name": r"^model\.layers\.\d+$"}, "replace": {"class": "default"}},
@@ -103,6 +122,31 @@ def gemma(path) -> None:
             us(lambda: layer_hf(x, position_embeddings=pe, attention_mask=None)),
             us(lambda: layer(x, position_embeddings=pe, attention_mask=None)),
         )
+
+
+def kv_append_row() -> None:
+    """One token's key and value appended to a layer holding 512 (Gemma's one KV head of 256):
+    transformers' DynamicLayer (a torch.cat of the whole layer) against graftlm's GrowingLayer."""
+    from transformers.cache_utils import DynamicLayer
+
+    from graftlm.engine.kv_cache import GrowingLayer
+
+    prompt, token = torch.randn(1, 1, 512, 256), torch.randn(1, 1, 1, 256)
+
+    def appender(layer):
+        def append():
+            if layer.get_seq_length() >= 1536:  # back to 512 cached, outside the timed work's growth
+                layer.crop(512)
+            layer.update(token, token)
+
+        layer.update(prompt, prompt)
+        return append
+
+    row(
+        "KV cache one-token append, 512-1536 cached: DynamicLayer -> GrowingLayer",
+        us(appender(DynamicLayer())),
+        us(appender(GrowingLayer())),
+    )
 
 
 def attention_row(heads: int, kv_heads: int, dim: int, length: int) -> None:

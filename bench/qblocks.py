@@ -6,7 +6,7 @@ Part 1 (decode): the memory bandwidth (torch.sum over 1 GiB), then one activatio
 matrices of each type, 2048 wide, small enough for the L3 cache (4096 rows) and far larger (65536
 rows, read from DRAM): microseconds and GB/s of blocks read. To see what the kernels' software
 prefetch gives, rebuild without it: `CFLAGS=-DPREFETCH=0 pip install -e .`.
-Part 2 (prefill): expert-sized matrices at 4-512 activation rows, the C kernel against the path it
+Then the dequantizer's rate per type, to fp32 and to bf16. Part 2 (prefill): expert-sized matrices at 4-512 activation rows, the C kernel against the path it
 replaces above `qblock_rows()` (the blocks dequantized a slice at a time, then an fp32/bf16 GEMM), in
 GOPS (2 x rows x N x K per second). Blocks come from the tests' generator (tests/weights/blocks.py).
 """
@@ -64,6 +64,20 @@ def decode(rng: np.random.Generator) -> None:
             )
 
 
+def dequantization(rng: np.random.Generator) -> None:
+    """What the many-row path pays before its GEMM: one 2048 x 1536 matrix of each type dequantized
+    to fp32 and, in one pass, to bf16 (the GEMM's dtype where the CPU has native bf16)."""
+    print("\n| type | fp32 G weights/s | bf16 G weights/s |\n|---|---|---|")
+    n, k = 2048, 1536
+    for qtype in (Q.Q4_0, Q.Q5_0, Q.Q8_0, Q.Q4_K, Q.Q5_K, Q.Q6_K):
+        rows = qblocks.as_rows(random_blocks(qtype, n, k, rng, scales=(1e-3, 1e-2)), qtype, n, k)
+        rates = [
+            n * k / best_ms(lambda q=qtype, r=rows, dt=dt: qblocks.dequantize(q, r, k, dtype=dt)) / 1e6
+            for dt in (torch.float32, torch.bfloat16)
+        ]
+        print(f"| {qtype.name} | {rates[0]:.2f} | {rates[1]:.2f} |")
+
+
 def prefill(rng: np.random.Generator) -> None:
     print("\n| type | N x K | rows | C kernel ms (GOPS) | dequantize + GEMM ms (GOPS) | GEMM / kernel |")
     print("|---|---|---|---|---|---|")
@@ -98,6 +112,7 @@ def main() -> None:
         print(f"\n## {t} thread(s)\n")
         bandwidth()
         decode(rng)
+        dequantization(rng)
         prefill(rng)
 
 

@@ -406,11 +406,10 @@ class GGUFFile:
         touched, so resident memory is the buffer alone, as it is the touched pages of the mapping
         otherwise. What it buys: weights that the kernel cannot drop under memory pressure (a mapped
         file's pages can be, and are then read from disk again mid-generation), and transparent huge
-        pages, which numpy asks for on a buffer this large and a mapped file does not get. On this
-        machine the huge pages made an isolated 172 MB Q6_K matrix product 12-14% faster, but whole
-        decode steps showed no difference beyond the machine's noise, and the load is slower (the
-        file is read up front, and the kernel must find huge pages). llama.cpp's `--no-mmap` is the
-        same choice.
+        pages, which numpy asks for on a buffer this large and a mapped file does not get. What it
+        costs: a slower load (the file is read up front). `graftlm bench --no-mmap` against the
+        default measures the difference in speed (BENCHMARKS.md: none beyond noise in decode, on the
+        machines measured). llama.cpp's `--no-mmap` is the same choice.
         """
         if not self.tensors:
             return 0

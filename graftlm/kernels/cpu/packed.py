@@ -52,7 +52,7 @@ PREFILL_ROWS = 16
 # the dequantize + fp32 GEMM path 4-159, ahead only at 512 rows (by up to 12%), so K-quants always
 # take the kernel; Q5_0/Q8_0 run at 79-100 GOPS and fall behind between 48 and 128 rows. Where the CPU
 # has native bf16 (AMX: ~890 GFLOP/s per core for oneDNN's bf16 GEMM on the Intel machine, as issue 4
-# records), the blocks are dequantized straight to bf16 (AVX2, 4-5 G weights/s on two threads) and the
+# records), the blocks are dequantized straight to bf16 (AVX2, 3.5-5.8 G weights/s on two threads) and the
 # GEMM overtakes the kernel sooner; where, per type, on the Intel AMX machine, 2 threads
 # (bench/qblocks.py, 2026-11-30 19:25): Q8_0 at ~14 rows, Q5_0 ~16, Q4_K ~19, Q6_K ~23. Others: 16.
 QBLOCK_ROWS = 32
