@@ -55,6 +55,8 @@ def fake_load(monkeypatch):
         monkeypatch.setattr(api, "load", load)
     except ModuleNotFoundError:
         monkeypatch.setitem(sys.modules, "graftlm.api", types.SimpleNamespace(load=load))
+    # Runs without a MODEL load the demo model: stand in for its path, so these tests need no demo extra.
+    monkeypatch.setattr("graftlm.models.demo.demo_model_path", lambda: Path("demo.gguf"))
     llm.load_calls = calls
     return llm
 

@@ -77,10 +77,22 @@ def test_bf16_layout_and_matmul():
     want = x.to(torch.bfloat16).float() @ m.dequantized().t()
     torch.testing.assert_close(m.matmul(x), want, rtol=2e-2, atol=2e-2)
     int4 = to_device_matrix(q, "cpu")
-    want = x.to(torch.bfloat16).float() @ int4.dequantized().t()
-    got = int4.matmul(x)  # the kernel's bf16 output: relative 2^-8 per element
-    assert ((got - want).abs() <= 2 * BF16_U * want.abs() + 0.02 * want.abs().mean()).all()
-    assert ((got - want).norm() / want.norm()).item() < 4e-3
+    _assert_int4_matmul(int4.matmul(x), x, int4.dequantized())
+
+
+def _assert_int4_matmul(got: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> None:
+    """An int4 kernel's x @ W^T against fp32 on the bf16 activations and the weights it reads back.
+
+    A kernel may use the weights before their bf16 rounding (relative 2^-8 each) and returns bf16
+    (relative 2^-8 of the output), so per output |got - want| <= 2^-8 (|x| @ |W|^T + |want|) up to
+    the accumulation order; near-cancelling outputs make elementwise relative checks meaningless.
+    """
+    xb = x.to(torch.bfloat16).float()
+    want = xb @ w.t()
+    err = (got - want).abs()
+    bound = BF16_U * (xb.abs() @ w.abs().t() + want.abs()) * 1.05 + 1e-5
+    assert (err <= bound).all(), (err / bound).max().item()
+    assert (err.norm() / want.norm()).item() < 4e-3
 
 
 def test_shapes_the_kernel_cannot_take():
@@ -108,6 +120,7 @@ def test_requantization_is_logged_once_per_operator(caplog):
 def test_cuda_layout_equals_the_cpu_twin(qtype):
     q = _q(qtype)
     cpu, cuda = to_device_matrix(q, "cpu"), to_device_matrix(q, "cuda")
-    assert torch.equal(cuda.dequantized().cpu(), cpu.dequantized())
+    assert torch.equal(cuda.dequantized().cpu(), cpu.dequantized())  # the same weights
     x = torch.randn(5, K)
-    torch.testing.assert_close(cuda.matmul(x.cuda()).cpu(), cpu.matmul(x), rtol=1e-2, atol=1e-2)
+    for m, xd in ((cpu, x), (cuda, x.cuda())):
+        _assert_int4_matmul(m.matmul(xd).cpu(), x, cpu.dequantized())
