@@ -37,7 +37,8 @@ def main(args: argparse.Namespace) -> int:
         return 0
     print(f"machine   {result.machine}, {result.threads} threads")
     where = "memory-mapped" if args.mmap else "read into RAM (--no-mmap)"
-    print(f"load      {load_seconds:.1f} s, weights {where}, peak RSS {result.peak_rss_mib:.0f} MiB")
+    gpu = "".join(f", peak cuda:{i} {m:.0f} MiB" for i, m in enumerate(result.peak_gpu_mib))
+    print(f"load      {load_seconds:.1f} s, weights {where}, peak RSS {result.peak_rss_mib:.0f} MiB{gpu}")
     print(
         f"prefill   {result.prefill_tok_s:8.1f} tok/s  ({args.prompt_tokens} tokens, median of {args.repeat})"
     )
@@ -45,4 +46,12 @@ def main(args: argparse.Namespace) -> int:
         f"decode    {result.decode_tok_s:8.1f} tok/s  ({args.gen_tokens} tokens; "
         f"{result.bytes_per_token / 1e6:.3g} MB of weights per token = {result.decode_gb_s:.1f} GB/s)"
     )
+    if len(result.bytes_by_device) > 1:  # weights on several devices: each one's share of the rate
+        print(
+            "          "
+            + ", ".join(
+                f"{d} {n / 1e6:.3g} MB = {n * result.decode_tok_s / 1e9:.1f} GB/s"
+                for d, n in sorted(result.bytes_by_device.items())
+            )
+        )
     return 0

@@ -2,7 +2,8 @@
 
 A decoded token reads every weight once, except: an embedding table (one row), and routed
 experts (only the top-k of E: the expected share k/E of their bytes). Achieved GB/s is those bytes
-times decode tokens/s. Medians over repeats; peak RSS from the kernel's high-water mark.
+times decode tokens/s. Medians over repeats; peak RSS from the kernel's high-water mark, and
+where CUDA was used, the peak of torch's CUDA allocator on each GPU.
 """
 
 from __future__ import annotations
@@ -30,8 +31,10 @@ class BenchResult:
     prefill_runs: list[float] = field(default_factory=list)
     decode_runs: list[float] = field(default_factory=list)
     bytes_per_token: int = 0
+    bytes_by_device: dict[str, int] = field(default_factory=dict)  # the same bytes, by device
     decode_gb_s: float = 0.0
     peak_rss_mib: float = 0.0
+    peak_gpu_mib: list[float] = field(default_factory=list)  # per CUDA device, when CUDA was used
     load_seconds: float = 0.0
     mmap: bool = True  # False: the weights were read into RAM (--no-mmap)
     machine: str = ""
@@ -44,37 +47,67 @@ def _tensor_bytes(t: torch.Tensor | None) -> int:
     return 0 if t is None or t.is_meta else t.numel() * t.element_size()
 
 
-def _own_bytes(module: nn.Module) -> int:
-    """Bytes of a module's own weights: its parameters and buffers, or its packed matrices."""
+def _matrix_device(m: object) -> str:
+    """Where a packed matrix lives: its weight tensor's device (GPU layouts), else the CPU."""
+    w = getattr(m, "weight", None)
+    return str(w.device) if isinstance(w, torch.Tensor) else "cpu"
+
+
+def _own_bytes(module: nn.Module) -> dict[str, int]:
+    """Bytes of a module's own weights by device: its parameters and buffers, or its packed matrices."""
+    out: dict[str, int] = {}
     own = list(module.parameters(recurse=False)) + [b for b in module.buffers(recurse=False) if b is not None]
-    total = sum(_tensor_bytes(t) for t in own if t.numel() > 1)
-    packed = getattr(module, "packed", None)  # linear.cpu
-    total += packed.nbytes if packed is not None else 0
-    total += sum(
-        p.nbytes for p in getattr(module, "gate_up", []) + getattr(module, "down", [])
-    )  # experts.cpu
-    return total
+    for t in own:
+        if t.numel() > 1 and not t.is_meta:
+            out[str(t.device)] = out.get(str(t.device), 0) + _tensor_bytes(t)
+    packed = getattr(module, "packed", None)  # linear.cpu, linear.gpu
+    matrices = (
+        ([packed] if packed is not None else [])
+        + list(getattr(module, "gate_up", []))
+        + list(getattr(module, "down", []))
+    )  # experts.cpu, experts.gpu
+    for m in matrices:
+        out[_matrix_device(m)] = out.get(_matrix_device(m), 0) + m.nbytes
+    return out
 
 
-def weight_bytes_per_token(model: nn.Module) -> int:
-    """Bytes of weights one decoded token reads (see the module docstring)."""
+def weight_bytes_by_device(model: nn.Module) -> dict[str, int]:
+    """Bytes of weights one decoded token reads (see the module docstring), by device."""
     k = getattr(getattr(model, "config", None), "num_experts_per_tok", None)
-    total = 0
+    total: dict[str, int] = {}
+
+    def add(device: str, n: int) -> None:
+        total[device] = total.get(device, 0) + n
+
     for module in model.modules():
         n_experts = getattr(module, "num_experts", None)
         if isinstance(module, nn.Embedding):
-            total += module.embedding_dim * module.weight.element_size()
+            add(str(module.weight.device), module.embedding_dim * module.weight.element_size())
         elif hasattr(module, "row_bytes"):  # embedding.cpu: one stored row
-            total += module.row_bytes
+            add("cpu", module.row_bytes)
         elif n_experts and k and (hasattr(module, "gate_up_proj") or hasattr(module, "gate_up")):
-            total += _own_bytes(module) * k // n_experts
+            for device, n in _own_bytes(module).items():
+                add(device, n * k // n_experts)
         else:
-            total += _own_bytes(module)
-    return total
+            for device, n in _own_bytes(module).items():
+                add(device, n)
+    return {d: n for d, n in total.items() if n}
+
+
+def weight_bytes_per_token(model: nn.Module) -> int:
+    """Bytes of weights one decoded token reads, on all devices together."""
+    return sum(weight_bytes_by_device(model).values())
 
 
 def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def peak_gpu_mib() -> list[float]:
+    """torch's CUDA allocator high-water mark per device; empty when CUDA was never initialized."""
+    if not torch.cuda.is_initialized():
+        return []
+    return [torch.cuda.max_memory_allocated(i) / 2**20 for i in range(torch.cuda.device_count())]
 
 
 def machine_description() -> str:
@@ -89,7 +122,13 @@ def machine_description() -> str:
     from graftlm.kernels.cpu import qblocks
 
     kernels = f"graftlm C kernels {qblocks.isa()}" if qblocks.available() else "torch kernels only"
-    return f"{cpu}; torch {torch.__version__}; {torch.backends.cpu.get_cpu_capability()}; {kernels}"
+    gpus = (
+        [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        if torch.cuda.is_initialized()
+        else []
+    )
+    gpu = f"; {', '.join(gpus)}" if gpus else ""
+    return f"{cpu}; torch {torch.__version__}; {torch.backends.cpu.get_cpu_capability()}; {kernels}{gpu}"
 
 
 def run_bench(
@@ -107,7 +146,8 @@ def run_bench(
         # The first new token comes from the prefill's logits; the rest each cost one decode step.
         decode.append((len(r.token_ids) - 1) / r.decode_seconds if len(r.token_ids) > 1 else 0.0)
         time.sleep(0)
-    bpt = weight_bytes_per_token(engine.model)
+    by_device = weight_bytes_by_device(engine.model)
+    bpt = sum(by_device.values())
     dec = statistics.median(decode)
     return BenchResult(
         prompt_tokens=prompt_tokens,
@@ -119,7 +159,9 @@ def run_bench(
         prefill_runs=prefill,
         decode_runs=decode,
         bytes_per_token=bpt,
+        bytes_by_device=by_device,
         decode_gb_s=bpt * dec / 1e9,
         peak_rss_mib=peak_rss_mib(),
+        peak_gpu_mib=peak_gpu_mib(),
         machine=machine_description(),
     )

@@ -288,6 +288,8 @@ class Engine:
         if params.max_new_tokens > 0:
             t0 = time.perf_counter()
             logits, cache = prefilled if prefilled is not None else self.prefill(ids, should_stop=should_stop)
+            if logits is not None:  # sampling reads them on the CPU; copying here waits for an accelerator,
+                logits = logits.to("cpu", torch.float32)  # so its queued prefill counts as prefill time
             mark = time.perf_counter()
             prefill_seconds = mark - t0
             if logits is None:

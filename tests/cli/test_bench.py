@@ -7,7 +7,7 @@ import json
 import torch
 
 from graftlm.cli import main
-from graftlm.engine.bench import weight_bytes_per_token
+from graftlm.engine.bench import weight_bytes_by_device, weight_bytes_per_token
 from graftlm.weights.convert import convert
 from tests.models.tiny import make_model
 
@@ -24,6 +24,7 @@ def test_bench_json(tmp_path, capsys):
     assert r["threads"] == 1 and r["repeat"] == 2 and len(r["decode_runs"]) == 2
     assert r["prefill_tok_s"] > 0 and r["decode_tok_s"] > 0 and r["peak_rss_mib"] > 0
     assert r["decode_gb_s"] == r["bytes_per_token"] * r["decode_tok_s"] / 1e9
+    assert r["bytes_by_device"] == {"cpu": r["bytes_per_token"]} and r["peak_gpu_mib"] == []
     assert r["machine"]
 
 
@@ -44,3 +45,16 @@ def test_bytes_per_token_counts_active_experts_and_one_embedding_row(tmp_path):
     # An embedding table is read one row per token; a linear layer entirely.
     table = torch.nn.Sequential(torch.nn.Embedding(1000, 8), torch.nn.Linear(8, 3, bias=False))
     assert weight_bytes_per_token(table) == 8 * 4 + 8 * 3 * 4
+
+
+def test_bytes_by_device_follow_each_weight():
+    """A packed matrix counts on its weight's device (GPU layouts), plain tensors on theirs."""
+    from types import SimpleNamespace
+
+    gpu_like = torch.nn.Module()  # a linear.gpu stand-in: its packed weight on another device
+    gpu_like.packed = SimpleNamespace(weight=torch.empty(4, 8, device="meta"), nbytes=48)
+    cpu_packed = torch.nn.Module()  # linear.cpu keeps blocks without a `weight` tensor
+    cpu_packed.packed = SimpleNamespace(nbytes=20)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 3, bias=False), gpu_like, cpu_packed)
+    assert weight_bytes_by_device(model) == {"cpu": 8 * 3 * 4 + 20, "meta": 48}
+    assert weight_bytes_per_token(model) == 8 * 3 * 4 + 20 + 48
