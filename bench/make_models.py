@@ -1,12 +1,14 @@
 """Synthetic random-weight GGUFs in real MoE shapes, quantized to Q4_K_M by llama.cpp's quantizer.
 
     python bench/make_models.py --out ~/.cache/graftlm/bench [--models dsv2lite,qwen2moe] [--layers 4]
-                                [--quantize /opt/llamacpp/bin/llama-quantize]
+                                [--quantize /opt/llamacpp/bin/llama-quantize] [--type q4_0]
 
 Writes MODEL-f16.gguf with graftlm's streaming writer (one tensor in memory at a time), then
-MODEL-q4_k_m.gguf with llama-quantize (tools/build_llamacpp.sh builds it). Weights are seeded per
-tensor name, so the files are the same on every run. The vocabulary is synthetic (byte tokens plus
-placeholders): benchmarks feed token ids, not text.
+MODEL-q4_k_m.gguf with llama-quantize (tools/build_llamacpp.sh builds it). `--type q4_0` (or q8_0)
+writes MODEL-q4_0.gguf straight from the writer with gguf-py's quantizer instead: no llama.cpp and
+no f16 intermediate, for machines where llama.cpp is not built (a lent GPU machine, say). Weights are
+seeded per tensor name, so the files are the same on every run. The vocabulary is synthetic (byte
+tokens plus placeholders): benchmarks feed token ids, not text.
 """
 
 from __future__ import annotations
@@ -104,23 +106,25 @@ def _vocab(size: int):
     return add
 
 
-def make(name: str, layers: int, out: Path, quantize: str | None) -> Path:
+def make(name: str, layers: int, out: Path, quantize: str | None, out_type: str = "f16") -> Path:
     config = SHAPES[name](layers)
     with init_empty_weights():
         model = transformers.AutoModelForCausalLM.from_config(config)
     model.tie_weights()
     shapes = weight_shapes(model)
-    f16 = out / f"{name}-{layers}l-f16.gguf"
+    f16 = out / f"{name}-{layers}l-{out_type}.gguf"
     if not f16.exists():
         write_gguf(
             f16,
             config,
             shapes,
             lambda n: _random(n, shapes[n]),
-            "f16",
+            out_type,
             name=f"{name}-{layers}l",
             vocab=_vocab(config.vocab_size),
         )
+    if out_type != "f16":
+        return f16
     q = out / f"{name}-{layers}l-q4_k_m.gguf"
     if quantize and not q.exists():
         subprocess.run([quantize, str(f16), str(q), "Q4_K_M"], check=True, stdout=subprocess.DEVNULL)
@@ -135,11 +139,17 @@ def main() -> None:
     ap.add_argument(
         "--quantize", default="/opt/llamacpp/bin/llama-quantize", help="llama-quantize, or '' to skip"
     )
+    ap.add_argument(
+        "--type",
+        default="f16",
+        choices=("f16", "q4_0", "q8_0"),
+        help="type graftlm's writer uses; q4_0/q8_0 skip llama-quantize (gguf-py's quantizer)",
+    )
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args.out.mkdir(parents=True, exist_ok=True)
     for name in args.models.split(","):
-        log.info("%s", make(name, args.layers, args.out, args.quantize or None))
+        log.info("%s", make(name, args.layers, args.out, args.quantize or None, args.type))
 
 
 if __name__ == "__main__":
