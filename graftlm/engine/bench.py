@@ -121,7 +121,8 @@ def machine_description() -> str:
         pass
     from graftlm.kernels.cpu import qblocks
 
-    kernels = f"graftlm C kernels {qblocks.isa()}" if qblocks.available() else "torch kernels only"
+    amx = "+amx" if qblocks.amx() else ""
+    kernels = f"graftlm C kernels {qblocks.isa()}{amx}" if qblocks.available() else "torch kernels only"
     gpus = (
         [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
         if torch.cuda.is_initialized()

@@ -114,9 +114,9 @@ def test_many_row_int8_gemm_equals_the_weight_only_kernel(monkeypatch, dtype):
 @pytest.mark.parametrize("rows", ["1", "native bf16 limit", "above it", "above the fp32 limit"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_auto_keeps_the_gguf_blocks(monkeypatch, qtype, rows, dtype):
-    """auto computes on the GGUF blocks, without a copy; few rows run the C kernel (int8 activations per
-    32), many rows a GEMM on slices dequantized as gguf-py does them (straight to bf16 where that is
-    the GEMM's dtype)."""
+    """auto computes on the GGUF blocks, without a copy; few rows run the C kernels (int8 activations per
+    32; the tile kernel up to its bound where the CPU has AMX), many rows a GEMM on slices dequantized
+    as gguf-py does them (straight to bf16 where that is the GEMM's dtype)."""
     from graftlm.kernels.cpu import packed
 
     limit = QBLOCK_ROWS_NATIVE_BF16.get(qtype, 16)
@@ -137,9 +137,9 @@ def test_auto_keeps_the_gguf_blocks(monkeypatch, qtype, rows, dtype):
     assert torch.equal(p.dequantized(), ref_w)
     x = torch.from_numpy(rng.standard_normal((rows, K)).astype(np.float32))
     got = p.matmul(x)
-    if rows <= packed.qblock_rows(
-        qtype
-    ):  # K-quants always, others up to QBLOCK_ROWS (fewer with native bf16)
+    # The C kernels (one-row: K-quants always without native bf16, others up to QBLOCK_ROWS, fewer
+    # with it; the tile kernel where the CPU has AMX, up to its own bound) round activations to int8.
+    if rows <= max(p.kernel_rows, p.amx_rows):
         tol = 2e-2  # int8 activations per block of 32
     else:
         tol = 1e-5 if dtype == torch.float32 else 2**-7

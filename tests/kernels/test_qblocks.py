@@ -219,3 +219,91 @@ def test_matmul_experts_sets_are_separate_calls(isa: str):
         assert got.shape == (2, e, n)
         for s in range(2):
             assert torch.equal(got[s], qblocks.matmul_experts(Q.Q4_K, ptrs[s], rb, n, x))
+
+
+AMX_TYPES = [Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q4_K, Q.Q5_K]
+needs_amx = pytest.mark.skipif(
+    not qblocks.amx(), reason="no AMX on this CPU (or no permission from the kernel)"
+)
+
+
+def _amx(qtype: Q, rows: np.ndarray, x: torch.Tensor) -> torch.Tensor:
+    return qblocks.matmul_amx_prepared(qblocks.prepare(qtype, rows, x.shape[1]), x)
+
+
+@needs_amx
+@pytest.mark.parametrize("qtype", AMX_TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("m", [1, 16, 37])  # a tile of activation rows mostly padding, one full, three
+@pytest.mark.parametrize("threads", [1, 2])
+def test_amx_matmul_is_the_product_with_int8_activations(qtype: Q, m: int, threads: int):
+    """The tile kernel: dequantized W times x rounded per block of 32 (for every type, K-quants too),
+    to fp32 rounding, and within the stated bound of the product with x itself."""
+    rng = np.random.default_rng(200 + int(qtype))
+    n, k = 67, 768  # four 16-row tiles of W and three rows over
+    raw = random_blocks(qtype, n, k, rng)
+    w = reference(qtype, raw, n, k).double()
+    x = torch.from_numpy(rng.standard_normal((m, k)).astype(np.float32))
+    x[0, :32] = 0.0  # an all-zero block
+    x[-1, 40] = 30.0  # an outlier
+    torch.set_num_threads(threads)
+    try:
+        y = _amx(qtype, qblocks.as_rows(raw, qtype, n, k), x)
+    finally:
+        torch.set_num_threads(1)
+    assert y.shape == (m, n) and y.dtype == torch.float32
+    xr, d = quantized_activations(x, 32)
+    exact = xr @ w.t()
+    scale = (xr.abs() @ w.abs().t()).clamp_min(1e-30)
+    assert ((y.double() - exact).abs() / scale).max() < 1e-5
+    bound = (d / 2) @ w.abs().t()
+    assert ((y.double() - x.double() @ w.t()).abs() <= bound * 1.0001 + 1e-4 * scale).all()
+    if gguf.GGML_QUANT_SIZES[qtype][0] == 32:  # the same rounding as the one-row kernel
+        kernel = qblocks.matmul(qtype, qblocks.as_rows(raw, qtype, n, k), x)
+        assert ((y.double() - kernel.double()).abs() / scale).max() < 1e-5
+
+
+@needs_amx
+def test_amx_non_finite_activations_give_nan_rows():
+    rows = qblocks.as_rows(random_blocks(Q.Q4_K, 20, 256, np.random.default_rng(1)), Q.Q4_K, 20, 256)
+    x = torch.randn(5, 256)
+    x[1, 7], x[3, 255] = float("nan"), -float("inf")
+    y = _amx(Q.Q4_K, rows, x)
+    assert y[[1, 3]].isnan().all() and y[[0, 2, 4]].isfinite().all()
+
+
+@needs_amx
+def test_amx_refuses_types_it_has_no_kernel_for():
+    rows = qblocks.as_rows(random_blocks(Q.Q6_K, 16, 256, np.random.default_rng(2)), Q.Q6_K, 16, 256)
+    assert qblocks.amx(Q.Q4_K) and not qblocks.amx(Q.Q6_K)
+    with pytest.raises(ValueError, match="no AMX kernel for ggml type 14"):
+        _amx(Q.Q6_K, rows, torch.randn(20, 256))
+
+
+def test_amx_is_off_on_the_portable_path():
+    qblocks.set_isa("portable")
+    try:
+        assert not qblocks.amx() and not qblocks.amx(Q.Q4_K)
+    finally:
+        qblocks.set_isa("avx2")
+
+
+@needs_amx
+def test_packed_matrices_take_the_tile_kernel_between_their_row_bounds(monkeypatch):
+    """PackedMatrix: the one-row kernel up to kernel_rows, the tile kernel up to amx_rows, then the
+    dequantize + GEMM path; all three agree within the activation rounding."""
+    from graftlm.kernels.cpu.packed import QBLOCK_AMX_ROWS, PackedMatrix
+
+    n, k = 48, 512
+    raw = random_blocks(Q.Q4_K, n, k, np.random.default_rng(3))
+    mat = PackedMatrix("gguf", n, k, qblocks.as_rows(raw, Q.Q4_K, n, k), source_type="Q4_K")
+    assert (mat.kernel_rows, mat.amx_rows) == QBLOCK_AMX_ROWS[Q.Q4_K]
+    calls = []
+    real = qblocks.matmul_amx_prepared
+    monkeypatch.setattr(qblocks, "matmul_amx_prepared", lambda p, x: calls.append(x.shape[0]) or real(p, x))
+    w = reference(Q.Q4_K, raw, n, k)
+    for m in (mat.kernel_rows, mat.kernel_rows + 1, mat.amx_rows, mat.amx_rows + 1):
+        x = torch.randn(m, k)
+        want = x @ w.t()
+        got = mat.matmul(x)
+        assert ((got - want).norm() / want.norm()).item() < 0.02
+    assert calls == [mat.kernel_rows + 1, mat.amx_rows]

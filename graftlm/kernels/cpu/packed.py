@@ -57,6 +57,22 @@ PREFILL_ROWS = 16
 # (bench/qblocks.py, 2026-11-30 19:25): Q8_0 at ~14 rows, Q5_0 ~16, Q4_K ~19, Q6_K ~23. Others: 16.
 QBLOCK_ROWS = 32
 QBLOCK_ROWS_NATIVE_BF16 = {Q.Q8_0: 14, Q.Q5_0: 16, Q.Q5_1: 16, Q.Q4_K: 20, Q.Q5_K: 20, Q.Q6_K: 24}
+# Where the tile kernel runs (qblocks.amx), per type: (the most rows for the one-row C kernel, the most
+# for the tile kernel); more rows take the dequantize + bf16 GEMM path. From `python bench/qblocks.py`
+# on the Intel AMX machine, 2 threads, expert-sized matrices (2816 x 2048 and 2048 x 1408/1536;
+# BENCHMARKS.md): the tile kernel leads by 1.5-2.7x for Q8_0/Q4_K/Q5_K at 12-64 rows (a routed
+# expert's share of a prefill), by 1.05-1.5x for the legacy 4/5-bit types, and falls behind the GEMM
+# past 100-200 rows, where scaling every block's product on the vector units costs more than the
+# GEMM's dequantization.
+QBLOCK_AMX_ROWS = {
+    Q.Q4_0: (12, 96),
+    Q.Q4_1: (4, 48),
+    Q.Q5_0: (12, 48),
+    Q.Q5_1: (4, 32),
+    Q.Q8_0: (4, 128),
+    Q.Q4_K: (4, 160),
+    Q.Q5_K: (8, 160),
+}
 K_QUANTS = frozenset({Q.Q4_K, Q.Q5_K, Q.Q6_K})
 GEMM_SLICE_BYTES = 64 << 20  # dequantized weight held at once by the many-row int8 path
 
@@ -125,6 +141,7 @@ class PackedMatrix:
     ptr: int = field(default=0, init=False)
     prepared: tuple = field(default=(), init=False, repr=False)
     kernel_rows: int = field(default=0, init=False)
+    amx_rows: int = field(default=0, init=False)  # up to this many rows: the tile kernel (0: none)
 
     def __post_init__(self) -> None:
         if self.layout == "gguf":
@@ -132,6 +149,8 @@ class PackedMatrix:
             self.prepared = qblocks.prepare(qtype, self.weight, self.k)
             self.ptr = self.prepared[1]
             self.kernel_rows = qblock_rows(qtype)
+            if qtype in QBLOCK_AMX_ROWS and qblocks.amx(qtype):
+                self.kernel_rows, self.amx_rows = QBLOCK_AMX_ROWS[qtype]
 
     @property
     def nbytes(self) -> int:
@@ -144,6 +163,8 @@ class PackedMatrix:
         if self.layout == "gguf":
             if x.shape[0] <= self.kernel_rows:
                 return qblocks.matmul_prepared(self.prepared, x)
+            if x.shape[0] <= self.amx_rows:
+                return qblocks.matmul_amx_prepared(self.prepared, x)
             qtype = Q[self.source_type]
             return _sliced_gemm(
                 x, self.n, self.k, lambda a, b, dt: qblocks.dequantize(qtype, self.weight, self.k, a, b, dt)

@@ -48,6 +48,14 @@ def isa() -> str:
     return _qkernels.isa() if available() else "none"
 
 
+def amx(qtype: Q | None = None) -> bool:
+    """Whether the tile (AMX) kernel runs here: an AMX CPU, Linux's permission, the AVX2 path in use
+    (not `GRAFTLM_CPU_KERNELS=portable`), and for `qtype` one of the types it takes."""
+    if not available() or _qkernels.isa() != "avx2" or not hasattr(_qkernels, "amx"):
+        return False
+    return bool(_qkernels.amx(-1 if qtype is None else int(qtype)))
+
+
 def set_isa(name: str) -> str:
     """Choose the extension's code path (avx2 where the CPU has it, or portable); returns it."""
     if _qkernels is None:
@@ -129,6 +137,20 @@ def matmul_prepared(prepared: tuple[int, int, int, int, int], x: torch.Tensor) -
     m = x.shape[0]
     out = torch.empty(m, n, dtype=torch.float32)
     _qkernels.matmul(*prepared, x.data_ptr(), m, out.data_ptr(), n, torch.get_num_threads())
+    return out
+
+
+def matmul_amx_prepared(prepared: tuple[int, int, int, int, int], x: torch.Tensor) -> torch.Tensor:
+    """`matmul_prepared` on the tile unit (where `amx(qtype)`): the same activation rounding per block
+    of 32 (finer than the 256 of `matmul` for Q4_K/Q5_K), so the same error bound; faster from a few
+    rows to a hundred or so (bench/qblocks.py)."""
+    n, k = prepared[3], prepared[4]
+    if x.dim() != 2 or x.shape[1] != k or x.device.type != "cpu":
+        raise ValueError(f"x must be a CPU matrix [M, {k}], not {tuple(x.shape)} on {x.device}")
+    x = x.to(torch.float32).contiguous()
+    m = x.shape[0]
+    out = torch.empty(m, n, dtype=torch.float32)
+    _qkernels.matmul_amx(*prepared, x.data_ptr(), m, out.data_ptr(), n, torch.get_num_threads())
     return out
 
 

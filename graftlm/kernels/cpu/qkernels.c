@@ -1077,6 +1077,322 @@ static PyObject *py_matmul_experts(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* ---------------------------------------------------------------- AMX int8 (many activation rows) */
+
+/* On CPUs with AMX (Intel Sapphire Rapids and later, Linux), products with many activation rows run
+   on the tile unit: activations quantized per block of 32 as quantize_rows does (int8, scale d_b),
+   weights unpacked a tile of 16 rows at a time to unsigned 8-bit values u with w = D * u + M per row
+   and block of 32 (D, M from the block's scales; Q8_0's values are offset by 128 to make them
+   unsigned), then per block out[t, n] += D[n,b] d_b[t] sum(u x_q) + M[n,b] d_b[t] sum(x_q), the
+   integer sums from one TDPBUSD each. The same activation rounding as `matmul` for the 32-value
+   types, finer (32 instead of 256) for Q4_K/Q5_K, so the same error bound. No repacked copy of the
+   weights: a 16-row tile is unpacked into a per-thread buffer and used for every activation row. */
+
+#if defined(GL_X86) && defined(__linux__) && (defined(__clang__) ? __clang_major__ >= 12 : __GNUC__ >= 11)
+#define GL_AMX 1
+#include <sys/syscall.h>
+#include <unistd.h>
+#define AMX_FN __attribute__((target("amx-tile,amx-int8,avx512f,avx512bw,avx512vl,avx2,fma,f16c")))
+#define AMX_TILE 16 /* rows of W and of activations per tile */
+
+static int amx_supported = -1;
+static uint64_t amx_fifth_bits[256]; /* byte i of entry v: 16 if bit i of v is set, else 0 */
+
+static void amx_init_tables(void) {
+    for (int v = 0; v < 256; v++) {
+        uint64_t e = 0;
+        for (int i = 0; i < 8; i++)
+            if (v & (1 << i)) e |= (uint64_t)16 << (8 * i);
+        amx_fifth_bits[v] = e;
+    }
+}
+
+/* AMX-TILE, AMX-INT8 and AVX-512 in cpuid, their state enabled by the OS (XCR0), and the kernel's
+   permission to use tile data (arch_prctl ARCH_REQ_XCOMP_PERM, Linux 5.16+). Asked once. */
+static int have_amx(void) {
+    if (amx_supported >= 0) return amx_supported;
+    amx_supported = 0;
+    amx_init_tables();
+    unsigned a, b, c, d;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return 0;
+    int tile = (d >> 24) & 1, int8 = (d >> 25) & 1, f = (b >> 16) & 1, bw = (b >> 30) & 1, vl = (b >> 31) & 1;
+    if (!(tile && int8 && f && bw && vl)) return 0;
+    if (!__get_cpuid(1, &a, &b, &c, &d) || !(c & (1u << 27))) return 0; /* OSXSAVE: xgetbv works */
+    unsigned lo, hi;
+    __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+    if ((lo & 0xE6) != 0xE6 || ((lo >> 17) & 3) != 3) return 0; /* SSE/AVX/AVX-512 and tile state */
+    if (syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XFEATURE_XTILEDATA */) != 0) return 0;
+    amx_supported = 1;
+    return 1;
+}
+
+static int amx_type(int type) {
+    return type == T_Q4_0 || type == T_Q4_1 || type == T_Q5_0 || type == T_Q5_1 || type == T_Q8_0 ||
+           type == T_Q4_K || type == T_Q5_K;
+}
+
+/* One W row of `type` as unsigned values u[k] and per block of 32 the D and M of w = D * u + M. */
+AMX_FN static void amx_unpack_row(int type, const uint8_t *w, int64_t k, uint8_t *u, float *D, float *M) {
+    const int64_t bb = block_bytes(type), nb = k / block_values(type);
+    for (int64_t b = 0; b < nb; b++, w += bb) {
+        switch (type) {
+            case T_Q4_0:
+            case T_Q4_1:
+            case T_Q5_0:
+            case T_Q5_1: {
+                int q5, has_min;
+                uint32_t qh;
+                const uint8_t *qs = legacy_layout(w, type, &q5, &has_min, &qh);
+                for (int j = 0; j < 16; j++) u[j] = qs[j] & 15, u[j + 16] = qs[j] >> 4;
+                if (q5)
+                    for (int g = 0; g < 4; g++) { /* 8 fifth bits at a time: byte i gets 16 where bit i is set */
+                        uint64_t v;
+                        memcpy(&v, u + 8 * g, 8);
+                        v |= amx_fifth_bits[(qh >> (8 * g)) & 255];
+                        memcpy(u + 8 * g, &v, 8);
+                    }
+                float dd = rdh(w);
+                D[b] = dd, M[b] = has_min ? rdh(w + 2) : -(float)(q5 ? 16 : 8) * dd;
+                u += 32;
+                break;
+            }
+            case T_Q8_0: {
+                for (int j = 0; j < 32; j++) u[j] = (uint8_t)(w[2 + j] ^ 0x80); /* q + 128 */
+                float dd = rdh(w);
+                D[b] = dd, M[b] = -128.0f * dd;
+                u += 32;
+                break;
+            }
+            case T_Q4_K:
+            case T_Q5_K: {
+                int q5 = type == T_Q5_K;
+                float dd = rdh(w), dmin = rdh(w + 2);
+                uint8_t sc[8], mn[8];
+                k_scale_min(w + 4, sc, mn);
+                const uint8_t *qh = w + 16, *qs = w + (q5 ? 48 : 16);
+                for (int j = 0; j < 8; j++) {
+                    const uint8_t *ql = qs + 32 * (j / 2);
+                    for (int l = 0; l < 32; l++) {
+                        uint8_t v = (ql[l] >> (4 * (j & 1))) & 15;
+                        if (q5) v |= ((qh[l] >> j) & 1) << 4;
+                        u[32 * j + l] = v;
+                    }
+                    D[8 * b + j] = dd * (float)sc[j], M[8 * b + j] = -dmin * (float)mn[j];
+                }
+                u += 256;
+                break;
+            }
+        }
+    }
+}
+
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} amx_cfg_t;
+
+/* Activations x [m, k] in the tile layout: per tile of 16 rows (j) and block of 32 (b), 8 rows of 64
+   bytes, row r holding values 4r..4r+3 of each of the 16 activation rows; rows past m are zero.
+   dx[b][t] the block scales and sx[b][t] = dx * sum of the block's values, t over the padded rows. */
+typedef struct {
+    int8_t *vnni;
+    float *dx, *sx;
+    int64_t nb, tiles, mp;
+} amx_x_t;
+
+static int amx_x_alloc(amx_x_t *ax, int64_t m, int64_t k) {
+    ax->nb = k / 32, ax->tiles = (m + AMX_TILE - 1) / AMX_TILE, ax->mp = ax->tiles * AMX_TILE;
+    ax->vnni = aligned_alloc(64, (size_t)(ax->nb * ax->tiles * 512));
+    ax->dx = aligned_alloc(64, sizeof(float) * (size_t)(ax->nb * ax->mp));
+    ax->sx = aligned_alloc(64, sizeof(float) * (size_t)(ax->nb * ax->mp));
+    return ax->vnni && ax->dx && ax->sx;
+}
+
+static void amx_x_free(amx_x_t *ax) { free(ax->vnni), free(ax->dx), free(ax->sx); }
+
+/* x [m, k] quantized per block of 32 as quantize_rows does it (the same values and scales: x * (1 / d)
+   rounded to nearest even, d = max|x| / 127; a NaN or Inf block gets d = NaN) straight into the tile
+   layout, the activation tiles split between the threads. */
+AMX_FN static void amx_x_fill(amx_x_t *ax, const float *x, int64_t m, int64_t k, int nt) {
+    const int64_t nb = ax->nb, mp = ax->mp;
+    (void)nt;
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1 && ax->tiles > 1)
+#endif
+    for (int64_t j = 0; j < ax->tiles; j++) {
+        for (int64_t c = 0; c < AMX_TILE; c++) {
+            const int64_t t = j * AMX_TILE + c;
+            for (int64_t b = 0; b < nb; b++) {
+                int8_t *tile = ax->vnni + (j * nb + b) * 512 + c * 4;
+                int32_t q[8] = {0};
+                float d = 0.0f, sum = 0.0f;
+                if (t < m) {
+                    const float *xb = x + t * k + b * 32;
+                    const __m512 v0 = _mm512_loadu_ps(xb), v1 = _mm512_loadu_ps(xb + 16);
+                    const __m512 zero = _mm512_setzero_ps();
+                    int finite = _mm512_cmp_ps_mask(_mm512_sub_ps(v0, v0), zero, _CMP_EQ_OQ) == 0xFFFF &&
+                                 _mm512_cmp_ps_mask(_mm512_sub_ps(v1, v1), zero, _CMP_EQ_OQ) == 0xFFFF;
+                    float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+                    d = amax / 127.0f;
+                    float id = d > 0.0f ? 1.0f / d : 0.0f;
+                    if (!isfinite(id)) d = id = 0.0f;
+                    if (!finite) d = NAN, id = 0.0f;
+                    const __m512i lo = _mm512_set1_epi32(-127), hi = _mm512_set1_epi32(127);
+                    __m512i i0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, _mm512_set1_ps(id)));
+                    __m512i i1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, _mm512_set1_ps(id)));
+                    i0 = _mm512_min_epi32(_mm512_max_epi32(i0, lo), hi);
+                    i1 = _mm512_min_epi32(_mm512_max_epi32(i1, lo), hi);
+                    _mm_storeu_si128((__m128i *)q, _mm512_cvtepi32_epi8(i0));
+                    _mm_storeu_si128((__m128i *)q + 1, _mm512_cvtepi32_epi8(i1));
+                    sum = d * (float)_mm512_reduce_add_epi32(_mm512_add_epi32(i0, i1));
+                }
+                for (int r = 0; r < 8; r++) memcpy(tile + r * 64, q + r, 4);
+                ax->dx[b * mp + t] = d;
+                ax->sx[b * mp + t] = sum;
+            }
+        }
+    }
+}
+
+/* W rows n0..n0+15 (fewer at the end) times every activation row: unpack the rows, then for each tile of
+   16 activation rows accumulate the 16 x 16 outputs in registers over the blocks, and store them. */
+AMX_FN static void amx_rows(int type, const uint8_t *w, int64_t row_bytes, int64_t n, int64_t k, int64_t n0,
+                            const amx_x_t *ax, int64_t m, float *out, int64_t ldo, uint8_t *u, float *D, float *M) {
+    const int64_t nb = ax->nb, rows = n - n0 < AMX_TILE ? n - n0 : AMX_TILE;
+    for (int64_t r = 0; r < rows; r++)
+        amx_unpack_row(type, w + (n0 + r) * row_bytes, k, u + r * k, D + r * nb, M + r * nb);
+    for (int64_t r = rows; r < AMX_TILE; r++) { /* padding rows: zero weights */
+        memset(u + r * k, 0, (size_t)k);
+        memset(D + r * nb, 0, sizeof(float) * (size_t)nb), memset(M + r * nb, 0, sizeof(float) * (size_t)nb);
+    }
+    /* _tile_loadd is an asm without a memory clobber: make the unpacked values land before it reads them */
+    __asm__ volatile("" : : : "memory");
+    int32_t c[AMX_TILE * AMX_TILE] __attribute__((aligned(64)));
+    for (int64_t j = 0; j < ax->tiles; j++) {
+        __m512 acc[AMX_TILE];
+        for (int r = 0; r < AMX_TILE; r++) acc[r] = _mm512_setzero_ps();
+        const int8_t *bt = ax->vnni + j * nb * 512;
+        /* Per block: one product of 16 W rows by 16 activation rows (TDPBUSD), stored and scaled into
+           acc on the vector units. About half the time each (bench/qblocks.py, Intel AMX machine):
+           issuing the products of several blocks ahead, or in other tiles, did not make the two overlap. */
+        for (int64_t b = 0; b < nb; b++) {
+            _tile_loadd(4, u + b * 32, k);
+            _tile_loadd(5, bt + b * 512, 64);
+            _tile_zero(0);
+            _tile_dpbusd(0, 4, 5);
+            _tile_stored(0, c, 64);
+            const __m512 dx = _mm512_loadu_ps(ax->dx + b * ax->mp + j * AMX_TILE);
+            const __m512 sx = _mm512_loadu_ps(ax->sx + b * ax->mp + j * AMX_TILE);
+            const float *Db = D + b, *Mb = M + b;
+#pragma GCC unroll 16
+            for (int r = 0; r < AMX_TILE; r++) {
+                __m512 sc = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_load_si512(c + r * AMX_TILE)), dx);
+                acc[r] = _mm512_fmadd_ps(sc, _mm512_set1_ps(Db[r * nb]), acc[r]);
+                acc[r] = _mm512_fmadd_ps(sx, _mm512_set1_ps(Mb[r * nb]), acc[r]);
+            }
+        }
+        /* acc[r] holds W row n0+r against activation rows 16j..16j+15: out is [t][n] */
+        float tr[AMX_TILE][AMX_TILE];
+        for (int r = 0; r < AMX_TILE; r++) _mm512_storeu_ps(tr[r], acc[r]);
+        int64_t tmax = m - j * AMX_TILE < AMX_TILE ? m - j * AMX_TILE : AMX_TILE;
+        for (int64_t t = 0; t < tmax; t++) {
+            float *o = out + (j * AMX_TILE + t) * ldo + n0;
+            for (int64_t r = 0; r < rows; r++) o[r] = tr[r][t];
+        }
+    }
+}
+
+AMX_FN static void amx_config(void) {
+    amx_cfg_t cfg;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.palette = 1;
+    cfg.rows[0] = AMX_TILE, cfg.colsb[0] = 64; /* C: 16 x 16 int32 */
+    cfg.rows[4] = AMX_TILE, cfg.colsb[4] = 32; /* A: 16 W rows x 32 unsigned values */
+    cfg.rows[5] = 8, cfg.colsb[5] = 64;        /* B: 32 x 16 int8, in groups of 4 */
+    /* GCC 12's ldtilecfg builtin does not tell the optimizer it reads cfg: without this barrier the
+       stores above are dropped as dead at -O3 and ldtilecfg faults on garbage */
+    __asm__ volatile("" : : "r"(&cfg) : "memory");
+    _tile_loadconfig(&cfg);
+}
+
+AMX_FN static void amx_release(void) { _tile_release(); }
+
+/* out [m, n] = x [m, k] @ W^T on the tile unit: W's 16-row tiles split between the threads. */
+static int amx_matmul(int type, const uint8_t *w, int64_t row_bytes, int64_t n, int64_t k, const float *x, int64_t m,
+                      float *out, int64_t ldo, int threads) {
+    amx_x_t ax;
+    if (!amx_x_alloc(&ax, m, k)) {
+        amx_x_free(&ax);
+        return 0;
+    }
+    const int64_t ntiles = (n + AMX_TILE - 1) / AMX_TILE;
+    int failed = 0, nt = threads > 0 ? threads : 1;
+    amx_x_fill(&ax, x, m, k, nt);
+    if (ntiles < nt) nt = (int)ntiles;
+#ifdef _OPENMP
+#pragma omp parallel num_threads(nt) if (nt > 1)
+#endif
+    {
+        uint8_t *u = aligned_alloc(64, (size_t)(AMX_TILE * k)); /* the tile's 16 rows, unpacked */
+        float *D = malloc(sizeof(float) * (size_t)(AMX_TILE * (k / 32)));
+        float *M = malloc(sizeof(float) * (size_t)(AMX_TILE * (k / 32)));
+        if (u && D && M) {
+            amx_config(); /* tile configuration is per thread */
+#ifdef _OPENMP
+#pragma omp for schedule(static)
+#endif
+            for (int64_t i = 0; i < ntiles; i++)
+                amx_rows(type, w, row_bytes, n, k, i * AMX_TILE, &ax, m, out, ldo, u, D, M);
+            amx_release();
+        } else {
+#ifdef _OPENMP
+#pragma omp atomic write
+#endif
+            failed = 1;
+        }
+        free(u), free(D), free(M);
+    }
+    amx_x_free(&ax);
+    return !failed;
+}
+#else
+static int have_amx(void) { return 0; }
+static int amx_type(int type) { (void)type; return 0; }
+#endif
+
+/* matmul_amx(type, w_ptr, row_bytes, n, k, x_ptr, m, out_ptr, ldo, threads): what matmul computes, on the
+   tile unit (where amx() is true and the type is one of Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K) */
+static PyObject *py_matmul_amx(PyObject *self, PyObject *args) {
+    int threads;
+    mat_t mat;
+    Py_ssize_t k, xp, m;
+    if (!PyArg_ParseTuple(args, "innnnnnnni", &mat.type, &mat.w, &mat.row_bytes, &mat.n, &k, &xp, &m, &mat.out,
+                          &mat.ldo, &threads))
+        return NULL;
+    if (!mat_init(&mat, k)) return NULL;
+    if (!have_amx() || !amx_type(mat.type)) {
+        PyErr_Format(PyExc_ValueError, "no AMX kernel for ggml type %d on this CPU", mat.type);
+        return NULL;
+    }
+    if (m <= 0 || mat.n <= 0) Py_RETURN_NONE;
+    int ok = 1;
+#ifdef GL_AMX
+    Py_BEGIN_ALLOW_THREADS
+    ok = amx_matmul(mat.type, (const uint8_t *)mat.w, mat.row_bytes, mat.n, k, (const float *)xp, m,
+                    (float *)mat.out, mat.ldo, threads);
+    Py_END_ALLOW_THREADS
+#endif
+    if (!ok) return PyErr_NoMemory();
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_amx(PyObject *self, PyObject *args) {
+    int type = -1;
+    if (!PyArg_ParseTuple(args, "|i", &type)) return NULL;
+    return PyBool_FromLong(have_amx() && (type < 0 || amx_type(type)));
+}
+
 #define DEQUANT_ROWS 8 /* rows a thread takes at a time (bf16 on the portable path: its fp32 buffer's) */
 
 /* dequantize(type, w_ptr, row_bytes, n, k, out_ptr, threads[, bf16]): [n, k] in fp32, or with bf16 true
@@ -1694,6 +2010,8 @@ static PyObject *py_openmp(PyObject *self, PyObject *noargs) {
 static PyMethodDef methods[] = {
     {"matmul", py_matmul, METH_VARARGS, "out[m, n] = x[m, k] @ W[n, k]^T on GGUF blocks (activations int8 per 32)."},
     {"matmul_many", py_matmul_many, METH_VARARGS, "Several matrices sharing one input, in one parallel call."},
+    {"matmul_amx", py_matmul_amx, METH_VARARGS, "What matmul computes, on AMX tiles (many activation rows)."},
+    {"amx", py_amx, METH_VARARGS, "Whether the AMX kernel runs here (for a ggml type, when given)."},
     {"matmul_experts", py_matmul_experts, METH_VARARGS, "One row through each of several matrices of one type, in one call."},
     {"dequantize", py_dequantize, METH_VARARGS, "GGUF blocks -> fp32 rows, as gguf-py computes them."},
     {"rmsnorm", py_rmsnorm, METH_VARARGS, "RMSNorm of fp32 rows with an fp32 weight, in one call."},
