@@ -7,8 +7,8 @@ matrices of each type, 2048 wide, small enough for the L3 cache (4096 rows) and 
 rows, read from DRAM): microseconds and GB/s of blocks read. To see what the kernels' software
 prefetch gives, rebuild without it: `CFLAGS=-DPREFETCH=0 pip install -e .`.
 Then the dequantizer's rate per type, to fp32 and to bf16. Part 2 (prefill): expert-sized matrices at 4-512 activation rows, the C kernel against the path it
-replaces above `qblock_rows()` (the blocks dequantized a slice at a time, then an fp32/bf16 GEMM), in
-GOPS (2 x rows x N x K per second). Blocks come from the tests' generator (tests/weights/blocks.py).
+replaces above `qblock_rows()` (the blocks dequantized a slice at a time, then an fp32/bf16 GEMM), and
+where the CPU has AMX the tile kernel, in GOPS (2 x rows x N x K per second). Blocks come from the tests' generator (tests/weights/blocks.py).
 """
 
 from __future__ import annotations
@@ -47,6 +47,11 @@ def gemm_s(qtype: Q, rows: np.ndarray, x: torch.Tensor) -> float:
     )
 
 
+def amx_s(qtype: Q, rows: np.ndarray, x: torch.Tensor) -> float:
+    prepared = qblocks.prepare(qtype, rows, x.shape[1])
+    return best_ms(lambda: qblocks.matmul_amx_prepared(prepared, x)) / 1e3
+
+
 def bandwidth() -> None:
     """What one pass over memory can read: torch.sum over 1 GiB of fp32 (the decode bound)."""
     x = torch.ones(1 << 28)
@@ -79,8 +84,12 @@ def dequantization(rng: np.random.Generator) -> None:
 
 
 def prefill(rng: np.random.Generator) -> None:
-    print("\n| type | N x K | rows | C kernel ms (GOPS) | dequantize + GEMM ms (GOPS) | GEMM / kernel |")
-    print("|---|---|---|---|---|---|")
+    amx = qblocks.amx()
+    print(
+        "\n| type | N x K | rows | C kernel ms (GOPS) | dequantize + GEMM ms (GOPS) | GEMM / kernel |"
+        + (" AMX tile kernel ms (GOPS) |" if amx else "")
+    )
+    print("|---|---|---|---|---|---|" + ("---|" if amx else ""))
     for qtype, n, k in (
         (Q.Q4_K, 2816, 2048),
         (Q.Q6_K, 2048, 1280),
@@ -92,10 +101,14 @@ def prefill(rng: np.random.Generator) -> None:
             x = torch.randn(m, k)
             a, b = kernel_s(qtype, rows, x), gemm_s(qtype, rows, x)
             ops = 2 * m * n * k / 1e9
-            print(
+            line = (
                 f"| {qtype.name} | {n} x {k} | {m} | {a * 1e3:.2f} ({ops / a:.0f}) | {b * 1e3:.2f} ({ops / b:.0f}) "
                 f"| {b / a:.2f} |"
             )
+            if amx:
+                c = amx_s(qtype, rows, x) if qblocks.amx(qtype) else None
+                line += f" {c * 1e3:.2f} ({ops / c:.0f}) |" if c else " - |"
+            print(line)
 
 
 def main() -> None:

@@ -7,7 +7,8 @@
  * Q4_K, Q5_K, Q6_K.
  *
  * Two code paths, chosen at run time (never an illegal instruction): AVX2+FMA+F16C, compiled with
- * function target attributes, and portable C. `dequantize` writes fp32 rows (for many-row products,
+ * function target attributes, and portable C. Where the CPU and the OS allow AMX, `matmul_amx` runs
+ * products of many activation rows on the tile unit (its section below says how). `dequantize` writes fp32 rows (for many-row products,
  * which then run a GEMM); it computes in the same order as gguf-py's reference, so it matches it bit
  * for bit. Threads: OpenMP when the build has it (it then shares torch's runtime), else one.
  *
@@ -1081,10 +1082,10 @@ static PyObject *py_matmul_experts(PyObject *self, PyObject *args) {
 
 /* On CPUs with AMX (Intel Sapphire Rapids and later, Linux), products with many activation rows run
    on the tile unit: activations quantized per block of 32 as quantize_rows does (int8, scale d_b),
-   weights unpacked a tile of 16 rows at a time to unsigned 8-bit values u with w = D * u + M per row
-   and block of 32 (D, M from the block's scales; Q8_0's values are offset by 128 to make them
-   unsigned), then per block out[t, n] += D[n,b] d_b[t] sum(u x_q) + M[n,b] d_b[t] sum(x_q), the
-   integer sums from one TDPBUSD each. The same activation rounding as `matmul` for the 32-value
+   weights unpacked a tile of 16 rows at a time to 8-bit values u with w = D * u + M per row and
+   block of 32 (D, M from the block's scales: Q4_0, Q5_0 and Q8_0 as signed values with M = 0, the
+   others unsigned), then per block out[t, n] += D[n,b] d_b[t] sum(u x_q) + M[n,b] d_b[t] sum(x_q),
+   the integer sums from one TDPBSSD or TDPBUSD each. The same activation rounding as `matmul` for the 32-value
    types, finer (32 instead of 256) for Q4_K/Q5_K, so the same error bound. No repacked copy of the
    weights: a 16-row tile is unpacked into a per-thread buffer and used for every activation row. */
 
@@ -1131,7 +1132,11 @@ static int amx_type(int type) {
            type == T_Q4_K || type == T_Q5_K;
 }
 
-/* One W row of `type` as unsigned values u[k] and per block of 32 the D and M of w = D * u + M. */
+/* Types whose values are signed (w = D * v, v in int8): their products take TDPBSSD and no M term. */
+static int amx_signed(int type) { return type == T_Q4_0 || type == T_Q5_0 || type == T_Q8_0; }
+
+/* One W row of `type` as 8-bit values u[k] (signed for amx_signed types, else unsigned) and per block
+   of 32 the D and M of w = D * u + M (M = 0 for the signed types). */
 AMX_FN static void amx_unpack_row(int type, const uint8_t *w, int64_t k, uint8_t *u, float *D, float *M) {
     const int64_t bb = block_bytes(type), nb = k / block_values(type);
     for (int64_t b = 0; b < nb; b++, w += bb) {
@@ -1152,14 +1157,15 @@ AMX_FN static void amx_unpack_row(int type, const uint8_t *w, int64_t k, uint8_t
                         memcpy(u + 8 * g, &v, 8);
                     }
                 float dd = rdh(w);
-                D[b] = dd, M[b] = has_min ? rdh(w + 2) : -(float)(q5 ? 16 : 8) * dd;
+                D[b] = dd, M[b] = has_min ? rdh(w + 2) : 0.0f;
+                if (!has_min) /* Q4_0, Q5_0: the signed values v - 8, v - 16 */
+                    for (int j = 0; j < 32; j++) u[j] = (uint8_t)(u[j] - (q5 ? 16 : 8));
                 u += 32;
                 break;
             }
             case T_Q8_0: {
-                for (int j = 0; j < 32; j++) u[j] = (uint8_t)(w[2 + j] ^ 0x80); /* q + 128 */
-                float dd = rdh(w);
-                D[b] = dd, M[b] = -128.0f * dd;
+                memcpy(u, w + 2, 32); /* signed, as stored */
+                D[b] = rdh(w), M[b] = 0.0f;
                 u += 32;
                 break;
             }
@@ -1260,6 +1266,7 @@ AMX_FN static void amx_x_fill(amx_x_t *ax, const float *x, int64_t m, int64_t k,
 AMX_FN static void amx_rows(int type, const uint8_t *w, int64_t row_bytes, int64_t n, int64_t k, int64_t n0,
                             const amx_x_t *ax, int64_t m, float *out, int64_t ldo, uint8_t *u, float *D, float *M) {
     const int64_t nb = ax->nb, rows = n - n0 < AMX_TILE ? n - n0 : AMX_TILE;
+    const int sgn = amx_signed(type);
     for (int64_t r = 0; r < rows; r++)
         amx_unpack_row(type, w + (n0 + r) * row_bytes, k, u + r * k, D + r * nb, M + r * nb);
     for (int64_t r = rows; r < AMX_TILE; r++) { /* padding rows: zero weights */
@@ -1280,16 +1287,28 @@ AMX_FN static void amx_rows(int type, const uint8_t *w, int64_t row_bytes, int64
             _tile_loadd(4, u + b * 32, k);
             _tile_loadd(5, bt + b * 512, 64);
             _tile_zero(0);
-            _tile_dpbusd(0, 4, 5);
+            if (sgn)
+                _tile_dpbssd(0, 4, 5);
+            else
+                _tile_dpbusd(0, 4, 5);
             _tile_stored(0, c, 64);
             const __m512 dx = _mm512_loadu_ps(ax->dx + b * ax->mp + j * AMX_TILE);
-            const __m512 sx = _mm512_loadu_ps(ax->sx + b * ax->mp + j * AMX_TILE);
-            const float *Db = D + b, *Mb = M + b;
+            const float *Db = D + b;
+            if (sgn) {
 #pragma GCC unroll 16
-            for (int r = 0; r < AMX_TILE; r++) {
-                __m512 sc = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_load_si512(c + r * AMX_TILE)), dx);
-                acc[r] = _mm512_fmadd_ps(sc, _mm512_set1_ps(Db[r * nb]), acc[r]);
-                acc[r] = _mm512_fmadd_ps(sx, _mm512_set1_ps(Mb[r * nb]), acc[r]);
+                for (int r = 0; r < AMX_TILE; r++) {
+                    __m512 sc = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_load_si512(c + r * AMX_TILE)), dx);
+                    acc[r] = _mm512_fmadd_ps(sc, _mm512_set1_ps(Db[r * nb]), acc[r]);
+                }
+            } else {
+                const __m512 sx = _mm512_loadu_ps(ax->sx + b * ax->mp + j * AMX_TILE);
+                const float *Mb = M + b;
+#pragma GCC unroll 16
+                for (int r = 0; r < AMX_TILE; r++) {
+                    __m512 sc = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_load_si512(c + r * AMX_TILE)), dx);
+                    acc[r] = _mm512_fmadd_ps(sc, _mm512_set1_ps(Db[r * nb]), acc[r]);
+                    acc[r] = _mm512_fmadd_ps(sx, _mm512_set1_ps(Mb[r * nb]), acc[r]);
+                }
             }
         }
         /* acc[r] holds W row n0+r against activation rows 16j..16j+15: out is [t][n] */
