@@ -58,20 +58,19 @@ PREFILL_ROWS = 16
 QBLOCK_ROWS = 32
 QBLOCK_ROWS_NATIVE_BF16 = {Q.Q8_0: 14, Q.Q5_0: 16, Q.Q5_1: 16, Q.Q4_K: 20, Q.Q5_K: 20, Q.Q6_K: 24}
 # Where the tile kernel runs (qblocks.amx), per type: (the most rows for the one-row C kernel, the most
-# for the tile kernel); more rows take the dequantize + bf16 GEMM path. From `python bench/qblocks.py`
-# on the Intel AMX machine, 2 threads, expert-sized matrices (2816 x 2048 and 2048 x 1408/1536;
-# BENCHMARKS.md): the tile kernel leads by 1.5-2.7x for Q8_0/Q4_K/Q5_K at 12-64 rows (a routed
-# expert's share of a prefill), by 1.05-1.5x for the legacy 4/5-bit types, and falls behind the GEMM
-# past 100-200 rows, where scaling every block's product on the vector units costs more than the
-# GEMM's dequantization.
+# for the tile kernel); more rows take the dequantize + bf16 GEMM path. From timing all three on the
+# Intel AMX machine, 2 threads, expert-sized matrices (2816 x 2048 and 2048 x 1408/1536; BENCHMARKS.md
+# has bench/qblocks.py's table): the tile kernel leads from 8 rows (4 for Q4_1/Q5_1), by 2-3x at
+# 16-64 rows (a routed expert's share of a prefill), and falls behind the GEMM somewhere past 128-256
+# rows, where scaling every block's product on the vector units costs more than dequantizing.
 QBLOCK_AMX_ROWS = {
-    Q.Q4_0: (12, 96),
-    Q.Q4_1: (4, 48),
-    Q.Q5_0: (12, 48),
-    Q.Q5_1: (4, 32),
-    Q.Q8_0: (4, 128),
-    Q.Q4_K: (4, 160),
-    Q.Q5_K: (8, 160),
+    Q.Q4_0: (4, 192),
+    Q.Q4_1: (2, 128),
+    Q.Q5_0: (4, 192),
+    Q.Q5_1: (2, 128),
+    Q.Q8_0: (4, 160),
+    Q.Q4_K: (4, 256),
+    Q.Q5_K: (4, 256),
 }
 K_QUANTS = frozenset({Q.Q4_K, Q.Q5_K, Q.Q6_K})
 GEMM_SLICE_BYTES = 64 << 20  # dequantized weight held at once by the many-row int8 path

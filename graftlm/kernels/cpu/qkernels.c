@@ -1097,23 +1097,11 @@ static PyObject *py_matmul_experts(PyObject *self, PyObject *args) {
 #define AMX_TILE 16 /* rows of W and of activations per tile */
 
 static int amx_supported = -1;
-static uint64_t amx_fifth_bits[256]; /* byte i of entry v: 16 if bit i of v is set, else 0 */
-
-static void amx_init_tables(void) {
-    for (int v = 0; v < 256; v++) {
-        uint64_t e = 0;
-        for (int i = 0; i < 8; i++)
-            if (v & (1 << i)) e |= (uint64_t)16 << (8 * i);
-        amx_fifth_bits[v] = e;
-    }
-}
-
 /* AMX-TILE, AMX-INT8 and AVX-512 in cpuid, their state enabled by the OS (XCR0), and the kernel's
    permission to use tile data (arch_prctl ARCH_REQ_XCOMP_PERM, Linux 5.16+). Asked once. */
 static int have_amx(void) {
     if (amx_supported >= 0) return amx_supported;
     amx_supported = 0;
-    amx_init_tables();
     unsigned a, b, c, d;
     if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return 0;
     int tile = (d >> 24) & 1, int8 = (d >> 25) & 1, f = (b >> 16) & 1, bw = (b >> 30) & 1, vl = (b >> 31) & 1;
@@ -1148,18 +1136,22 @@ AMX_FN static void amx_unpack_row(int type, const uint8_t *w, int64_t k, uint8_t
                 int q5, has_min;
                 uint32_t qh;
                 const uint8_t *qs = legacy_layout(w, type, &q5, &has_min, &qh);
-                for (int j = 0; j < 16; j++) u[j] = qs[j] & 15, u[j + 16] = qs[j] >> 4;
-                if (q5)
-                    for (int g = 0; g < 4; g++) { /* 8 fifth bits at a time: byte i gets 16 where bit i is set */
-                        uint64_t v;
-                        memcpy(&v, u + 8 * g, 8);
-                        v |= amx_fifth_bits[(qh >> (8 * g)) & 255];
-                        memcpy(u + 8 * g, &v, 8);
-                    }
-                float dd = rdh(w);
-                D[b] = dd, M[b] = has_min ? rdh(w + 2) : 0.0f;
+                /* low nibbles are values 0-15, high nibbles 16-31; byte i of the fifth-bit mask takes
+                   bit i of qh (qh's byte i/8 spread, then tested against 1 << i%8) */
+                const __m128i q = _mm_loadu_si128((const __m128i *)qs), lo4 = _mm_set1_epi8(15);
+                __m256i v = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(q, 4), lo4), _mm_and_si128(q, lo4));
+                if (q5) {
+                    const __m256i spread = _mm256_shuffle_epi8(
+                        _mm256_set1_epi32((int)qh),
+                        _mm256_set_epi64x(0x0303030303030303, 0x0202020202020202, 0x0101010101010101, 0));
+                    const __m256i bit = _mm256_set1_epi64x((long long)0x8040201008040201ULL);
+                    const __m256i set = _mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit);
+                    v = _mm256_or_si256(v, _mm256_and_si256(set, _mm256_set1_epi8(16)));
+                }
                 if (!has_min) /* Q4_0, Q5_0: the signed values v - 8, v - 16 */
-                    for (int j = 0; j < 32; j++) u[j] = (uint8_t)(u[j] - (q5 ? 16 : 8));
+                    v = _mm256_sub_epi8(v, _mm256_set1_epi8(q5 ? 16 : 8));
+                _mm256_storeu_si256((__m256i *)u, v);
+                D[b] = rdh(w), M[b] = has_min ? rdh(w + 2) : 0.0f;
                 u += 32;
                 break;
             }
@@ -1175,16 +1167,22 @@ AMX_FN static void amx_unpack_row(int type, const uint8_t *w, int64_t k, uint8_t
                 float dd = rdh(w), dmin = rdh(w + 2);
                 uint8_t sc[8], mn[8];
                 k_scale_min(w + 4, sc, mn);
-                const uint8_t *qh = w + 16, *qs = w + (q5 ? 48 : 16);
-                for (int j = 0; j < 8; j++) {
-                    const uint8_t *ql = qs + 32 * (j / 2);
-                    for (int l = 0; l < 32; l++) {
-                        uint8_t v = (ql[l] >> (4 * (j & 1))) & 15;
-                        if (q5) v |= ((qh[l] >> j) & 1) << 4;
-                        u[32 * j + l] = v;
+                const uint8_t *qs = w + (q5 ? 48 : 16);
+                const __m256i lo4 = _mm256_set1_epi8(15), one = _mm256_set1_epi8(1);
+                const __m256i qh = q5 ? _mm256_loadu_si256((const __m256i *)(w + 16)) : _mm256_setzero_si256();
+                for (int j = 0; j < 8; j += 2) { /* 32 bytes: sub-block j in the low nibbles, j + 1 high */
+                    const __m256i ql = _mm256_loadu_si256((const __m256i *)(qs + 16 * j));
+                    __m256i v0 = _mm256_and_si256(ql, lo4), v1 = _mm256_and_si256(_mm256_srli_epi16(ql, 4), lo4);
+                    if (q5) { /* bit j (j + 1) of qh's byte l is value l's fifth bit */
+                        v0 = _mm256_or_si256(
+                            v0, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, j), one), 4));
+                        v1 = _mm256_or_si256(
+                            v1, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, j + 1), one), 4));
                     }
-                    D[8 * b + j] = dd * (float)sc[j], M[8 * b + j] = -dmin * (float)mn[j];
+                    _mm256_storeu_si256((__m256i *)(u + 32 * j), v0);
+                    _mm256_storeu_si256((__m256i *)(u + 32 * j + 32), v1);
                 }
+                for (int j = 0; j < 8; j++) D[8 * b + j] = dd * (float)sc[j], M[8 * b + j] = -dmin * (float)mn[j];
                 u += 256;
                 break;
             }
