@@ -118,7 +118,10 @@ def main() -> None:
     args = ap.parse_args()
     if not qblocks.available():
         raise SystemExit("graftlm._qkernels is not built (pip install -e . with a C compiler)")
-    print(f"kernels: {qblocks.set_isa(args.isa)}; GEMM dtype {packed.gemm_dtype()}")
+    isa = qblocks.set_isa(args.isa)
+    print(
+        f"kernels: {isa}{' and the AMX tile kernel' if qblocks.amx() else ''}; GEMM dtype {packed.gemm_dtype()}"
+    )
     rng = np.random.default_rng(0)
     for t in args.threads:
         torch.set_num_threads(t)
