@@ -94,16 +94,11 @@ def test_dequantize_to_bf16_rounds_ties_to_even_and_nans_as_torch(isa):
 def test_matmul_is_the_product_with_int8_activations(qtype: Q, m: int, threads: int, isa: str, tail: bool):
     """Exactly (to fp32 rounding) dequantized W times x as the kernel rounds it; and within the stated
     bound of the product with x itself."""
-    rng = np.random.default_rng(100 + int(qtype))
     # rows not a multiple of the kernel's chunk; three K-quant super-blocks, or 24 32-value blocks (three
     # groups of eight); with `tail`, four super-blocks, or 27 blocks (a pair and a single after the groups)
     block = gguf.GGML_QUANT_SIZES[qtype][0]
-    n, k = 67, 768 + (block if block == 256 else 3 * block) * tail
-    raw = random_blocks(qtype, n, k, rng)
-    w = reference(qtype, raw, n, k).double()
-    x = torch.from_numpy(rng.standard_normal((m, k)).astype(np.float32))
-    x[0, :32] = 0.0  # an all-zero block
-    x[-1, 40] = 30.0  # an outlier
+    raw, w, x = _product_case(qtype, 67, 768 + (block if block == 256 else 3 * block) * tail, m, 100)
+    n, k = w.shape
     torch.set_num_threads(threads)
     try:
         y = qblocks.matmul(qtype, qblocks.as_rows(raw, qtype, n, k), x)
@@ -116,6 +111,19 @@ def test_matmul_is_the_product_with_int8_activations(qtype: Q, m: int, threads: 
     assert ((y.double() - exact).abs() / scale).max() < 1e-5
     bound = (d / 2) @ w.abs().t()
     assert ((y.double() - x.double() @ w.t()).abs() <= bound * 1.0001 + 1e-4 * scale).all()
+
+
+def _product_case(
+    qtype: Q, n: int, k: int, m: int, seed: int
+) -> tuple[np.ndarray, torch.Tensor, torch.Tensor]:
+    """Random blocks [n, k], their gguf-py values (fp64) and activations [m, k] with an all-zero block
+    and an outlier."""
+    rng = np.random.default_rng(seed + int(qtype))
+    raw = random_blocks(qtype, n, k, rng)
+    x = torch.from_numpy(rng.standard_normal((m, k)).astype(np.float32))
+    x[0, :32] = 0.0  # an all-zero block
+    x[-1, 40] = 30.0  # an outlier
+    return raw, reference(qtype, raw, n, k).double(), x
 
 
 def test_matmul_writes_into_a_strided_output():
@@ -238,13 +246,8 @@ def _amx(qtype: Q, rows: np.ndarray, x: torch.Tensor) -> torch.Tensor:
 def test_amx_matmul_is_the_product_with_int8_activations(qtype: Q, m: int, threads: int):
     """The tile kernel: dequantized W times x rounded per block of 32 (for every type, K-quants too),
     to fp32 rounding, and within the stated bound of the product with x itself."""
-    rng = np.random.default_rng(200 + int(qtype))
     n, k = 67, 768  # four 16-row tiles of W and three rows over
-    raw = random_blocks(qtype, n, k, rng)
-    w = reference(qtype, raw, n, k).double()
-    x = torch.from_numpy(rng.standard_normal((m, k)).astype(np.float32))
-    x[0, :32] = 0.0  # an all-zero block
-    x[-1, 40] = 30.0  # an outlier
+    raw, w, x = _product_case(qtype, n, k, m, 200)
     torch.set_num_threads(threads)
     try:
         y = _amx(qtype, qblocks.as_rows(raw, qtype, n, k), x)

@@ -132,27 +132,24 @@ def prepare(qtype: Q, rows: np.ndarray, k: int) -> tuple[int, int, int, int, int
 def matmul_prepared(prepared: tuple[int, int, int, int, int], x: torch.Tensor) -> torch.Tensor:
     """`matmul` on a matrix checked once by `prepare`: x [M, K] -> fp32 [M, N]. A decode step makes
     over a hundred of these calls, so this path does only the checks that depend on x."""
-    n, k = prepared[3], prepared[4]
-    if x.dim() != 2 or x.shape[1] != k or x.device.type != "cpu":
-        raise ValueError(f"x must be a CPU matrix [M, {k}], not {tuple(x.shape)} on {x.device}")
-    x = x.to(torch.float32).contiguous()
-    m = x.shape[0]
-    out = torch.empty(m, n, dtype=torch.float32)
-    _qkernels.matmul(*prepared, x.data_ptr(), m, out.data_ptr(), n, torch.get_num_threads())
-    return out
+    return _run_prepared(_qkernels.matmul, prepared, x)
 
 
 def matmul_amx_prepared(prepared: tuple[int, int, int, int, int], x: torch.Tensor) -> torch.Tensor:
     """`matmul_prepared` on the tile unit (where `amx(qtype)`): the same activation rounding per block
     of 32 (finer than the 256 of `matmul` for Q4_K/Q5_K), so the same error bound; faster from a few
     rows to a hundred or so (bench/qblocks.py)."""
+    return _run_prepared(_qkernels.matmul_amx, prepared, x)
+
+
+def _run_prepared(kernel, prepared: tuple[int, int, int, int, int], x: torch.Tensor) -> torch.Tensor:
     n, k = prepared[3], prepared[4]
     if x.dim() != 2 or x.shape[1] != k or x.device.type != "cpu":
         raise ValueError(f"x must be a CPU matrix [M, {k}], not {tuple(x.shape)} on {x.device}")
     x = x.to(torch.float32).contiguous()
     m = x.shape[0]
     out = torch.empty(m, n, dtype=torch.float32)
-    _qkernels.matmul_amx(*prepared, x.data_ptr(), m, out.data_ptr(), n, torch.get_num_threads())
+    kernel(*prepared, x.data_ptr(), m, out.data_ptr(), n, torch.get_num_threads())
     return out
 
 
