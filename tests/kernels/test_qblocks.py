@@ -310,3 +310,30 @@ def test_packed_matrices_take_the_tile_kernel_between_their_row_bounds(monkeypat
         got = mat.matmul(x)
         assert ((got - want).norm() / want.norm()).item() < 0.02
     assert calls == [mat.kernel_rows + 1, mat.amx_rows]
+
+
+@needs_amx
+def test_amx_large_activations_do_not_overflow_before_the_weight_scale():
+    """Scales multiplied before the integer sum, as the one-row kernel does: x ~ 3e36 against small
+    weights gives the finite product, equal to `matmul`'s."""
+    w = np.full((16, 32), 1e-3, np.float32)
+    rows = qblocks.as_rows(gguf.quants.quantize(w, Q.Q4_0), Q.Q4_0, 16, 32)
+    x = torch.full((8, 32), 3e36)
+    got = _amx(Q.Q4_0, rows, x)
+    assert got.isfinite().all()
+    assert torch.equal(got, qblocks.matmul(Q.Q4_0, rows, x))
+
+
+@needs_amx
+def test_amx_calls_follow_a_later_switch_to_the_portable_path():
+    """A matrix routed to the tile kernel at load still computes, on the portable path, after
+    set_isa("portable")."""
+    n, k = 32, 256
+    rows = qblocks.as_rows(random_blocks(Q.Q4_K, n, k, np.random.default_rng(4)), Q.Q4_K, n, k)
+    x = torch.randn(20, k)
+    qblocks.set_isa("portable")
+    try:
+        got = _amx(Q.Q4_K, rows, x)
+        assert torch.equal(got, qblocks.matmul(Q.Q4_K, rows, x))  # the portable products, 256-blocks
+    finally:
+        qblocks.set_isa("avx2")

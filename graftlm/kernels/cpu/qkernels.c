@@ -1105,7 +1105,7 @@ static int have_amx(void) {
     unsigned a, b, c, d;
     if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return 0;
     int tile = (d >> 24) & 1, int8 = (d >> 25) & 1, f = (b >> 16) & 1, bw = (b >> 30) & 1, vl = (b >> 31) & 1;
-    if (!(tile && int8 && f && bw && vl)) return 0;
+    if (!(tile && int8 && f && bw && vl) || !have_avx2()) return 0; /* AMX_FN code is compiled for AVX2 too */
     if (!__get_cpuid(1, &a, &b, &c, &d) || !(c & (1u << 27))) return 0; /* OSXSAVE: xgetbv works */
     unsigned lo, hi;
     __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
@@ -1220,6 +1220,7 @@ static void amx_x_free(amx_x_t *ax) { free(ax->vnni), free(ax->dx), free(ax->sx)
    layout, the activation tiles split between the threads. */
 AMX_FN static void amx_x_fill(amx_x_t *ax, const float *x, int64_t m, int64_t k, int nt) {
     const int64_t nb = ax->nb, mp = ax->mp;
+    if (nt > ax->tiles) nt = (int)ax->tiles;
     (void)nt;
 #ifdef _OPENMP
 #pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1 && ax->tiles > 1)
@@ -1292,19 +1293,21 @@ AMX_FN static void amx_rows(int type, const uint8_t *w, int64_t row_bytes, int64
             _tile_stored(0, c, 64);
             const __m512 dx = _mm512_loadu_ps(ax->dx + b * ax->mp + j * AMX_TILE);
             const float *Db = D + b;
+            /* (D dx) times the integer sum, as the one-row kernel orders it: the scales' product
+               first, so a large sum times a large activation scale cannot overflow before D shrinks it */
             if (sgn) {
 #pragma GCC unroll 16
                 for (int r = 0; r < AMX_TILE; r++) {
-                    __m512 sc = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_load_si512(c + r * AMX_TILE)), dx);
-                    acc[r] = _mm512_fmadd_ps(sc, _mm512_set1_ps(Db[r * nb]), acc[r]);
+                    __m512 ddx = _mm512_mul_ps(dx, _mm512_set1_ps(Db[r * nb]));
+                    acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_load_si512(c + r * AMX_TILE)), ddx, acc[r]);
                 }
             } else {
                 const __m512 sx = _mm512_loadu_ps(ax->sx + b * ax->mp + j * AMX_TILE);
                 const float *Mb = M + b;
 #pragma GCC unroll 16
                 for (int r = 0; r < AMX_TILE; r++) {
-                    __m512 sc = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_load_si512(c + r * AMX_TILE)), dx);
-                    acc[r] = _mm512_fmadd_ps(sc, _mm512_set1_ps(Db[r * nb]), acc[r]);
+                    __m512 ddx = _mm512_mul_ps(dx, _mm512_set1_ps(Db[r * nb]));
+                    acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_load_si512(c + r * AMX_TILE)), ddx, acc[r]);
                     acc[r] = _mm512_fmadd_ps(sx, _mm512_set1_ps(Mb[r * nb]), acc[r]);
                 }
             }
@@ -1354,20 +1357,24 @@ static int amx_matmul(int type, const uint8_t *w, int64_t row_bytes, int64_t n, 
         uint8_t *u = aligned_alloc(64, (size_t)(AMX_TILE * k)); /* the tile's 16 rows, unpacked */
         float *D = malloc(sizeof(float) * (size_t)(AMX_TILE * (k / 32)));
         float *M = malloc(sizeof(float) * (size_t)(AMX_TILE * (k / 32)));
-        if (u && D && M) {
-            amx_config(); /* tile configuration is per thread */
+        const int ready = u && D && M;
+        if (ready) amx_config(); /* tile configuration is per thread */
+        /* every thread reaches the worksharing loop (OpenMP requires it); one without buffers skips its
+           share and reports the failure */
 #ifdef _OPENMP
 #pragma omp for schedule(static)
 #endif
-            for (int64_t i = 0; i < ntiles; i++)
+        for (int64_t i = 0; i < ntiles; i++) {
+            if (ready)
                 amx_rows(type, w, row_bytes, n, k, i * AMX_TILE, &ax, m, out, ldo, u, D, M);
-            amx_release();
-        } else {
+            else {
 #ifdef _OPENMP
 #pragma omp atomic write
 #endif
-            failed = 1;
+                failed = 1;
+            }
         }
+        if (ready) amx_release();
         free(u), free(D), free(M);
     }
     amx_x_free(&ax);
@@ -1393,6 +1400,8 @@ static PyObject *py_matmul_amx(PyObject *self, PyObject *args) {
         return NULL;
     }
     if (m <= 0 || mat.n <= 0) Py_RETURN_NONE;
+    if (!use_avx2) /* set_isa("portable") after the caller chose this kernel: the portable products */
+        return run_matmuls(&mat, 1, k, (const float *)xp, m, threads);
     int ok = 1;
 #ifdef GL_AMX
     Py_BEGIN_ALLOW_THREADS
