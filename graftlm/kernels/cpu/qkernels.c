@@ -1085,9 +1085,10 @@ static PyObject *py_matmul_experts(PyObject *self, PyObject *args) {
    weights unpacked a tile of 16 rows at a time to 8-bit values u with w = D * u + M per row and
    block of 32 (D, M from the block's scales: Q4_0, Q5_0 and Q8_0 as signed values with M = 0, the
    others unsigned), then per block out[t, n] += D[n,b] d_b[t] sum(u x_q) + M[n,b] d_b[t] sum(x_q),
-   the integer sums from one TDPBSSD or TDPBUSD each. The same activation rounding as `matmul` for the 32-value
-   types, finer (32 instead of 256) for Q4_K/Q5_K, so the same error bound. No repacked copy of the
-   weights: a 16-row tile is unpacked into a per-thread buffer and used for every activation row. */
+   the integer sums from one TDPBSSD or TDPBUSD each. The same activation rounding as `matmul` for
+   the 32-value types, finer (32 instead of 256) for Q4_K/Q5_K, so the same error bound. No repacked
+   copy of the weights: a 16-row tile is unpacked into a per-thread buffer and used for every
+   activation row. The have_amx() check, asked once with the GIL held, guards every call. */
 
 #if defined(GL_X86) && defined(__linux__) && (defined(__clang__) ? __clang_major__ >= 12 : __GNUC__ >= 11)
 #define GL_AMX 1
@@ -1279,9 +1280,10 @@ AMX_FN static void amx_rows(int type, const uint8_t *w, int64_t row_bytes, int64
         __m512 acc[AMX_TILE];
         for (int r = 0; r < AMX_TILE; r++) acc[r] = _mm512_setzero_ps();
         const int8_t *bt = ax->vnni + j * nb * 512;
-        /* Per block: one product of 16 W rows by 16 activation rows (TDPBUSD), stored and scaled into
-           acc on the vector units. About half the time each (bench/qblocks.py, Intel AMX machine):
-           issuing the products of several blocks ahead, or in other tiles, did not make the two overlap. */
+        /* Per block: one product of 16 W rows by 16 activation rows (TDPBUSD/TDPBSSD), stored and
+           scaled into acc on the vector units. On the Intel AMX machine the tile work and the scaling
+           took about half the time each (variants with one left out; BENCHMARKS.md), and neither
+           issuing the products of several blocks ahead nor 2 x 2 blocking of the tiles made it faster. */
         for (int64_t b = 0; b < nb; b++) {
             _tile_loadd(4, u + b * 32, k);
             _tile_loadd(5, bt + b * 512, 64);
