@@ -8,9 +8,9 @@
  *
  * Two code paths, chosen at run time (never an illegal instruction): AVX2+FMA+F16C, compiled with
  * function target attributes, and portable C. Where the CPU and the OS allow AMX, `matmul_amx` runs
- * products of many activation rows on the tile unit (its section below says how). `dequantize` writes fp32 rows (for many-row products,
- * which then run a GEMM); it computes in the same order as gguf-py's reference, so it matches it bit
- * for bit. Threads: OpenMP when the build has it (it then shares torch's runtime), else one.
+ * products of many activation rows on the tile unit (its section below says how). `dequantize`
+ * writes fp32 rows (for many-row products, which then run a GEMM); it computes in the same order as
+ * gguf-py's reference, so it matches it bit for bit. Threads: OpenMP when the build has it (it then shares torch's runtime), else one.
  *
  * Built by setup.py as an optional extension; without it graftlm uses torch's own kernels.
  */
@@ -1137,18 +1137,8 @@ AMX_FN static void amx_unpack_row(int type, const uint8_t *w, int64_t k, uint8_t
                 int q5, has_min;
                 uint32_t qh;
                 const uint8_t *qs = legacy_layout(w, type, &q5, &has_min, &qh);
-                /* low nibbles are values 0-15, high nibbles 16-31; byte i of the fifth-bit mask takes
-                   bit i of qh (qh's byte i/8 spread, then tested against 1 << i%8) */
-                const __m128i q = _mm_loadu_si128((const __m128i *)qs), lo4 = _mm_set1_epi8(15);
-                __m256i v = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(q, 4), lo4), _mm_and_si128(q, lo4));
-                if (q5) {
-                    const __m256i spread = _mm256_shuffle_epi8(
-                        _mm256_set1_epi32((int)qh),
-                        _mm256_set_epi64x(0x0303030303030303, 0x0202020202020202, 0x0101010101010101, 0));
-                    const __m256i bit = _mm256_set1_epi64x((long long)0x8040201008040201ULL);
-                    const __m256i set = _mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit);
-                    v = _mm256_or_si256(v, _mm256_and_si256(set, _mm256_set1_epi8(16)));
-                }
+                __m256i v = nibbles32(qs); /* the one-row kernels' unpacking (q5_0_unsigned's) */
+                if (q5) v = _mm256_or_si256(v, bits32_x16((const uint8_t *)&qh));
                 if (!has_min) /* Q4_0, Q5_0: the signed values v - 8, v - 16 */
                     v = _mm256_sub_epi8(v, _mm256_set1_epi8(q5 ? 16 : 8));
                 _mm256_storeu_si256((__m256i *)u, v);
