@@ -59,8 +59,9 @@ QBLOCK_ROWS = 32
 QBLOCK_ROWS_NATIVE_BF16 = {Q.Q8_0: 14, Q.Q5_0: 16, Q.Q5_1: 16, Q.Q4_K: 20, Q.Q5_K: 20, Q.Q6_K: 24}
 # Where the tile kernel runs (qblocks.amx), per type: (the most rows for the one-row C kernel, the most
 # for the tile kernel); more rows take the dequantize + bf16 GEMM path. From timing all three on the
-# Intel AMX machine, 2 threads, expert-sized matrices (2816 x 2048 and 2048 x 1408/1536; BENCHMARKS.md
-# has bench/qblocks.py's table): the tile kernel leads from 8 rows (4 for Q4_1/Q5_1), by 2-3x at
+# Intel AMX machine, 2 threads, expert-sized matrices (2816 x 2048 and 2048 x 1408/1536; `python
+# bench/qblocks.py` times each type at these bounds: bench/results/qblocks-20261130-2300.md): the
+# tile kernel leads from 8 rows (4 for Q4_1/Q5_1), by 2-3x at
 # 16-64 rows (a routed expert's share of a prefill), and falls behind the GEMM somewhere past 128-256
 # rows, where scaling every block's product on the vector units costs more than dequantizing.
 QBLOCK_AMX_ROWS = {
