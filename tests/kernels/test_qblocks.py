@@ -34,13 +34,18 @@ def quantized_activations(x: torch.Tensor, block: int) -> tuple[torch.Tensor, to
     return (q.double() * d.double()).reshape(m, k), d.double().expand_as(xb).reshape(m, k)
 
 
-@pytest.fixture(params=["avx2", "portable"])
+@pytest.fixture(params=["vnni", "avx2", "portable"])
 def isa(request):
-    got = qblocks.set_isa(request.param)
-    if got != request.param:
-        pytest.skip(f"this CPU has no {request.param} path")
-    yield got
-    qblocks.set_isa("avx2")
+    """Each code path: portable C, AVX2, and AVX2 with its AVX-512 VNNI one-row kernels."""
+    vnni = qblocks._qkernels.set_vnni(request.param == "vnni")
+    got = qblocks.set_isa("avx2" if request.param == "vnni" else request.param)
+    try:
+        if got != request.param and not (request.param == "vnni" and got == "avx2" and vnni):
+            pytest.skip(f"this CPU has no {request.param} path")
+        yield got
+    finally:
+        qblocks.set_isa("avx2")
+        qblocks._qkernels.set_vnni(True)
 
 
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
@@ -337,3 +342,26 @@ def test_amx_calls_follow_a_later_switch_to_the_portable_path():
         assert torch.equal(got, qblocks.matmul(Q.Q4_K, rows, x))  # the portable products, 256-blocks
     finally:
         qblocks.set_isa("avx2")
+
+
+@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q5_0, Q.Q8_0], ids=lambda t: t.name)
+def test_vnni_kernels_are_the_avx2_kernels_bit_for_bit(qtype: Q):
+    """The AVX-512 VNNI one-row kernels compute the same integer sums and float operations in the
+    same order as the AVX2 ones: equal outputs, not merely close, including block-count tails."""
+    kernels = qblocks._qkernels
+    if qblocks.isa() != "avx2" or not kernels.set_vnni(True):
+        pytest.skip("no AVX-512 VNNI here")
+    rng = np.random.default_rng(7)
+    try:
+        for n, k in [(37, 96), (19, 640), (64, 2048 + 32)]:
+            raw = random_blocks(qtype, n, k, rng)
+            rows = qblocks.as_rows(raw, qtype, n, k)
+            x = torch.from_numpy(rng.standard_normal((3, k)).astype(np.float32)) * 4
+            for m in (1, 3):
+                fast = qblocks.matmul(qtype, rows, x[:m])
+                kernels.set_vnni(False)
+                plain = qblocks.matmul(qtype, rows, x[:m])
+                kernels.set_vnni(True)
+                assert torch.equal(fast, plain), (n, k, m, (fast - plain).abs().max())
+    finally:
+        kernels.set_vnni(True)

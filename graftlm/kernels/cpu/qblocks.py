@@ -4,7 +4,9 @@ The extension (graftlm/kernels/cpu/qkernels.c, built by setup.py) quantizes acti
 an fp32 scale per block (32 values for the 32-value types, 256 for K-quants, as ggml's Q8_0 and Q8_K)
 and takes each block's dot product in integers, as llama.cpp does;
 weights stay in their GGUF blocks, memory-mapped, with no repacked copy. Its AVX2 path is chosen at
-run time where the CPU has AVX2, FMA and F16C, portable C elsewhere. Where the CPU has AMX (and Linux
+run time where the CPU has AVX2, FMA and F16C, portable C elsewhere; on it, Q4_0, Q5_0 and Q8_0's
+one-row kernels take AVX-512 VNNI instructions where the CPU has them (`_qkernels.vnni()`; the same
+results bit for bit, 1.1-1.25x faster on Gemma 270M's matrices). Where the CPU has AMX (and Linux
 grants the tile state), `matmul_amx_prepared` computes the same products for many rows on the tile
 unit, with activations rounded per block of 32 for every type (`amx()` says whether it runs).
 
