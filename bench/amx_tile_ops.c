@@ -71,26 +71,20 @@ FN int main(void) {
     double t, e;
 
     config(0);
-    t = now();
-    for (long i = 0; i < n; i++) {
-        _tile_dpbf16ps(0, 4, 6);
-        _tile_dpbf16ps(1, 4, 7);
-        _tile_dpbf16ps(2, 5, 6);
-        _tile_dpbf16ps(3, 5, 7);
-    }
-    e = now() - t;
-    printf("TDPBF16PS, operands in registers: %.2f ns a product (%.0f GFLOP/s)\n", e / n / 4 * 1e9,
-           n * 4.0 * 16 * 16 * 32 * 2 / e / 1e9);
-    t = now();
-    for (long i = 0; i < n; i++) {
-        _tile_dpbusd(0, 4, 6);
-        _tile_dpbusd(1, 4, 7);
-        _tile_dpbusd(2, 5, 6);
-        _tile_dpbusd(3, 5, 7);
-    }
-    e = now() - t;
-    printf("TDPBUSD, operands in registers:   %.2f ns a product (%.0f GOPS)\n", e / n / 4 * 1e9,
-           n * 4.0 * 16 * 16 * 64 * 2 / e / 1e9);
+    /* four products on loaded registers, 2 x 2 (tiles 0-3 += 4|5 x 6|7) */
+#define ON_REGISTERS(OP, NAME, UNIT, DEPTH)                                                                   \
+    t = now();                                                                                                \
+    for (long i = 0; i < n; i++) {                                                                            \
+        OP(0, 4, 6);                                                                                          \
+        OP(1, 4, 7);                                                                                          \
+        OP(2, 5, 6);                                                                                          \
+        OP(3, 5, 7);                                                                                          \
+    }                                                                                                         \
+    e = now() - t;                                                                                            \
+    printf(NAME ", operands in registers: %.2f ns a product (%.0f " UNIT ")\n", e / n / 4 * 1e9,              \
+           n * 4.0 * 16 * 16 * (DEPTH) * 2 / e / 1e9);
+    ON_REGISTERS(_tile_dpbf16ps, "TDPBF16PS", "GFLOP/s", 32)
+    ON_REGISTERS(_tile_dpbusd, "TDPBUSD", "GOPS", 64)
     t = now();
     for (long i = 0; i < n; i++) {
         const int o = (int)(i & 7) * 1024;
@@ -111,43 +105,26 @@ FN int main(void) {
     config(1);
     __m512 acc[16];
     for (int r = 0; r < 16; r++) acc[r] = _mm512_setzero_ps();
-    t = now();
-    for (long i = 0; i < n; i++) {
-        const int blk = (int)(i & 63);
-        _tile_loadd(4, buf + blk * 32, 2048);
-        _tile_loadd(5, buf + 131072 + blk * 512, 64);
-        _tile_dpbusd(0, 4, 5);
-    }
-    e = now() - t;
-    printf("int8 kernel block: loads + product:          %.2f ns\n", e / n * 1e9);
-    t = now();
-    for (long i = 0; i < n; i++) {
-        const int blk = (int)(i & 63);
-        _tile_loadd(4, buf + blk * 32, 2048);
-        _tile_loadd(5, buf + 131072 + blk * 512, 64);
-        _tile_zero(0);
-        _tile_dpbusd(0, 4, 5);
-        _tile_stored(0, c32, 64);
-    }
-    e = now() - t;
-    printf("  + zero and store the sums:                 %.2f ns\n", e / n * 1e9);
-    t = now();
-    for (long i = 0; i < n; i++) scale_block(acc, c32, (int)(i & 63));
-    e = now() - t;
-    printf("  the vector scaling alone:                  %.2f ns\n", e / n * 1e9);
-    t = now();
-    for (long i = 0; i < n; i++) {
-        const int blk = (int)(i & 63);
-        _tile_loadd(4, buf + blk * 32, 2048);
-        _tile_loadd(5, buf + 131072 + blk * 512, 64);
-        _tile_zero(0);
-        _tile_dpbusd(0, 4, 5);
-        _tile_stored(0, c32, 64);
-        scale_block(acc, c32, blk);
-    }
-    e = now() - t;
-    printf("  all of it, as matmul_amx runs a block:     %.2f ns (%.0f GOPS)\n", e / n * 1e9,
-           16.0 * 16 * 32 * 2 / (e / n) / 1e9);
+    /* one block of the int8 kernel: its W tile (16 rows, 32 bytes, rows 2 KiB apart) and activation tile */
+#define BLOCK_LOADS_PRODUCT                                                                                   \
+    const int blk = (int)(i & 63);                                                                            \
+    _tile_loadd(4, buf + blk * 32, 2048);                                                                     \
+    _tile_loadd(5, buf + 131072 + blk * 512, 64);
+#define TIMED(LABEL, BODY)                                                                                    \
+    t = now();                                                                                                \
+    for (long i = 0; i < n; i++) {                                                                            \
+        BODY                                                                                                  \
+    }                                                                                                         \
+    e = now() - t;                                                                                            \
+    printf(LABEL "%.2f ns\n", e / n * 1e9);
+    TIMED("int8 kernel block: loads + product:          ", BLOCK_LOADS_PRODUCT _tile_dpbusd(0, 4, 5);)
+    TIMED("  + zero and store the sums:                 ",
+          BLOCK_LOADS_PRODUCT _tile_zero(0); _tile_dpbusd(0, 4, 5); _tile_stored(0, c32, 64);)
+    TIMED("  the vector scaling alone:                  ", scale_block(acc, c32, (int)(i & 63));)
+    TIMED("  all of it, as matmul_amx runs a block:     ",
+          BLOCK_LOADS_PRODUCT _tile_zero(0); _tile_dpbusd(0, 4, 5); _tile_stored(0, c32, 64);
+          scale_block(acc, c32, blk);)
+    printf("  (that last figure is %.0f GOPS)\n", 16.0 * 16 * 32 * 2 / (e / n) / 1e9);
     float s = 0;
     for (int r = 0; r < 16; r++) s += _mm512_reduce_add_ps(acc[r]);
     _tile_release();

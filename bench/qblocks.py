@@ -63,7 +63,7 @@ def bandwidth() -> None:
 def decode(rng: np.random.Generator) -> None:
     """One activation row; where the AVX2 path has its AVX-512 VNNI kernels (Q4_0, Q5_0, Q8_0), the
     last column times the same matrix with them off (`_qkernels.set_vnni(False)`): the same results."""
-    vnni = qblocks.available() and qblocks._qkernels.vnni()
+    vnni = qblocks.vnni()
     print("| type | rows x 2048 | MB | us | GB/s |" + (" us without VNNI |" if vnni else ""))
     print("|---|---|---|---|---|" + ("---|" if vnni else ""))
     for qtype in (Q.Q4_0, Q.Q5_0, Q.Q8_0, Q.Q4_K, Q.Q5_K, Q.Q6_K):

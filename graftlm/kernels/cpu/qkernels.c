@@ -385,16 +385,23 @@ LEGACY_DOT(AVX512_FN, dot_q4_0_vnni, 18, q4_0_unsigned, dot_us_vnni, 8)
 LEGACY_DOT(AVX512_FN, dot_q5_0_vnni, 22, q5_0_unsigned_vnni, dot_us_vnni, 16)
 LEGACY_DOT(AVX512_FN, dot_q8_0_vnni, 34, q8_0_values, dot_ss_vnni, 0)
 
-static int have_avx512_vnni(void) {
-    unsigned a, b, c, d;
-    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return 0;
-    const int f = (b >> 16) & 1, bw = (b >> 30) & 1, vl = (b >> 31) & 1, vnni = (c >> 11) & 1;
-    if (!(f && bw && vl && vnni)) return 0;
+/* The low word of XCR0 (the state the OS saves on a context switch), 0 where xgetbv is unavailable. */
+static unsigned xcr0(void) {
+    unsigned a, b, c, d, lo, hi;
     if (!__get_cpuid(1, &a, &b, &c, &d) || !(c & (1u << 27))) return 0; /* OSXSAVE: xgetbv works */
-    unsigned lo, hi;
     __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
     (void)hi;
-    return (lo & 0xE6) == 0xE6; /* the OS saves SSE, AVX and AVX-512 (opmask, ZMM) state */
+    return lo;
+}
+
+/* AVX-512 F, BW and VL in cpuid leaf 7 (registers b), and the OS saving SSE, AVX and AVX-512 state */
+static int have_avx512_bw_vl(unsigned b) {
+    return ((b >> 16) & 1) && ((b >> 30) & 1) && ((b >> 31) & 1) && (xcr0() & 0xE6) == 0xE6;
+}
+
+static int have_avx512_vnni(void) {
+    unsigned a, b, c, d;
+    return __get_cpuid_count(7, 0, &a, &b, &c, &d) && ((c >> 11) & 1) && have_avx512_bw_vl(b);
 }
 
 AVX2_FN static float dot_q4_1_avx2(const uint8_t *w, qx_t x, int64_t k) {
@@ -1142,12 +1149,9 @@ static int have_amx(void) {
     amx_supported = 0;
     unsigned a, b, c, d;
     if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return 0;
-    int tile = (d >> 24) & 1, int8 = (d >> 25) & 1, f = (b >> 16) & 1, bw = (b >> 30) & 1, vl = (b >> 31) & 1;
-    if (!(tile && int8 && f && bw && vl) || !have_avx2()) return 0; /* AMX_FN code is compiled for AVX2 too */
-    if (!__get_cpuid(1, &a, &b, &c, &d) || !(c & (1u << 27))) return 0; /* OSXSAVE: xgetbv works */
-    unsigned lo, hi;
-    __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
-    if ((lo & 0xE6) != 0xE6 || ((lo >> 17) & 3) != 3) return 0; /* SSE/AVX/AVX-512 and tile state */
+    const int tile = (d >> 24) & 1, int8 = (d >> 25) & 1;
+    if (!(tile && int8 && have_avx512_bw_vl(b)) || !have_avx2()) return 0; /* AMX_FN code is AVX2 too */
+    if (((xcr0() >> 17) & 3) != 3) return 0; /* the tile state */
     if (syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XFEATURE_XTILEDATA */) != 0) return 0;
     amx_supported = 1;
     return 1;

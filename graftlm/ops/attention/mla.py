@@ -590,8 +590,9 @@ class MLAttention(InjectedModule, name="attention.mla"):
         pad = query.shape[-1] - self.v_dim
         if pad > 0:
             # torch's fused (flash) CPU attention needs V as wide as Q and K; with V narrower it takes
-            # the math path, which materialises every head's scores: 1.3x slower at 512 tokens, 3.2x
-            # at 2048 (two threads). Zero columns leave the first v_dim outputs as they were.
+            # the math path, which materialises every head's scores (slower by 1.3x at 512 tokens and
+            # 3.2x at 2048 in a one-off timing, BENCHMARKS.md). Zero columns leave the first v_dim
+            # outputs as they were.
             value = F.pad(value, (0, pad))
         out = F.scaled_dot_product_attention(
             query, key, value.transpose(1, 2), attn_mask=mask, is_causal=causal, scale=self.scaling
