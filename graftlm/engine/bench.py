@@ -122,7 +122,7 @@ def machine_description() -> str:
     from graftlm.kernels.cpu import qblocks
 
     amx = "+amx" if qblocks.amx() else ""
-    vnni = "+vnni" if qblocks.vnni() else ""
+    vnni = ("+vnni" if qblocks.vnni() else "") + ("+bf16" if qblocks.bf16() else "")
     kernels = f"graftlm C kernels {qblocks.isa()}{vnni}{amx}" if qblocks.available() else "torch kernels only"
     gpus = (
         [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]

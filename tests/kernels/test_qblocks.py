@@ -365,3 +365,33 @@ def test_vnni_kernels_are_the_avx2_kernels_bit_for_bit(qtype: Q):
                 assert torch.equal(fast, plain), (n, k, m, (fast - plain).abs().max())
     finally:
         kernels.set_vnni(True)
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_avx512_bf16_dequantization_is_the_avx2_one_bit_for_bit(qtype: Q):
+    """Dequantization to bf16 on AVX-512 BF16 computes the AVX2 path's fp32 values and rounds them in
+    hardware: equal bits on raw random bytes (scales that are NaN, Inf, subnormal or zero included),
+    with rows split among threads and a leftover chunk."""
+    kernels = qblocks._qkernels
+    if qblocks.isa() != "avx2" or not kernels.set_vnni(True) or not qblocks.bf16():
+        pytest.skip("no AVX-512 BF16 here")
+    rng = np.random.default_rng(11)
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    try:
+        for n, k in [(27, 512), (9, 2048 + 256)]:
+            k = k // block * block
+            raw = rng.integers(0, 256, (n, k // block * size), dtype=np.uint8)
+            at = 208 if qtype == Q.Q6_K else 0  # the first block's f16 scale d: NaN, Inf, subnormal
+            for row, bits in ((4, 0x7E00), (5, 0xFC00), (6, 0x0001)):
+                raw[row, at : at + 2] = np.frombuffer(np.uint16(bits).tobytes(), np.uint8)
+            rows = qblocks.as_rows(raw, qtype, n, k)
+            for start, stop in ((0, n), (3, n - 1)):
+                fast = qblocks.dequantize(qtype, rows, k, start, stop, torch.bfloat16)
+                kernels.set_vnni(False)
+                assert not qblocks.bf16()
+                plain = qblocks.dequantize(qtype, rows, k, start, stop, torch.bfloat16)
+                kernels.set_vnni(True)
+                assert torch.isnan(plain.float()).any()  # the random scales reach the NaN handling
+                assert torch.equal(fast.view(torch.int16), plain.view(torch.int16)), (n, k, start, stop)
+    finally:
+        kernels.set_vnni(True)

@@ -6,7 +6,8 @@ and takes each block's dot product in integers, as llama.cpp does;
 weights stay in their GGUF blocks, memory-mapped, with no repacked copy. Its AVX2 path is chosen at
 run time where the CPU has AVX2, FMA and F16C, portable C elsewhere; on it, Q4_0, Q5_0 and Q8_0's
 one-row kernels take AVX-512 VNNI instructions where the CPU has them (`vnni()`; the same results
-bit for bit; `python bench/qblocks.py` times both). Where the CPU has AMX (and Linux
+bit for bit; `python bench/qblocks.py` times both), and dequantization to bf16 takes AVX-512 BF16
+(`bf16()`; the same values). Where the CPU has AMX (and Linux
 grants the tile state), `matmul_amx_prepared` computes the same products for many rows on the tile
 unit, with activations rounded per block of 32 for every type (`amx()` says whether it runs).
 
@@ -64,6 +65,12 @@ def vnni() -> bool:
     """Whether the AVX2 path runs its AVX-512 VNNI one-row kernels (Q4_0, Q5_0, Q8_0; the AVX2
     kernels' results bit for bit). `_qkernels.set_vnni(False)` turns them off."""
     return available() and bool(_qkernels.vnni())
+
+
+def bf16() -> bool:
+    """Whether dequantization to bf16 (the many-row GEMM path's) runs on AVX-512 BF16: with `vnni()`,
+    where the CPU has it; the AVX2 path's values bit for bit, about twice as fast."""
+    return available() and hasattr(_qkernels, "bf16") and bool(_qkernels.bf16())
 
 
 def set_isa(name: str) -> str:

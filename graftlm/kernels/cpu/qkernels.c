@@ -656,12 +656,14 @@ static int have_avx2(void) { return 0; }
 
 static int use_avx2 = 0; /* set at import, may be lowered by set_isa() */
 static int use_vnni = 0;  /* the AVX2 path's AVX-512 VNNI one-row kernels: set at import, set_vnni() */
+static int use_bf16 = 0;  /* its AVX-512 BF16 dequantization to bf16: with use_vnni, where the CPU has it */
 
 #ifdef GL_X86
 #define AVX2(f) f
 #else
 #define AVX2(f) NULL
 #define have_avx512_vnni() 0
+#define have_avx512_bf16() 0
 #endif
 
 /* Each type's kernels: portable C, AVX2, AVX2 on four activation rows (NULL: one row at a time), and
@@ -903,6 +905,122 @@ AVX2_FN static void dequant_row_bf16_avx2(int type, const uint8_t *w, int64_t k,
             }
         }
     }
+}
+#endif
+
+#ifdef GL_X86
+/* Dequantization straight to bf16 with AVX-512 BF16: dequant_row_bf16_avx2's values (the same multiplies
+   and adds, unfused, in fp32), 32 at a time, rounded by VCVTNE2PS2BF16 (nearest even, as to_bf16; it
+   treats fp32 subnormals as zero, and no dequantized value is one: each is 0 or a multiple of 2^-24, the
+   smallest f16 step, times integers) with NaNs set to 0x7fc0 as torch sets them. */
+#define AVX512BF16_FN __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512bf16")))
+
+/* 32 fp32 values (lo: 0..15, hi: 16..31) -> 32 bf16 at y */
+AVX512BF16_FN static inline void bf16x32(__m512 lo, __m512 hi, uint16_t *y) {
+    const __mmask32 nan = (__mmask32)_mm512_cmp_ps_mask(lo, lo, _CMP_UNORD_Q) |
+                          ((__mmask32)_mm512_cmp_ps_mask(hi, hi, _CMP_UNORD_Q) << 16);
+    __m512i r = (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
+    r = _mm512_mask_mov_epi16(r, nan, _mm512_set1_epi16(0x7fc0));
+    _mm512_storeu_si512(y, r);
+}
+
+/* 32 values as bytes (signed or unsigned) -> fp32 in two halves */
+AVX512BF16_FN static inline void bytes_ps(__m256i v, int sgn, __m512 *lo, __m512 *hi) {
+    const __m128i a = _mm256_castsi256_si128(v), b = _mm256_extracti128_si256(v, 1);
+    *lo = _mm512_cvtepi32_ps(sgn ? _mm512_cvtepi8_epi32(a) : _mm512_cvtepu8_epi32(a));
+    *hi = _mm512_cvtepi32_ps(sgn ? _mm512_cvtepi8_epi32(b) : _mm512_cvtepu8_epi32(b));
+}
+
+AVX512BF16_FN static void dequant_row_bf16_avx512(int type, const uint8_t *w, int64_t k, uint16_t *y) {
+    const int64_t bb = block_bytes(type), nb = k / block_values(type);
+    const __m256i lo4 = _mm256_set1_epi8(15);
+    __m512 lo, hi;
+    for (int64_t b = 0; b < nb; b++, w += bb) {
+        switch (type) {
+            case T_Q4_0:
+            case T_Q4_1:
+            case T_Q5_0:
+            case T_Q5_1: {
+                int q5, has_min;
+                uint32_t qh;
+                const uint8_t *qs = legacy_layout(w, type, &q5, &has_min, &qh);
+                __m256i v = nibbles32(qs);
+                if (q5) v = _mm256_or_si256(v, _mm256_maskz_mov_epi8((__mmask32)qh, _mm256_set1_epi8(16)));
+                const __m512 d = _mm512_set1_ps(rdh(w));
+                if (has_min) { /* d * v + m */
+                    const __m512 m = _mm512_set1_ps(rdh(w + 2));
+                    bytes_ps(v, 0, &lo, &hi);
+                    bf16x32(_mm512_add_ps(_mm512_mul_ps(d, lo), m), _mm512_add_ps(_mm512_mul_ps(d, hi), m), y);
+                } else { /* d * (v - 8), d * (v - 16) */
+                    bytes_ps(_mm256_sub_epi8(v, _mm256_set1_epi8(q5 ? 16 : 8)), 1, &lo, &hi);
+                    bf16x32(_mm512_mul_ps(d, lo), _mm512_mul_ps(d, hi), y);
+                }
+                y += 32;
+                break;
+            }
+            case T_Q8_0: {
+                const __m512 d = _mm512_set1_ps(rdh(w));
+                bytes_ps(_mm256_loadu_si256((const __m256i *)(w + 2)), 1, &lo, &hi);
+                bf16x32(_mm512_mul_ps(lo, d), _mm512_mul_ps(hi, d), y);
+                y += 32;
+                break;
+            }
+            case T_Q4_K:
+            case T_Q5_K: {
+                const int q5 = type == T_Q5_K;
+                const float d = rdh(w), dmin = rdh(w + 2);
+                uint8_t sc[8], mn[8];
+                k_scale_min(w + 4, sc, mn);
+                const uint8_t *qs = w + (q5 ? 48 : 16);
+                const __m256i qh = q5 ? _mm256_loadu_si256((const __m256i *)(w + 16)) : _mm256_setzero_si256();
+                for (int j = 0; j < 8; j++) { /* sub-block j: the low (j even) or high nibbles of 32 bytes */
+                    const __m256i ql = _mm256_loadu_si256((const __m256i *)(qs + 32 * (j / 2)));
+                    __m256i v = _mm256_and_si256((j & 1) ? _mm256_srli_epi16(ql, 4) : ql, lo4);
+                    if (q5) /* bit j of qh's byte l: value l's fifth bit */
+                        v = _mm256_or_si256(v, _mm256_maskz_mov_epi8(_mm256_test_epi8_mask(qh, _mm256_set1_epi8((char)(1 << j))),
+                                                                     _mm256_set1_epi8(16)));
+                    const __m512 ds = _mm512_set1_ps(d * (float)sc[j]), dm = _mm512_set1_ps(dmin * (float)mn[j]);
+                    bytes_ps(v, 0, &lo, &hi);
+                    bf16x32(_mm512_sub_ps(_mm512_mul_ps(ds, lo), dm), _mm512_sub_ps(_mm512_mul_ps(ds, hi), dm), y + 32 * j);
+                }
+                y += 256;
+                break;
+            }
+            case T_Q6_K: {
+                const float d = rdh(w + 208);
+                const int8_t *sc = (const int8_t *)(w + 192);
+                const __m256i three = _mm256_set1_epi8(3), c32 = _mm256_set1_epi8(32);
+                for (int h = 0; h < 2; h++) {
+                    const uint8_t *ql = w + 64 * h, *qh = w + 128 + 32 * h;
+                    const __m256i a = _mm256_loadu_si256((const __m256i *)ql), c = _mm256_loadu_si256((const __m256i *)(ql + 32));
+                    const __m256i hb = _mm256_loadu_si256((const __m256i *)qh);
+                    __m256i q[4]; /* values 32 r .. 32 r + 31 of this half, as q6_value orders them */
+                    q[0] = _mm256_or_si256(_mm256_and_si256(a, lo4), _mm256_slli_epi16(_mm256_and_si256(hb, three), 4));
+                    q[1] = _mm256_or_si256(_mm256_and_si256(c, lo4),
+                                           _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 2), three), 4));
+                    q[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(a, 4), lo4),
+                                           _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 4), three), 4));
+                    q[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(c, 4), lo4),
+                                           _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 6), three), 4));
+                    for (int r = 0; r < 4; r++) {
+                        const int i = 128 * h + 32 * r; /* two groups of 16, a scale each */
+                        bytes_ps(_mm256_sub_epi8(q[r], c32), 1, &lo, &hi);
+                        lo = _mm512_mul_ps(_mm512_set1_ps(d * (float)sc[i / 16]), lo);
+                        hi = _mm512_mul_ps(_mm512_set1_ps(d * (float)sc[i / 16 + 1]), hi);
+                        bf16x32(lo, hi, y + i);
+                    }
+                }
+                y += 256;
+                break;
+            }
+        }
+    }
+}
+
+static int have_avx512_bf16(void) {
+    unsigned a, b, c, d;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || !have_avx512_bw_vl(b)) return 0;
+    return __get_cpuid_count(7, 1, &a, &b, &c, &d) && ((a >> 5) & 1);
 }
 #endif
 
@@ -1306,6 +1424,12 @@ AMX_FN static void amx_rows(int type, const uint8_t *w, int64_t row_bytes, int64
     }
     /* _tile_loadd is an asm without a memory clobber: make the unpacked values land before it reads them */
     __asm__ volatile("" : : : "memory");
+    /* The next 16 rows (the thread's next tile under a static schedule) are prefetched into L2 a few
+       lines per block while this tile computes: unpacking otherwise waits on DRAM for every tile, since
+       the hardware prefetcher does not run ahead across the long compute between two tiles. */
+    const char *pf = (const char *)(w + (n0 + AMX_TILE) * row_bytes);
+    const char *pf_end = n0 + AMX_TILE < n ? (const char *)(w + (n0 + 2 * AMX_TILE < n ? n0 + 2 * AMX_TILE : n) * row_bytes) : pf;
+    const int64_t pf_step = 64 * ((pf_end - pf) / 64 / (ax->tiles * nb) + 1);
     int32_t c[AMX_TILE * AMX_TILE] __attribute__((aligned(64)));
     for (int64_t j = 0; j < ax->tiles; j++) {
         __m512 acc[AMX_TILE];
@@ -1316,6 +1440,8 @@ AMX_FN static void amx_rows(int type, const uint8_t *w, int64_t row_bytes, int64
            took about half the time each (variants with one left out; BENCHMARKS.md), and neither
            issuing the products of several blocks ahead nor 2 x 2 blocking of the tiles made it faster. */
         for (int64_t b = 0; b < nb; b++) {
+            for (const char *e = pf + pf_step < pf_end ? pf + pf_step : pf_end; pf < e; pf += 64)
+                _mm_prefetch(pf, _MM_HINT_T1);
             _tile_loadd(4, u + b * 32, k);
             _tile_loadd(5, bt + b * 512, 64);
             _tile_zero(0);
@@ -1490,6 +1616,8 @@ static PyObject *py_dequantize(PyObject *self, PyObject *args) {
             if (!bf16) {
                 for (int64_t j = j0; j < j1; j++) row(type, w + j * row_bytes, k, (float *)op + j * k);
 #ifdef GL_X86
+            } else if (direct && use_vnni && use_bf16) {
+                for (int64_t j = j0; j < j1; j++) dequant_row_bf16_avx512(type, w + j * row_bytes, k, (uint16_t *)op + j * k);
             } else if (direct) {
                 for (int64_t j = j0; j < j1; j++) dequant_row_bf16_avx2(type, w + j * row_bytes, k, (uint16_t *)op + j * k);
 #endif
@@ -2054,16 +2182,20 @@ static PyObject *py_set_isa(PyObject *self, PyObject *args) {
     return PyUnicode_FromString(use_avx2 ? "avx2" : "portable");
 }
 
-/* set_vnni(on): whether the AVX2 path uses its AVX-512 VNNI one-row kernels (Q4_0, Q5_0, Q8_0; the same
-   results, bit for bit); on only where the CPU has them. Returns the setting now in use. */
+/* set_vnni(on): whether the AVX2 path uses its AVX-512 kernels: the VNNI one-row kernels (Q4_0, Q5_0, Q8_0)
+   and, where the CPU also has AVX-512 BF16, dequantization to bf16; each gives the AVX2 kernels' results
+   bit for bit. On only where the CPU has them. Returns whether the VNNI kernels are now in use. */
 static PyObject *py_set_vnni(PyObject *self, PyObject *args) {
     int on;
     if (!PyArg_ParseTuple(args, "p", &on)) return NULL;
     use_vnni = on && have_avx512_vnni();
+    use_bf16 = use_vnni && have_avx512_bf16();
     return PyBool_FromLong(use_vnni);
 }
 
 static PyObject *py_vnni(PyObject *self, PyObject *noargs) { return PyBool_FromLong(use_avx2 && use_vnni); }
+
+static PyObject *py_bf16(PyObject *self, PyObject *noargs) { return PyBool_FromLong(use_avx2 && use_vnni && use_bf16); }
 
 static PyObject *py_isa(PyObject *self, PyObject *noargs) {
     return PyUnicode_FromString(use_avx2 ? "avx2" : "portable");
@@ -2095,6 +2227,7 @@ static PyMethodDef methods[] = {
     {"isa", py_isa, METH_NOARGS, "The code path in use."},
     {"set_vnni", py_set_vnni, METH_VARARGS, "Whether the AVX2 path uses its AVX-512 VNNI one-row kernels (where supported)."},
     {"vnni", py_vnni, METH_NOARGS, "Whether the AVX-512 VNNI one-row kernels are in use."},
+    {"bf16", py_bf16, METH_NOARGS, "Whether dequantization to bf16 uses AVX-512 BF16 (with the VNNI kernels)."},
     {"openmp", py_openmp, METH_NOARGS, "Whether the build uses OpenMP threads."},
     {NULL, NULL, 0, NULL},
 };
@@ -2104,5 +2237,6 @@ static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_qkernels", NULL, -1
 PyMODINIT_FUNC PyInit__qkernels(void) {
     use_avx2 = have_avx2();
     use_vnni = use_avx2 && have_avx512_vnni();
+    use_bf16 = use_vnni && have_avx512_bf16();
     return PyModule_Create(&module);
 }
