@@ -9,7 +9,9 @@ worktree) and loads it beside the working tree's build, then alternates them in 
 loaded model: each round runs a 512-token prefill with the old build, then with the new. It prints
 both series and their medians. With --matrices it also times the tile kernel (`matmul_amx`) on every
 expert matrix of each shape, streaming through all of them as a prefill does (cold weights), at 16
-and 48 rows. Build the working tree first (`python setup.py build_ext --inplace`).
+and 48 rows. Build the working tree first (`python setup.py build_ext --inplace`). Which kernel a
+product takes is the working tree's choice (graftlm/kernels/cpu/packed.py), so an old build that
+lacks a kernel the new routing picks raises rather than compares.
 """
 
 from __future__ import annotations

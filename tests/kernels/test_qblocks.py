@@ -234,7 +234,7 @@ def test_matmul_experts_sets_are_separate_calls(isa: str):
             assert torch.equal(got[s], qblocks.matmul_experts(Q.Q4_K, ptrs[s], rb, n, x))
 
 
-AMX_TYPES = [Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q4_K, Q.Q5_K]
+AMX_TYPES = [Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q4_K, Q.Q5_K, Q.Q6_K]
 needs_amx = pytest.mark.skipif(
     not qblocks.amx(), reason="no AMX on this CPU (or no permission from the kernel)"
 )
@@ -280,11 +280,11 @@ def test_amx_non_finite_activations_give_nan_rows():
 
 
 @needs_amx
-def test_amx_refuses_types_it_has_no_kernel_for():
-    rows = qblocks.as_rows(random_blocks(Q.Q6_K, 16, 256, np.random.default_rng(2)), Q.Q6_K, 16, 256)
-    assert qblocks.amx(Q.Q4_K) and not qblocks.amx(Q.Q6_K)
-    with pytest.raises(ValueError, match="no AMX kernel for ggml type 14"):
-        _amx(Q.Q6_K, rows, torch.randn(20, 256))
+def test_amx_takes_every_block_type_and_refuses_others():
+    assert all(qblocks.amx(t) for t in AMX_TYPES) and not qblocks.amx(Q.Q2_K)
+    rows = np.zeros((16, 84), dtype=np.uint8)  # Q2_K blocks: 84 bytes per 256 values
+    with pytest.raises(ValueError, match="ggml type 10"):
+        qblocks._qkernels.matmul_amx(int(Q.Q2_K), rows.ctypes.data, 84, 16, 256, 0, 1, 0, 16, 1)
 
 
 def test_amx_is_off_on_the_portable_path():

@@ -59,19 +59,24 @@ QBLOCK_ROWS = 32
 QBLOCK_ROWS_NATIVE_BF16 = {Q.Q8_0: 14, Q.Q5_0: 16, Q.Q5_1: 16, Q.Q4_K: 20, Q.Q5_K: 20, Q.Q6_K: 24}
 # Where the tile kernel runs (qblocks.amx), per type: (the most rows for the one-row C kernel, the most
 # for the tile kernel); more rows take the dequantize + bf16 GEMM path. From timing all three on the
-# Intel AMX machine, 2 threads, expert-sized matrices (2816 x 2048 and 2048 x 1408/1536; `python
-# bench/qblocks.py` times each type at these bounds: bench/results/qblocks-20261130-2300.md): the
-# tile kernel leads from 8 rows (4 for Q4_1/Q5_1), by 2-3x at
-# 16-64 rows (a routed expert's share of a prefill), and falls behind the GEMM somewhere past 128-256
-# rows, where scaling every block's product on the vector units costs more than dequantizing.
+# Intel AMX machine, 2 threads, expert-sized matrices (2816 x 2048 and 2048 x 1280-1536; `python
+# bench/qblocks.py` times each type at these bounds: bench/results/qblocks-20261130-2300.md, and
+# bench/results/qblocks-20261201-0403.md after dequantization to bf16 took AVX-512 BF16 and Q6_K
+# got a tile path): the tile kernel leads from 8 rows (4 for Q4_1/Q5_1), by 2-3x at 16-64 rows (a
+# routed expert's share of a prefill), and falls behind the GEMM somewhere past 64-256 rows, where
+# scaling every block's product on the vector units costs more than dequantizing. The faster
+# dequantization moved Q4_K's crossing from ~256 to ~128 rows in that run and in a separate check;
+# Q4_0's and Q8_0's moved in one and not in the other, so they stay. Q6_K's scales cover 16 values,
+# so its tile path makes two products per block of 32 and gives way soonest (~64 rows).
 QBLOCK_AMX_ROWS = {
     Q.Q4_0: (4, 192),
     Q.Q4_1: (2, 128),
     Q.Q5_0: (4, 192),
     Q.Q5_1: (2, 128),
     Q.Q8_0: (4, 160),
-    Q.Q4_K: (4, 256),
-    Q.Q5_K: (4, 256),
+    Q.Q4_K: (4, 128),
+    Q.Q5_K: (4, 192),
+    Q.Q6_K: (6, 64),
 }
 K_QUANTS = frozenset({Q.Q4_K, Q.Q5_K, Q.Q6_K})
 GEMM_SLICE_BYTES = 64 << 20  # dequantized weight held at once by the many-row int8 path

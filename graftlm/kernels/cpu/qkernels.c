@@ -282,6 +282,20 @@ AVX2_FN static inline __m256i bits32_mask(const uint8_t *p) {
     return _mm256_cmpeq_epi8(bytes, _mm256_set1_epi64x(-1));
 }
 
+/* One half (128 values) of a Q6_K block as bytes 0..63, in q6_value's order: q[r] holds values
+   32r..32r+31 of the half; ql = the block + 64 h, qh = the block + 128 + 32 h. */
+AVX2_FN static inline void q6_half(const uint8_t *ql, const uint8_t *qh, __m256i q[4]) {
+    const __m256i lo4 = _mm256_set1_epi8(15), three = _mm256_set1_epi8(3);
+    const __m256i a = _mm256_loadu_si256((const __m256i *)ql), c = _mm256_loadu_si256((const __m256i *)(ql + 32));
+    const __m256i hb = _mm256_loadu_si256((const __m256i *)qh);
+    q[0] = _mm256_or_si256(_mm256_and_si256(a, lo4), _mm256_slli_epi16(_mm256_and_si256(hb, three), 4));
+    q[1] = _mm256_or_si256(_mm256_and_si256(c, lo4), _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 2), three), 4));
+    q[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(a, 4), lo4),
+                           _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 4), three), 4));
+    q[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(c, 4), lo4),
+                           _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 6), three), 4));
+}
+
 /* bit j of a 32-bit word -> 0x10 in byte j, else 0 */
 AVX2_FN static inline __m256i bits32_x16(const uint8_t *p) { return _mm256_and_si256(bits32_mask(p), _mm256_set1_epi8(16)); }
 
@@ -497,7 +511,6 @@ AVX2_FN static float dot_q4_k_avx2(const uint8_t *w, qx_t x, int64_t k) { return
 AVX2_FN static float dot_q5_k_avx2(const uint8_t *w, qx_t x, int64_t k) { return dot_k45_avx2(w, x, k, 1); }
 
 AVX2_FN static float dot_q6_k_avx2(const uint8_t *w, qx_t x, int64_t k) {
-    const __m256i m4 = _mm256_set1_epi8(15), m2 = _mm256_set1_epi8(3);
     __m256 acc = _mm256_setzero_ps();
     for (int64_t sb = 0; sb < k / 256; sb++, w += 210) {
         PREFETCH_BLOCK(w, 210);
@@ -506,22 +519,14 @@ AVX2_FN static float dot_q6_k_avx2(const uint8_t *w, qx_t x, int64_t k) {
         __m256i off = _mm256_madd_epi16(sc_all, _mm256_loadu_si256((const __m256i *)(x.s + sb * 16)));
         __m256i sum0 = _mm256_slli_epi32(_mm256_sub_epi32(_mm256_setzero_si256(), off), 5), sum1 = _mm256_setzero_si256();
         for (int h = 0; h < 2; h++) {
-            const uint8_t *ql = w + 64 * h;
             const int8_t *xq = x.q + sb * 256 + 128 * h;
-            __m256i l0 = _mm256_loadu_si256((const __m256i *)ql), l1 = _mm256_loadu_si256((const __m256i *)(ql + 32));
-            __m256i qh = _mm256_loadu_si256((const __m256i *)(w + 128 + 32 * h));
             __m256i sc = _mm256_broadcastsi128_si256(_mm_cvtepi8_epi16(_mm_loadl_epi64((const __m128i *)(w + 192 + 8 * h))));
-            __m256i v0 = _mm256_or_si256(_mm256_and_si256(l0, m4), _mm256_slli_epi16(_mm256_and_si256(qh, m2), 4));
-            __m256i v1 = _mm256_or_si256(_mm256_and_si256(l1, m4),
-                                         _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2), m2), 4));
-            __m256i v2 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), m4),
-                                         _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 4), m2), 4));
-            __m256i v3 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), m4),
-                                         _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 6), m2), 4));
-            __m256i p0 = _mm256_maddubs_epi16(v0, _mm256_loadu_si256((const __m256i *)xq));
-            __m256i p1 = _mm256_maddubs_epi16(v1, _mm256_loadu_si256((const __m256i *)(xq + 32)));
-            __m256i p2 = _mm256_maddubs_epi16(v2, _mm256_loadu_si256((const __m256i *)(xq + 64)));
-            __m256i p3 = _mm256_maddubs_epi16(v3, _mm256_loadu_si256((const __m256i *)(xq + 96)));
+            __m256i v[4];
+            q6_half(w + 64 * h, w + 128 + 32 * h, v);
+            __m256i p0 = _mm256_maddubs_epi16(v[0], _mm256_loadu_si256((const __m256i *)xq));
+            __m256i p1 = _mm256_maddubs_epi16(v[1], _mm256_loadu_si256((const __m256i *)(xq + 32)));
+            __m256i p2 = _mm256_maddubs_epi16(v[2], _mm256_loadu_si256((const __m256i *)(xq + 64)));
+            __m256i p3 = _mm256_maddubs_epi16(v[3], _mm256_loadu_si256((const __m256i *)(xq + 96)));
             sum0 = _mm256_add_epi32(sum0, _mm256_madd_epi16(p0, _mm256_shuffle_epi8(sc, pick16(0, 1))));
             sum1 = _mm256_add_epi32(sum1, _mm256_madd_epi16(p1, _mm256_shuffle_epi8(sc, pick16(2, 3))));
             sum0 = _mm256_add_epi32(sum0, _mm256_madd_epi16(p2, _mm256_shuffle_epi8(sc, pick16(4, 5))));
@@ -581,7 +586,6 @@ AVX2_FN static void dot4_q4_k_avx2(const uint8_t *w, const qx_t *x, int64_t k, f
 AVX2_FN static void dot4_q5_k_avx2(const uint8_t *w, const qx_t *x, int64_t k, float *out) { k45_4_avx2(w, x, k, out, 1); }
 
 AVX2_FN static void dot4_q6_k_avx2(const uint8_t *w, const qx_t *x, int64_t k, float *out) {
-    const __m256i m4 = _mm256_set1_epi8(15), m2 = _mm256_set1_epi8(3);
     __m256 acc[R4];
     for (int r = 0; r < R4; r++) acc[r] = _mm256_setzero_ps();
     for (int64_t sb = 0; sb < k / 256; sb++, w += 210) {
@@ -593,17 +597,9 @@ AVX2_FN static void dot4_q6_k_avx2(const uint8_t *w, const qx_t *x, int64_t k, f
             sum[r] = _mm256_slli_epi32(_mm256_sub_epi32(_mm256_setzero_si256(), off), 5);
         }
         for (int h = 0; h < 2; h++) {
-            const uint8_t *ql = w + 64 * h;
-            __m256i l0 = _mm256_loadu_si256((const __m256i *)ql), l1 = _mm256_loadu_si256((const __m256i *)(ql + 32));
-            __m256i qh = _mm256_loadu_si256((const __m256i *)(w + 128 + 32 * h));
             __m256i sc = _mm256_broadcastsi128_si256(_mm_cvtepi8_epi16(_mm_loadl_epi64((const __m128i *)(w + 192 + 8 * h))));
             __m256i v[4], scv[4];
-            v[0] = _mm256_or_si256(_mm256_and_si256(l0, m4), _mm256_slli_epi16(_mm256_and_si256(qh, m2), 4));
-            v[1] = _mm256_or_si256(_mm256_and_si256(l1, m4), _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2), m2), 4));
-            v[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), m4),
-                                   _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 4), m2), 4));
-            v[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), m4),
-                                   _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 6), m2), 4));
+            q6_half(w + 64 * h, w + 128 + 32 * h, v);
             scv[0] = _mm256_shuffle_epi8(sc, pick16(0, 1));
             scv[1] = _mm256_shuffle_epi8(sc, pick16(2, 3));
             scv[2] = _mm256_shuffle_epi8(sc, pick16(4, 5));
@@ -989,19 +985,10 @@ AVX512BF16_FN static void dequant_row_bf16_avx512(int type, const uint8_t *w, in
             case T_Q6_K: {
                 const float d = rdh(w + 208);
                 const int8_t *sc = (const int8_t *)(w + 192);
-                const __m256i three = _mm256_set1_epi8(3), c32 = _mm256_set1_epi8(32);
+                const __m256i c32 = _mm256_set1_epi8(32);
                 for (int h = 0; h < 2; h++) {
-                    const uint8_t *ql = w + 64 * h, *qh = w + 128 + 32 * h;
-                    const __m256i a = _mm256_loadu_si256((const __m256i *)ql), c = _mm256_loadu_si256((const __m256i *)(ql + 32));
-                    const __m256i hb = _mm256_loadu_si256((const __m256i *)qh);
-                    __m256i q[4]; /* values 32 r .. 32 r + 31 of this half, as q6_value orders them */
-                    q[0] = _mm256_or_si256(_mm256_and_si256(a, lo4), _mm256_slli_epi16(_mm256_and_si256(hb, three), 4));
-                    q[1] = _mm256_or_si256(_mm256_and_si256(c, lo4),
-                                           _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 2), three), 4));
-                    q[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(a, 4), lo4),
-                                           _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 4), three), 4));
-                    q[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(c, 4), lo4),
-                                           _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 6), three), 4));
+                    __m256i q[4];
+                    q6_half(w + 64 * h, w + 128 + 32 * h, q);
                     for (int r = 0; r < 4; r++) {
                         const int i = 128 * h + 32 * r; /* two groups of 16, a scale each */
                         bytes_ps(_mm256_sub_epi8(q[r], c32), 1, &lo, &hi);
@@ -1277,14 +1264,17 @@ static int have_amx(void) {
 
 static int amx_type(int type) {
     return type == T_Q4_0 || type == T_Q4_1 || type == T_Q5_0 || type == T_Q5_1 || type == T_Q8_0 ||
-           type == T_Q4_K || type == T_Q5_K;
+           type == T_Q4_K || type == T_Q5_K || type == T_Q6_K;
 }
 
 /* Types whose values are signed (w = D * v, v in int8): their products take TDPBSSD and no M term. */
-static int amx_signed(int type) { return type == T_Q4_0 || type == T_Q5_0 || type == T_Q8_0; }
+static int amx_signed(int type) { return type == T_Q4_0 || type == T_Q5_0 || type == T_Q8_0 || type == T_Q6_K; }
 
-/* One W row of `type` as 8-bit values u[k] (signed for amx_signed types, else unsigned) and per block
-   of 32 the D and M of w = D * u + M (M = 0 for the signed types). */
+/* Values per weight scale: 16 for Q6_K (each half of a block of 32 its own product), else 32. */
+static int amx_group(int type) { return type == T_Q6_K ? 16 : 32; }
+
+/* One W row of `type` as 8-bit values u[k] (signed for amx_signed types, else unsigned) and per group
+   of amx_group(type) values the D and M of w = D * u + M (M = 0 for the signed types). */
 AMX_FN static void amx_unpack_row(int type, const uint8_t *w, int64_t k, uint8_t *u, float *D, float *M) {
     const int64_t bb = block_bytes(type), nb = k / block_values(type);
     for (int64_t b = 0; b < nb; b++, w += bb) {
@@ -1333,6 +1323,19 @@ AMX_FN static void amx_unpack_row(int type, const uint8_t *w, int64_t k, uint8_t
                     _mm256_storeu_si256((__m256i *)(u + 32 * j + 32), v1);
                 }
                 for (int j = 0; j < 8; j++) D[8 * b + j] = dd * (float)sc[j], M[8 * b + j] = -dmin * (float)mn[j];
+                u += 256;
+                break;
+            }
+            case T_Q6_K: { /* q6_value's values minus 32, and per 16 the scale d * sc, as dequantized */
+                const float d = rdh(w + 208);
+                const int8_t *sc = (const int8_t *)(w + 192);
+                const __m256i c32 = _mm256_set1_epi8(32);
+                for (int h = 0; h < 2; h++) {
+                    __m256i q[4];
+                    q6_half(w + 64 * h, w + 128 + 32 * h, q);
+                    for (int r = 0; r < 4; r++) _mm256_storeu_si256((__m256i *)(u + 128 * h + 32 * r), _mm256_sub_epi8(q[r], c32));
+                }
+                for (int g = 0; g < 16; g++) D[16 * b + g] = d * (float)sc[g], M[16 * b + g] = 0.0f;
                 u += 256;
                 break;
             }
@@ -1410,17 +1413,76 @@ AMX_FN static void amx_x_fill(amx_x_t *ax, const float *x, int64_t m, int64_t k,
     }
 }
 
+/* acc[r] (W row r against 16 activation rows) into out [t][n] for the tile's real rows */
+AMX_FN static inline void amx_store(const __m512 *acc, int64_t j, int64_t m, int64_t n0, int64_t rows, float *out,
+                                    int64_t ldo) {
+    float tr[AMX_TILE][AMX_TILE];
+    for (int r = 0; r < AMX_TILE; r++) _mm512_storeu_ps(tr[r], acc[r]);
+    int64_t tmax = m - j * AMX_TILE < AMX_TILE ? m - j * AMX_TILE : AMX_TILE;
+    for (int64_t t = 0; t < tmax; t++) {
+        float *o = out + (j * AMX_TILE + t) * ldo + n0;
+        for (int64_t r = 0; r < rows; r++) o[r] = tr[r][t];
+    }
+}
+
+/* amx_rows for Q6_K, whose scales cover 16 values: each block of 32 activations takes two products of
+   depth 16 (tiles 6 and 7: the block's first and last 16 values; the activation tile's rows 0-3 and
+   4-7), each scaled by its own D times the block's dx. W is unpacked and padded by the caller. */
+AMX_FN static void amx_rows_g16(const uint8_t *w, int64_t row_bytes, int64_t n, int64_t n0, int64_t rows,
+                                const amx_x_t *ax, int64_t m, float *out, int64_t ldo, const uint8_t *u, const float *D) {
+    const int64_t nb = ax->nb, k = nb * 32, ng = 2 * nb;
+    const char *pf = (const char *)(w + (n0 + AMX_TILE) * row_bytes); /* as amx_rows prefetches */
+    const char *pf_end = n0 + AMX_TILE < n ? (const char *)(w + (n0 + 2 * AMX_TILE < n ? n0 + 2 * AMX_TILE : n) * row_bytes) : pf;
+    const int64_t pf_step = 64 * ((pf_end - pf) / 64 / (ax->tiles * nb) + 1);
+    int32_t c0[AMX_TILE * AMX_TILE] __attribute__((aligned(64)));
+    int32_t c1[AMX_TILE * AMX_TILE] __attribute__((aligned(64)));
+    for (int64_t j = 0; j < ax->tiles; j++) {
+        __m512 acc[AMX_TILE];
+        for (int r = 0; r < AMX_TILE; r++) acc[r] = _mm512_setzero_ps();
+        const int8_t *bt = ax->vnni + j * nb * 512;
+        for (int64_t b = 0; b < nb; b++) {
+            for (const char *e = pf + pf_step < pf_end ? pf + pf_step : pf_end; pf < e; pf += 64)
+                _mm_prefetch(pf, _MM_HINT_T1);
+            _tile_loadd(6, u + b * 32, k);
+            _tile_loadd(7, bt + b * 512, 64);
+            _tile_zero(0);
+            _tile_dpbssd(0, 6, 7);
+            _tile_loadd(6, u + b * 32 + 16, k);
+            _tile_loadd(7, bt + b * 512 + 256, 64);
+            _tile_zero(1);
+            _tile_dpbssd(1, 6, 7);
+            _tile_stored(0, c0, 64);
+            _tile_stored(1, c1, 64);
+            const __m512 dx = _mm512_loadu_ps(ax->dx + b * ax->mp + j * AMX_TILE);
+            const float *Db = D + 2 * b;
+            /* (D dx) times each integer sum, as amx_rows orders it, the two halves in turn */
+#pragma GCC unroll 16
+            for (int r = 0; r < AMX_TILE; r++) {
+                const __m512 d0 = _mm512_mul_ps(dx, _mm512_set1_ps(Db[r * ng])), d1 = _mm512_mul_ps(dx, _mm512_set1_ps(Db[r * ng + 1]));
+                acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_load_si512(c0 + r * AMX_TILE)), d0, acc[r]);
+                acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_load_si512(c1 + r * AMX_TILE)), d1, acc[r]);
+            }
+        }
+        amx_store(acc, j, m, n0, rows, out, ldo);
+    }
+}
+
 /* W rows n0..n0+15 (fewer at the end) times every activation row: unpack the rows, then for each tile of
    16 activation rows accumulate the 16 x 16 outputs in registers over the blocks, and store them. */
 AMX_FN static void amx_rows(int type, const uint8_t *w, int64_t row_bytes, int64_t n, int64_t k, int64_t n0,
                             const amx_x_t *ax, int64_t m, float *out, int64_t ldo, uint8_t *u, float *D, float *M) {
     const int64_t nb = ax->nb, rows = n - n0 < AMX_TILE ? n - n0 : AMX_TILE;
+    const int64_t ng = k / amx_group(type); /* weight scales per row */
     const int sgn = amx_signed(type);
     for (int64_t r = 0; r < rows; r++)
-        amx_unpack_row(type, w + (n0 + r) * row_bytes, k, u + r * k, D + r * nb, M + r * nb);
+        amx_unpack_row(type, w + (n0 + r) * row_bytes, k, u + r * k, D + r * ng, M + r * ng);
     for (int64_t r = rows; r < AMX_TILE; r++) { /* padding rows: zero weights */
         memset(u + r * k, 0, (size_t)k);
-        memset(D + r * nb, 0, sizeof(float) * (size_t)nb), memset(M + r * nb, 0, sizeof(float) * (size_t)nb);
+        memset(D + r * ng, 0, sizeof(float) * (size_t)ng), memset(M + r * ng, 0, sizeof(float) * (size_t)ng);
+    }
+    if (ng != nb) { /* Q6_K */
+        amx_rows_g16(w, row_bytes, n, n0, rows, ax, m, out, ldo, u, D);
+        return;
     }
     /* _tile_loadd is an asm without a memory clobber: make the unpacked values land before it reads them */
     __asm__ volatile("" : : : "memory");
@@ -1471,14 +1533,7 @@ AMX_FN static void amx_rows(int type, const uint8_t *w, int64_t row_bytes, int64
                 }
             }
         }
-        /* acc[r] holds W row n0+r against activation rows 16j..16j+15: out is [t][n] */
-        float tr[AMX_TILE][AMX_TILE];
-        for (int r = 0; r < AMX_TILE; r++) _mm512_storeu_ps(tr[r], acc[r]);
-        int64_t tmax = m - j * AMX_TILE < AMX_TILE ? m - j * AMX_TILE : AMX_TILE;
-        for (int64_t t = 0; t < tmax; t++) {
-            float *o = out + (j * AMX_TILE + t) * ldo + n0;
-            for (int64_t r = 0; r < rows; r++) o[r] = tr[r][t];
-        }
+        amx_store(acc, j, m, n0, rows, out, ldo); /* acc[r]: W row n0+r against activation rows 16j.. */
     }
 }
 
@@ -1489,6 +1544,9 @@ AMX_FN static void amx_config(void) {
     cfg.rows[0] = AMX_TILE, cfg.colsb[0] = 64; /* C: 16 x 16 int32 */
     cfg.rows[4] = AMX_TILE, cfg.colsb[4] = 32; /* A: 16 W rows x 32 unsigned values */
     cfg.rows[5] = 8, cfg.colsb[5] = 64;        /* B: 32 x 16 int8, in groups of 4 */
+    cfg.rows[1] = AMX_TILE, cfg.colsb[1] = 64; /* Q6_K: a second C, */
+    cfg.rows[6] = AMX_TILE, cfg.colsb[6] = 16; /* A: 16 W rows x 16 signed values, */
+    cfg.rows[7] = 4, cfg.colsb[7] = 64;        /* B: 16 x 16 int8 (half an activation tile) */
     /* GCC 12's ldtilecfg builtin does not tell the optimizer it reads cfg: without this barrier the
        stores above are dropped as dead at -O3 and ldtilecfg faults on garbage */
     __asm__ volatile("" : : "r"(&cfg) : "memory");
@@ -1514,8 +1572,8 @@ static int amx_matmul(int type, const uint8_t *w, int64_t row_bytes, int64_t n, 
 #endif
     {
         uint8_t *u = aligned_alloc(64, (size_t)(AMX_TILE * k)); /* the tile's 16 rows, unpacked */
-        float *D = malloc(sizeof(float) * (size_t)(AMX_TILE * (k / 32)));
-        float *M = malloc(sizeof(float) * (size_t)(AMX_TILE * (k / 32)));
+        float *D = malloc(sizeof(float) * (size_t)(AMX_TILE * (k / amx_group(type))));
+        float *M = malloc(sizeof(float) * (size_t)(AMX_TILE * (k / amx_group(type))));
         const int ready = u && D && M;
         if (ready) amx_config(); /* tile configuration is per thread */
         /* every thread reaches the worksharing loop (OpenMP requires it); one without buffers skips its
@@ -1545,7 +1603,7 @@ static int amx_type(int type) { (void)type; return 0; }
 #endif
 
 /* matmul_amx(type, w_ptr, row_bytes, n, k, x_ptr, m, out_ptr, ldo, threads): what matmul computes, on the
-   tile unit (where amx() is true and the type is one of Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K) */
+   tile unit (where amx() is true and the type is one of Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K) */
 static PyObject *py_matmul_amx(PyObject *self, PyObject *args) {
     int threads;
     mat_t mat;
