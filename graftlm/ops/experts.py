@@ -35,15 +35,15 @@ def grouped_apply(
     counts = torch.bincount(flat, minlength=num_experts + 1)
     ends = counts.cumsum(0).tolist()
     rows = order // k  # token of each (token, expert) pair, grouped by expert
-    xs = x[rows]
-    out = torch.zeros_like(xs)
+    valid = ends[num_experts - 1]  # pairs with a real expert come first after sorting
+    xs = x[rows[:valid]]
+    out = torch.empty_like(xs)  # every row is some expert's: no zeroing
     for e in counts[:num_experts].nonzero().flatten().tolist():
         start, end = ends[e] - int(counts[e]), ends[e]
         out[start:end] = expert_fn(e, xs[start:end])
-    weights = top_k_weights.reshape(-1)[order, None]
+    weights = top_k_weights.reshape(-1)[order[:valid], None]
     result = torch.zeros_like(x)
-    valid = ends[num_experts - 1]  # pairs with a real expert come first after sorting
-    result.index_add_(0, rows[:valid], (out[:valid] * weights[:valid]).to(x.dtype))
+    result.index_add_(0, rows[:valid], (out * weights).to(x.dtype))
     return result
 
 

@@ -47,10 +47,15 @@ class GatePair:
     up: Any
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat(self.pair(x), dim=-1)
+
+    def pair(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x @ gate^T, x @ up^T), each contiguous [.., I]."""
         both = (self.gate.prepared, self.up.prepared) if self.gate.layout == self.up.layout == "gguf" else ()
         if both and x.shape[0] <= min(self.gate.kernel_rows, self.up.kernel_rows):
-            return torch.cat(qblocks.matmul_many(list(both), x), dim=-1)  # x quantized once, one call
-        return torch.cat([self.gate.matmul(x), self.up.matmul(x)], dim=-1)
+            gate, up = qblocks.matmul_many(list(both), x)  # x quantized once, one call
+            return gate, up
+        return self.gate.matmul(x), self.up.matmul(x)
 
     @property
     def nbytes(self) -> int:
@@ -190,7 +195,9 @@ class PackedExperts(_Packing, InjectedModule):
         self.gate_up, self.down = [], []
 
     def _expert(self, e: int, xs: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up[e].matmul(xs).chunk(2, dim=-1)
+        gate_up = self.gate_up[e]
+        # a GatePair's two products stay apart: no concatenated copy to split again
+        gate, up = gate_up.pair(xs) if isinstance(gate_up, GatePair) else gate_up.matmul(xs).chunk(2, dim=-1)
         return self.down[e].matmul(self.act_fn(gate) * up)
 
     def forward(
