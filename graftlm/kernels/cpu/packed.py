@@ -2,7 +2,7 @@
 
 | GGUF type            | layout            | decode kernel (few rows)         | prefill kernel (many rows)        |
 |----------------------|-------------------|----------------------------------|-----------------------------------|
-| Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K, where graftlm._qkernels is built | `gguf`: the GGUF blocks themselves, no copy | graftlm's C kernel on the blocks, activations int8 per block of 32 (256 for K-quants; graftlm/kernels/cpu/qblocks.py) | `F.linear` on the blocks dequantized a slice at a time (as gguf-py does), in `gemm_dtype()` |
+| Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K, where graftlm._qkernels is built | `gguf`: the GGUF blocks themselves, no copy | graftlm's C kernel on the blocks, activations int8 per block of 32 (256 for K-quants; graftlm/kernels/cpu/qblocks.py) | where the CPU has AMX, the tile kernel on the blocks up to `QBLOCK_AMX_ROWS` (64-256 rows, activations int8 per 32); above, `F.linear` on the blocks dequantized a slice at a time (as gguf-py does), in `gemm_dtype()` |
 | Q4_0, Q4_1, Q4_K     | `int4` group 32   | `_weight_int4pack_mm_for_cpu`    | the same                          |
 | other quantized types| `int8` per row    | `_weight_int8pack_mm`            | `F.linear` on the int8 weights dequantized a slice at a time, in bf16 where the CPU has native bf16 (AVX-512 BF16, AMX), else fp32; with `int8_activations`, `torch._int_mm` (AMX/VNNI) on int8 activations per row |
 | F16, BF16            | `bf16`            | `F.linear`                       | `F.linear`                        |
