@@ -14,7 +14,9 @@ per token per layer, expanded = what an expanded K/V cache would hold, KV B/tok 
     python bench/mla_attention.py --prefill               # absorbed vs expanded prefill chunks
 
 --prefill times one prefill chunk of S query tokens after `--past` cached tokens in the absorbed
-and the expanded form, and shows which one `attention.mla`'s `prefill: auto` rule picks.
+and the expanded form, and shows which one `attention.mla`'s `prefill: auto` rule picks. Its last
+column is the expanded form with V left narrower than Q and K (graftlm pads it so that torch's fused
+CPU attention runs; unpadded, torch takes its math path).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from transformers.models.deepseek_v2.modeling_deepseek_v2 import (
 )
 
 from graftlm.models.compat import cache_arg
+from graftlm.ops.attention import mla
 from graftlm.ops.attention.mla import MLAttention
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -117,10 +120,14 @@ def prefill(args, dtype: torch.dtype) -> list[dict]:
             pe = rotary(x, torch.arange(past, past + length)[None])
             times, outs = {}, {}
             with torch.inference_mode():
-                for form in ("expanded", "absorbed"):
-                    op.prefill = form
-                    outs[form] = step(op, x, pe, ours).float()
-                    times[form] = best_ms(functools.partial(step, op, x, pe, ours), args.repeat)
+                for form in ("expanded", "absorbed", "unpadded"):
+                    op.prefill = "expanded" if form == "unpadded" else form
+                    mla.PAD_VALUE = form != "unpadded"  # V as narrow as the model has it: torch's math path
+                    try:
+                        outs[form] = step(op, x, pe, ours).float()
+                        times[form] = best_ms(functools.partial(step, op, x, pe, ours), args.repeat)
+                    finally:
+                        mla.PAD_VALUE = True
             op.prefill = "auto"
             auto = "absorbed" if op.use_absorbed(length, past) else "expanded"
             diff = (outs["expanded"] - outs["absorbed"]).abs().max().item()
@@ -130,13 +137,14 @@ def prefill(args, dtype: torch.dtype) -> list[dict]:
                     "length": length,
                     "expanded_ms": times["expanded"],
                     "absorbed_ms": times["absorbed"],
+                    "expanded_unpadded_ms": times["unpadded"],
                     "auto": auto,
                     "max_abs_diff": diff,
                 }
             )
             print(
                 f"{past:>6} {length:>6} {times['expanded']:12.2f} {times['absorbed']:12.2f} "
-                f"{times['absorbed'] / times['expanded']:8.2f} {auto:>9} {diff:10.2e}",
+                f"{times['absorbed'] / times['expanded']:8.2f} {auto:>9} {diff:10.2e} {times['unpadded']:12.2f}",
                 flush=True,
             )
     return rows
@@ -165,6 +173,7 @@ def main() -> None:
     if args.prefill:
         print(
             f"{'past':>6} {'S':>6} {'expanded ms':>12} {'absorbed ms':>12} {'ratio':>8} {'auto':>9} {'max diff':>10}"
+            f" {'V unpadded':>12}"
         )
         rows = prefill(args, dtype)
     else:

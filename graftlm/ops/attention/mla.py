@@ -64,6 +64,9 @@ SCORE_FLOOR = 60.0
 C_ATTENTION_TOKENS = 256
 # Score elements one absorbed block may hold (64 MiB in fp32); longer prompts are cut into query blocks.
 BLOCK_ELEMENTS = 1 << 24
+# The expanded prefill pads V with zero columns to the query width, so that torch's fused (flash) CPU
+# attention takes it rather than the math path (bench/mla_attention.py --prefill times both).
+PAD_VALUE = True
 
 
 def softmax_scale(config) -> float:
@@ -588,11 +591,10 @@ class MLAttention(InjectedModule, name="attention.mla"):
             slots = torch.arange(total, device=kv.device)
             mask = slots <= past + torch.arange(length, device=kv.device)[:, None]
         pad = query.shape[-1] - self.v_dim
-        if pad > 0:
+        if pad > 0 and PAD_VALUE:
             # torch's fused (flash) CPU attention needs V as wide as Q and K; with V narrower it takes
-            # the math path, which materialises every head's scores (slower by 1.3x at 512 tokens and
-            # 3.2x at 2048 in a one-off timing, BENCHMARKS.md). Zero columns leave the first v_dim
-            # outputs as they were.
+            # the math path, which materialises every head's scores (`python bench/mla_attention.py
+            # --prefill` times both). Zero columns leave the first v_dim outputs as they were.
             value = F.pad(value, (0, pad))
         out = F.scaled_dot_product_attention(
             query, key, value.transpose(1, 2), attn_mask=mask, is_causal=causal, scale=self.scaling
