@@ -395,3 +395,12 @@ def test_avx512_bf16_dequantization_is_the_avx2_one_bit_for_bit(qtype: Q):
                 assert torch.equal(fast.view(torch.int16), plain.view(torch.int16)), (n, k, start, stop)
     finally:
         kernels.set_vnni(True)
+
+
+@needs_amx
+@pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q6_K], ids=lambda t: t.name)
+def test_amx_with_empty_rows_gives_zeros(qtype: Q):
+    """k = 0 passes the checks (no blocks per row): zeros, as the one-row kernel gives, not a crash."""
+    prepared = qblocks.prepare(qtype, np.zeros((20, 0), np.uint8), 0)
+    y = qblocks.matmul_amx_prepared(prepared, torch.randn(3, 0))
+    assert torch.equal(y, torch.zeros(3, 20)) and torch.equal(y, qblocks.matmul_prepared(prepared, torch.randn(3, 0)))

@@ -659,7 +659,6 @@ static int use_bf16 = 0;  /* its AVX-512 BF16 dequantization to bf16: with use_v
 #else
 #define AVX2(f) NULL
 #define have_avx512_vnni() 0
-#define have_avx512_bf16() 0
 #endif
 
 /* Each type's kernels: portable C, AVX2, AVX2 on four activation rows (NULL: one row at a time), and
@@ -904,11 +903,13 @@ AVX2_FN static void dequant_row_bf16_avx2(int type, const uint8_t *w, int64_t k,
 }
 #endif
 
-#ifdef GL_X86
+/* Compilers that know AVX-512 BF16 (GCC 10, clang 9); older ones build everything else without it. */
+#if defined(GL_X86) && (defined(__clang__) ? __clang_major__ >= 9 : __GNUC__ >= 10)
+#define GL_BF16 1
 /* Dequantization straight to bf16 with AVX-512 BF16: dequant_row_bf16_avx2's values (the same multiplies
    and adds, unfused, in fp32), 32 at a time, rounded by VCVTNE2PS2BF16 (nearest even, as to_bf16; it
    treats fp32 subnormals as zero, and no dequantized value is one: each is 0 or a multiple of 2^-24, the
-   smallest f16 step, times integers) with NaNs set to 0x7fc0 as torch sets them. */
+   smallest f16 step, times integers) with NaNs set to 0x7fc0 as to_bf16 and the AVX2 path set them. */
 #define AVX512BF16_FN __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512bf16")))
 
 /* 32 fp32 values (lo: 0..15, hi: 16..31) -> 32 bf16 at y */
@@ -1006,9 +1007,11 @@ AVX512BF16_FN static void dequant_row_bf16_avx512(int type, const uint8_t *w, in
 
 static int have_avx512_bf16(void) {
     unsigned a, b, c, d;
-    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || !have_avx512_bw_vl(b)) return 0;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || a < 1 || !have_avx512_bw_vl(b)) return 0; /* a: last subleaf */
     return __get_cpuid_count(7, 1, &a, &b, &c, &d) && ((a >> 5) & 1);
 }
+#else
+#define have_avx512_bf16() 0
 #endif
 
 /* Activations of one call, quantized (quantize_rows) into buffers of its own. */
@@ -1480,12 +1483,12 @@ AMX_FN static void amx_rows(int type, const uint8_t *w, int64_t row_bytes, int64
         memset(u + r * k, 0, (size_t)k);
         memset(D + r * ng, 0, sizeof(float) * (size_t)ng), memset(M + r * ng, 0, sizeof(float) * (size_t)ng);
     }
+    /* _tile_loadd is an asm without a memory clobber: make the unpacked values land before it reads them */
+    __asm__ volatile("" : : : "memory");
     if (ng != nb) { /* Q6_K */
         amx_rows_g16(w, row_bytes, n, n0, rows, ax, m, out, ldo, u, D);
         return;
     }
-    /* _tile_loadd is an asm without a memory clobber: make the unpacked values land before it reads them */
-    __asm__ volatile("" : : : "memory");
     /* The next 16 rows (the thread's next tile under a static schedule) are prefetched into L2 a few
        lines per block while this tile computes: unpacking otherwise waits on DRAM for every tile, since
        the hardware prefetcher does not run ahead across the long compute between two tiles. */
@@ -1617,7 +1620,8 @@ static PyObject *py_matmul_amx(PyObject *self, PyObject *args) {
         return NULL;
     }
     if (m <= 0 || mat.n <= 0) Py_RETURN_NONE;
-    if (!use_avx2) /* set_isa("portable") after the caller chose this kernel: the portable products */
+    if (!use_avx2 || k <= 0) /* set_isa("portable") after the caller chose this kernel, or empty rows:
+                                the portable products (zeros for k = 0; the tile loop divides by k / 32) */
         return run_matmuls(&mat, 1, k, (const float *)xp, m, threads);
     int ok = 1;
 #ifdef GL_AMX
@@ -1674,8 +1678,10 @@ static PyObject *py_dequantize(PyObject *self, PyObject *args) {
             if (!bf16) {
                 for (int64_t j = j0; j < j1; j++) row(type, w + j * row_bytes, k, (float *)op + j * k);
 #ifdef GL_X86
+#ifdef GL_BF16
             } else if (direct && use_vnni && use_bf16) {
                 for (int64_t j = j0; j < j1; j++) dequant_row_bf16_avx512(type, w + j * row_bytes, k, (uint16_t *)op + j * k);
+#endif
             } else if (direct) {
                 for (int64_t j = j0; j < j1; j++) dequant_row_bf16_avx2(type, w + j * row_bytes, k, (uint16_t *)op + j * k);
 #endif
