@@ -403,4 +403,6 @@ def test_amx_with_empty_rows_gives_zeros(qtype: Q):
     """k = 0 passes the checks (no blocks per row): zeros, as the one-row kernel gives, not a crash."""
     prepared = qblocks.prepare(qtype, np.zeros((20, 0), np.uint8), 0)
     y = qblocks.matmul_amx_prepared(prepared, torch.randn(3, 0))
-    assert torch.equal(y, torch.zeros(3, 20)) and torch.equal(y, qblocks.matmul_prepared(prepared, torch.randn(3, 0)))
+    assert torch.equal(y, torch.zeros(3, 20)) and torch.equal(
+        y, qblocks.matmul_prepared(prepared, torch.randn(3, 0))
+    )
