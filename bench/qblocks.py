@@ -84,16 +84,29 @@ def decode(rng: np.random.Generator) -> None:
 
 def dequantization(rng: np.random.Generator) -> None:
     """What the many-row path pays before its GEMM: one 2048 x 1536 matrix of each type dequantized
-    to fp32 and, in one pass, to bf16 (the GEMM's dtype where the CPU has native bf16)."""
-    print("\n| type | fp32 G weights/s | bf16 G weights/s |\n|---|---|---|")
+    to fp32 and, in one pass, to bf16 (the GEMM's dtype where the CPU has native bf16). Where that
+    pass takes AVX-512 BF16 (`qblocks.bf16()`), the last column times it with the AVX2 code instead
+    (`_qkernels.set_vnni(False)`): the same bits."""
+    bf16 = qblocks.bf16()
+    print(
+        "\n| type | fp32 G weights/s | bf16 G weights/s |"
+        + (" bf16 without AVX-512 BF16 |" if bf16 else "")
+        + "\n|---|---|---|"
+        + ("---|" if bf16 else "")
+    )
     n, k = 2048, 1536
     for qtype in (Q.Q4_0, Q.Q5_0, Q.Q8_0, Q.Q4_K, Q.Q5_K, Q.Q6_K):
         rows = qblocks.as_rows(random_blocks(qtype, n, k, rng, scales=(1e-3, 1e-2)), qtype, n, k)
-        rates = [
-            n * k / best_ms(lambda q=qtype, r=rows, dt=dt: qblocks.dequantize(q, r, k, dtype=dt)) / 1e6
-            for dt in (torch.float32, torch.bfloat16)
-        ]
-        print(f"| {qtype.name} | {rates[0]:.2f} | {rates[1]:.2f} |")
+
+        def rate(dt: torch.dtype, q=qtype, r=rows) -> float:
+            return n * k / best_ms(lambda: qblocks.dequantize(q, r, k, dtype=dt)) / 1e6
+
+        line = f"| {qtype.name} | {rate(torch.float32):.2f} | {rate(torch.bfloat16):.2f} |"
+        if bf16:
+            qblocks._qkernels.set_vnni(False)
+            line += f" {rate(torch.bfloat16):.2f} |"
+            qblocks._qkernels.set_vnni(True)
+        print(line)
 
 
 def prefill(rng: np.random.Generator) -> None:

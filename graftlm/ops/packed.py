@@ -53,8 +53,7 @@ class GatePair:
         """(x @ gate^T, x @ up^T), each contiguous [.., I]."""
         both = (self.gate.prepared, self.up.prepared) if self.gate.layout == self.up.layout == "gguf" else ()
         if both and x.shape[0] <= min(self.gate.kernel_rows, self.up.kernel_rows):
-            gate, up = qblocks.matmul_many(list(both), x)  # x quantized once, one call
-            return gate, up
+            return tuple(qblocks.matmul_many(list(both), x))  # x quantized once, one call
         return self.gate.matmul(x), self.up.matmul(x)
 
     @property

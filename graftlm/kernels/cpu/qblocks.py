@@ -70,7 +70,7 @@ def vnni() -> bool:
 def bf16() -> bool:
     """Whether dequantization to bf16 (the many-row GEMM path's) runs on AVX-512 BF16: with `vnni()`,
     where the CPU has it; the AVX2 path's values bit for bit, about twice as fast."""
-    return available() and hasattr(_qkernels, "bf16") and bool(_qkernels.bf16())
+    return available() and bool(_qkernels.bf16())
 
 
 def set_isa(name: str) -> str:

@@ -652,7 +652,7 @@ static int have_avx2(void) { return 0; }
 
 static int use_avx2 = 0; /* set at import, may be lowered by set_isa() */
 static int use_vnni = 0;  /* the AVX2 path's AVX-512 VNNI one-row kernels: set at import, set_vnni() */
-static int use_bf16 = 0;  /* its AVX-512 BF16 dequantization to bf16: with use_vnni, where the CPU has it */
+static int cpu_bf16 = 0;  /* AVX-512 BF16 (read at import): with use_vnni, dequantization to bf16 takes it */
 
 #ifdef GL_X86
 #define AVX2(f) f
@@ -1416,6 +1416,26 @@ AMX_FN static void amx_x_fill(amx_x_t *ax, const float *x, int64_t m, int64_t k,
     }
 }
 
+/* The thread's next 16 W rows (its next tile under a static schedule), prefetched into L2 a few lines per
+   block while this tile computes: unpacking otherwise waits on DRAM for every tile, since the hardware
+   prefetcher does not run ahead across the long compute between two tiles. */
+typedef struct {
+    const char *p, *end;
+    int64_t step; /* bytes per call of amx_prefetch, spread over `steps` calls */
+} amx_pf_t;
+
+static inline amx_pf_t amx_prefetch_init(const uint8_t *w, int64_t row_bytes, int64_t n, int64_t n0, int64_t steps) {
+    const int64_t r0 = n0 + AMX_TILE < n ? n0 + AMX_TILE : n, r1 = n0 + 2 * AMX_TILE < n ? n0 + 2 * AMX_TILE : n;
+    amx_pf_t pf = {(const char *)(w + r0 * row_bytes), (const char *)(w + r1 * row_bytes), 0};
+    pf.step = 64 * ((pf.end - pf.p) / 64 / steps + 1);
+    return pf;
+}
+
+static inline void amx_prefetch(amx_pf_t *pf) {
+    for (const char *e = pf->p + pf->step < pf->end ? pf->p + pf->step : pf->end; pf->p < e; pf->p += 64)
+        _mm_prefetch(pf->p, _MM_HINT_T1);
+}
+
 /* acc[r] (W row r against 16 activation rows) into out [t][n] for the tile's real rows */
 AMX_FN static inline void amx_store(const __m512 *acc, int64_t j, int64_t m, int64_t n0, int64_t rows, float *out,
                                     int64_t ldo) {
@@ -1431,12 +1451,9 @@ AMX_FN static inline void amx_store(const __m512 *acc, int64_t j, int64_t m, int
 /* amx_rows for Q6_K, whose scales cover 16 values: each block of 32 activations takes two products of
    depth 16 (tiles 6 and 7: the block's first and last 16 values; the activation tile's rows 0-3 and
    4-7), each scaled by its own D times the block's dx. W is unpacked and padded by the caller. */
-AMX_FN static void amx_rows_g16(const uint8_t *w, int64_t row_bytes, int64_t n, int64_t n0, int64_t rows,
-                                const amx_x_t *ax, int64_t m, float *out, int64_t ldo, const uint8_t *u, const float *D) {
+AMX_FN static void amx_rows_g16(int64_t n0, int64_t rows, const amx_x_t *ax, int64_t m, float *out, int64_t ldo,
+                                const uint8_t *u, const float *D, amx_pf_t *pf) {
     const int64_t nb = ax->nb, k = nb * 32, ng = 2 * nb;
-    const char *pf = (const char *)(w + (n0 + AMX_TILE) * row_bytes); /* as amx_rows prefetches */
-    const char *pf_end = n0 + AMX_TILE < n ? (const char *)(w + (n0 + 2 * AMX_TILE < n ? n0 + 2 * AMX_TILE : n) * row_bytes) : pf;
-    const int64_t pf_step = 64 * ((pf_end - pf) / 64 / (ax->tiles * nb) + 1);
     int32_t c0[AMX_TILE * AMX_TILE] __attribute__((aligned(64)));
     int32_t c1[AMX_TILE * AMX_TILE] __attribute__((aligned(64)));
     for (int64_t j = 0; j < ax->tiles; j++) {
@@ -1444,8 +1461,7 @@ AMX_FN static void amx_rows_g16(const uint8_t *w, int64_t row_bytes, int64_t n, 
         for (int r = 0; r < AMX_TILE; r++) acc[r] = _mm512_setzero_ps();
         const int8_t *bt = ax->vnni + j * nb * 512;
         for (int64_t b = 0; b < nb; b++) {
-            for (const char *e = pf + pf_step < pf_end ? pf + pf_step : pf_end; pf < e; pf += 64)
-                _mm_prefetch(pf, _MM_HINT_T1);
+            amx_prefetch(pf);
             _tile_loadd(6, u + b * 32, k);
             _tile_loadd(7, bt + b * 512, 64);
             _tile_zero(0);
@@ -1485,16 +1501,11 @@ AMX_FN static void amx_rows(int type, const uint8_t *w, int64_t row_bytes, int64
     }
     /* _tile_loadd is an asm without a memory clobber: make the unpacked values land before it reads them */
     __asm__ volatile("" : : : "memory");
+    amx_pf_t pf = amx_prefetch_init(w, row_bytes, n, n0, ax->tiles * nb);
     if (ng != nb) { /* Q6_K */
-        amx_rows_g16(w, row_bytes, n, n0, rows, ax, m, out, ldo, u, D);
+        amx_rows_g16(n0, rows, ax, m, out, ldo, u, D, &pf);
         return;
     }
-    /* The next 16 rows (the thread's next tile under a static schedule) are prefetched into L2 a few
-       lines per block while this tile computes: unpacking otherwise waits on DRAM for every tile, since
-       the hardware prefetcher does not run ahead across the long compute between two tiles. */
-    const char *pf = (const char *)(w + (n0 + AMX_TILE) * row_bytes);
-    const char *pf_end = n0 + AMX_TILE < n ? (const char *)(w + (n0 + 2 * AMX_TILE < n ? n0 + 2 * AMX_TILE : n) * row_bytes) : pf;
-    const int64_t pf_step = 64 * ((pf_end - pf) / 64 / (ax->tiles * nb) + 1);
     int32_t c[AMX_TILE * AMX_TILE] __attribute__((aligned(64)));
     for (int64_t j = 0; j < ax->tiles; j++) {
         __m512 acc[AMX_TILE];
@@ -1505,8 +1516,7 @@ AMX_FN static void amx_rows(int type, const uint8_t *w, int64_t row_bytes, int64
            took about half the time each (variants with one left out; BENCHMARKS.md), and neither
            issuing the products of several blocks ahead nor 2 x 2 blocking of the tiles made it faster. */
         for (int64_t b = 0; b < nb; b++) {
-            for (const char *e = pf + pf_step < pf_end ? pf + pf_step : pf_end; pf < e; pf += 64)
-                _mm_prefetch(pf, _MM_HINT_T1);
+            amx_prefetch(&pf);
             _tile_loadd(4, u + b * 32, k);
             _tile_loadd(5, bt + b * 512, 64);
             _tile_zero(0);
@@ -1679,7 +1689,7 @@ static PyObject *py_dequantize(PyObject *self, PyObject *args) {
                 for (int64_t j = j0; j < j1; j++) row(type, w + j * row_bytes, k, (float *)op + j * k);
 #ifdef GL_X86
 #ifdef GL_BF16
-            } else if (direct && use_vnni && use_bf16) {
+            } else if (direct && use_vnni && cpu_bf16) {
                 for (int64_t j = j0; j < j1; j++) dequant_row_bf16_avx512(type, w + j * row_bytes, k, (uint16_t *)op + j * k);
 #endif
             } else if (direct) {
@@ -2253,13 +2263,12 @@ static PyObject *py_set_vnni(PyObject *self, PyObject *args) {
     int on;
     if (!PyArg_ParseTuple(args, "p", &on)) return NULL;
     use_vnni = on && have_avx512_vnni();
-    use_bf16 = use_vnni && have_avx512_bf16();
     return PyBool_FromLong(use_vnni);
 }
 
 static PyObject *py_vnni(PyObject *self, PyObject *noargs) { return PyBool_FromLong(use_avx2 && use_vnni); }
 
-static PyObject *py_bf16(PyObject *self, PyObject *noargs) { return PyBool_FromLong(use_avx2 && use_vnni && use_bf16); }
+static PyObject *py_bf16(PyObject *self, PyObject *noargs) { return PyBool_FromLong(use_avx2 && use_vnni && cpu_bf16); }
 
 static PyObject *py_isa(PyObject *self, PyObject *noargs) {
     return PyUnicode_FromString(use_avx2 ? "avx2" : "portable");
@@ -2301,6 +2310,6 @@ static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_qkernels", NULL, -1
 PyMODINIT_FUNC PyInit__qkernels(void) {
     use_avx2 = have_avx2();
     use_vnni = use_avx2 && have_avx512_vnni();
-    use_bf16 = use_vnni && have_avx512_bf16();
+    cpu_bf16 = have_avx512_bf16();
     return PyModule_Create(&module);
 }
