@@ -2,7 +2,7 @@
 
     python bench/qblocks.py [--threads 1 2] [--isa avx2|portable]
 
-(`avx2` keeps the AVX-512 VNNI one-row kernels where the CPU has them; part 1 times them both ways.)
+(`avx2` keeps the AVX-512 one-row kernels where the CPU has them; part 1 times them both ways.)
 
 Part 1 (decode): the memory bandwidth (torch.sum over 1 GiB), then one activation row against
 matrices of each type, 2048 wide, small enough for the L3 cache (4096 rows) and far larger (65536
@@ -61,10 +61,11 @@ def bandwidth() -> None:
 
 
 def decode(rng: np.random.Generator) -> None:
-    """One activation row; where the AVX2 path has its AVX-512 VNNI kernels (Q4_0, Q5_0, Q8_0), the
-    last column times the same matrix with them off (`_qkernels.set_vnni(False)`): the same results."""
+    """One activation row; where the AVX2 path has its AVX-512 kernels (VNNI: Q4_0, Q5_0, Q8_0; 512-bit
+    vectors: Q5_K, Q6_K), the last column times the same matrix with them off
+    (`_qkernels.set_vnni(False)`): the same results."""
     vnni = qblocks.vnni()
-    print("| type | rows x 2048 | MB | us | GB/s |" + (" us without VNNI |" if vnni else ""))
+    print("| type | rows x 2048 | MB | us | GB/s |" + (" us without AVX-512 |" if vnni else ""))
     print("|---|---|---|---|---|" + ("---|" if vnni else ""))
     for qtype in (Q.Q4_0, Q.Q5_0, Q.Q8_0, Q.Q4_K, Q.Q5_K, Q.Q6_K):
         for n in (4096, 65536):
@@ -74,7 +75,7 @@ def decode(rng: np.random.Generator) -> None:
             line = f"| {qtype.name} | {n} | {rows.nbytes / 1e6:.1f} | {s * 1e6:.0f} | {rows.nbytes / s / 1e9:.1f} |"
             if vnni:
                 plain = None
-                if qtype in (Q.Q4_0, Q.Q5_0, Q.Q8_0):
+                if qtype in (Q.Q4_0, Q.Q5_0, Q.Q8_0, Q.Q5_K, Q.Q6_K):
                     qblocks._qkernels.set_vnni(False)
                     plain = kernel_s(qtype, rows, x)
                     qblocks._qkernels.set_vnni(True)

@@ -344,16 +344,18 @@ def test_amx_calls_follow_a_later_switch_to_the_portable_path():
         qblocks.set_isa("avx2")
 
 
-@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q5_0, Q.Q8_0], ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q5_0, Q.Q8_0, Q.Q4_K, Q.Q5_K, Q.Q6_K], ids=lambda t: t.name)
 def test_vnni_kernels_are_the_avx2_kernels_bit_for_bit(qtype: Q):
-    """The AVX-512 VNNI one-row kernels compute the same integer sums and float operations in the
-    same order as the AVX2 ones: equal outputs, not merely close, including block-count tails."""
+    """The AVX-512 one-row kernels (VNNI for the 32-value types, 512-bit vectors for the K-quants)
+    compute the same integer sums and float operations in the same order as the AVX2 ones: equal
+    outputs, not merely close, including block-count tails."""
     kernels = qblocks._qkernels
     if qblocks.isa() != "avx2" or not kernels.set_vnni(True):
         pytest.skip("no AVX-512 VNNI here")
     rng = np.random.default_rng(7)
     try:
-        for n, k in [(37, 96), (19, 640), (64, 2048 + 32)]:
+        block = 256 if qtype in (Q.Q4_K, Q.Q5_K, Q.Q6_K) else 32
+        for n, k in [(37, 3 * block), (19, 640 // 32 * block), (64, 2048 + block)]:
             raw = random_blocks(qtype, n, k, rng)
             rows = qblocks.as_rows(raw, qtype, n, k)
             x = torch.from_numpy(rng.standard_normal((3, k)).astype(np.float32)) * 4

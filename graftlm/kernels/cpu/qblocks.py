@@ -5,8 +5,8 @@ an fp32 scale per block (32 values for the 32-value types, 256 for K-quants, as 
 and takes each block's dot product in integers, as llama.cpp does;
 weights stay in their GGUF blocks, memory-mapped, with no repacked copy. Its AVX2 path is chosen at
 run time where the CPU has AVX2, FMA and F16C, portable C elsewhere; on it, Q4_0, Q5_0 and Q8_0's
-one-row kernels take AVX-512 VNNI instructions where the CPU has them (`vnni()`; the same results
-bit for bit; `python bench/qblocks.py` times both), and dequantization to bf16 takes AVX-512 BF16
+one-row kernels take AVX-512 VNNI instructions where the CPU has them, and Q5_K and Q6_K's 512-bit
+vectors (`vnni()`; the same results bit for bit; `python bench/qblocks.py` times both), and dequantization to bf16 takes AVX-512 BF16
 (`bf16()`; the same values). Where the CPU has AMX (and Linux
 grants the tile state), `matmul_amx_prepared` computes the same products for many rows on the tile
 unit, with activations rounded per block of 32 for every type (`amx()` says whether it runs).
@@ -62,8 +62,9 @@ def amx(qtype: Q | None = None) -> bool:
 
 
 def vnni() -> bool:
-    """Whether the AVX2 path runs its AVX-512 VNNI one-row kernels (Q4_0, Q5_0, Q8_0; the AVX2
-    kernels' results bit for bit). `_qkernels.set_vnni(False)` turns them off."""
+    """Whether the AVX2 path runs its AVX-512 one-row kernels (VNNI for Q4_0, Q5_0, Q8_0; 512-bit
+    vectors for Q5_K, Q6_K; the AVX2 kernels' results bit for bit). `_qkernels.set_vnni(False)` turns
+    them off."""
     return available() and bool(_qkernels.vnni())
 
 

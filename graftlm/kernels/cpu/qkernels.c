@@ -8,7 +8,7 @@
  *
  * Two code paths, chosen at run time (never an illegal instruction): AVX2+FMA+F16C, compiled with
  * function target attributes, and portable C. On the AVX2 path, Q4_0, Q5_0 and Q8_0's one-row kernels
- * use AVX-512 VNNI where the CPU has it, with bit-identical results. Where the CPU and the OS allow AMX, `matmul_amx` runs
+ * use AVX-512 VNNI where the CPU has it, and Q5_K and Q6_K's use 512-bit vectors, with bit-identical results. Where the CPU and the OS allow AMX, `matmul_amx` runs
  * products of many activation rows on the tile unit (its section below says how). `dequantize`
  * writes fp32 rows (for many-row products, which then run a GEMM); it computes in the same order as
  * gguf-py's reference, so it matches it bit for bit. Threads: OpenMP when the build has it (it then shares torch's runtime), else one.
@@ -454,6 +454,22 @@ AVX2_FN static inline __m128i k_scale_min_128(const uint8_t *s) {
     return _mm_set_epi32((int)mn_hi, (int)mn_lo, (int)sc_hi, (int)sc_lo);
 }
 
+/* A Q4_K / Q5_K super-block's scales and mins as k_scale_min_128 gives them; adds the mins' share of
+   the dot product, dmin * xd * sum_j mn_j * (sum of activations of sub-block j), to *accm. */
+AVX2_FN static inline __m128i k_scales_mins(const uint8_t *w, qx_t x, int64_t sb, float xd, __m128 *accm) {
+    __m128i scmn = k_scale_min_128(w + 4);
+    __m128i mins = _mm_madd_epi16(_mm_cvtepu8_epi16(_mm_unpackhi_epi64(scmn, scmn)),
+                                  _mm_loadu_si128((const __m128i *)(x.s32 + sb * 8)));
+    *accm = _mm_fmadd_ps(_mm_set1_ps(_cvtsh_ss(rd16(w + 2)) * xd), _mm_cvtepi32_ps(mins), *accm);
+    return scmn;
+}
+
+AVX2_FN static inline float hsum4_ps(__m128 v) {
+    __m128 m = _mm_add_ps(v, _mm_movehl_ps(v, v));
+    m = _mm_add_ss(m, _mm_movehdup_ps(m));
+    return _mm_cvtss_f32(m);
+}
+
 /* int16 element j of each 128-bit lane, in every int16 of that lane */
 AVX2_FN static inline __m256i pick16(int lo, int hi) {
     return _mm256_setr_epi8(2 * lo, 2 * lo + 1, 2 * lo, 2 * lo + 1, 2 * lo, 2 * lo + 1, 2 * lo, 2 * lo + 1, 2 * lo,
@@ -483,11 +499,8 @@ AVX2_FN static inline float dot_k45_avx2(const uint8_t *w, qx_t x, int64_t k, in
     for (int64_t sb = 0; sb < k / 256; sb++, w += bb) {
         PREFETCH_BLOCK(w, bb);
         const float xd = x.d[sb];
-        __m128i scmn = k_scale_min_128(w + 4);
+        __m128i scmn = k_scales_mins(w, x, sb, xd, &accm);
         __m256i sc16 = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(scmn));
-        __m128i mins = _mm_madd_epi16(_mm_cvtepu8_epi16(_mm_unpackhi_epi64(scmn, scmn)),
-                                      _mm_loadu_si128((const __m128i *)(x.s32 + sb * 8)));
-        accm = _mm_fmadd_ps(_mm_set1_ps(_cvtsh_ss(rd16(w + 2)) * xd), _mm_cvtepi32_ps(mins), accm);
         const uint8_t *qs = w + (q5 ? 48 : 16);
         const int8_t *xq = x.q + sb * 256;
         __m256i hbits = q5 ? _mm256_loadu_si256((const __m256i *)(w + 16)) : _mm256_setzero_si256();
@@ -502,9 +515,7 @@ AVX2_FN static inline float dot_k45_avx2(const uint8_t *w, qx_t x, int64_t k, in
         }
         acc = _mm256_fmadd_ps(_mm256_set1_ps(_cvtsh_ss(rd16(w)) * xd), _mm256_cvtepi32_ps(_mm256_add_epi32(sum0, sum1)), acc);
     }
-    __m128 m = _mm_add_ps(accm, _mm_movehl_ps(accm, accm));
-    m = _mm_add_ss(m, _mm_movehdup_ps(m));
-    return hsum_ps(acc) - _mm_cvtss_f32(m);
+    return hsum_ps(acc) - hsum4_ps(accm);
 }
 
 AVX2_FN static float dot_q4_k_avx2(const uint8_t *w, qx_t x, int64_t k) { return dot_k45_avx2(w, x, k, 0); }
@@ -538,6 +549,110 @@ AVX2_FN static float dot_q6_k_avx2(const uint8_t *w, qx_t x, int64_t k) {
     return hsum_ps(acc);
 }
 
+
+/* Q5_K and Q6_K's one-row kernels on 512-bit vectors, where the CPU has AVX-512 BW, VL and VNNI (the
+   same gate as the VNNI kernels above). Their AVX2 loops are compute-bound on one core here (Q6_K
+   ~12-14 ns a super-block with the weights in L2, ~16 GB/s, about what one core reads from DRAM):
+   each 512-bit instruction does two of the AVX2 kernel's 256-bit steps, 1.1-1.2x faster with the
+   weights in L2 (one thread, interleaved runs). Every integer partial sum lands in 16 lanes where the
+   AVX2 kernel had 8, lane i and lane i + 8 together holding what its lane i held; the two halves are
+   added before any float operation, so the float operations, and the results, are the AVX2 kernels'
+   bit for bit (tested). */
+
+/* the 256-bit halves of a and b side by side */
+#define CAT256(a, b) _mm512_inserti64x4(_mm512_castsi256_si512(a), (b), 1)
+
+/* the 16 int32 lanes folded to the AVX2 kernels' 8: lane i + lane i + 8 */
+AVX512_FN static inline __m256i fold512(__m512i v) {
+    return _mm256_add_epi32(_mm512_castsi512_si256(v), _mm512_extracti64x4_epi64(v, 1));
+}
+
+/* Chunks 2j and 2j + 1 of a Q5_K super-block (k45_values' order) as two vectors: lo holds the low
+   sub-blocks of both chunks (4j, 4j + 2), hi their high ones (4j + 1, 4j + 3), each with its fifth bits
+   (hbits: the 32 qh bytes in both halves); xlo and xhi are the activations that go with them. */
+AVX512_FN static inline void q5_k_values_512(const uint8_t *qs, const int8_t *xq, __m512i hbits, int j, __m512i *lo,
+                                              __m512i *hi, __m512i *xlo, __m512i *xhi) {
+    const __m512i m4 = _mm512_set1_epi8(15), s16 = _mm512_set1_epi8(16);
+    const int c0 = 2 * j, c1 = 2 * j + 1; /* chunk c's fifth bits: bit 2c (low sub-block), 2c + 1 (high) */
+    const __m512i b0 = CAT256(_mm256_set1_epi8((char)(1 << (2 * c0))), _mm256_set1_epi8((char)(1 << (2 * c1))));
+    const __m512i b1 = CAT256(_mm256_set1_epi8((char)(2 << (2 * c0))), _mm256_set1_epi8((char)(2 << (2 * c1))));
+    __m512i q = _mm512_loadu_si512((const void *)(qs + 64 * j));
+    *lo = _mm512_or_si512(_mm512_and_si512(q, m4), _mm512_maskz_mov_epi8(_mm512_test_epi8_mask(hbits, b0), s16));
+    *hi = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(q, 4), m4),
+                          _mm512_maskz_mov_epi8(_mm512_test_epi8_mask(hbits, b1), s16));
+    __m512i x0 = _mm512_loadu_si512((const void *)(xq + 128 * j)), x1 = _mm512_loadu_si512((const void *)(xq + 128 * j + 64));
+    *xlo = _mm512_shuffle_i64x2(x0, x1, 0x44); /* x0's low half, x1's low half */
+    *xhi = _mm512_shuffle_i64x2(x0, x1, 0xee);
+}
+
+/* dot_k45_avx2 for Q5_K. (Q4_K has no such kernel: the same loop measured no faster than its AVX2 one,
+   whose lighter unpacking leaves the vector ports less to do.) */
+AVX512_FN static float dot_q5_k_512(const uint8_t *w, qx_t x, int64_t k) {
+    __m256 acc = _mm256_setzero_ps();
+    __m128 accm = _mm_setzero_ps();
+    /* each 128-bit lane's int16 scale: sub-blocks (4j + s, 4j + 2 + s) for s = 0 (lo) and 1 (hi) */
+    const __m512i pick[2][2] = {{CAT256(pick16(0, 0), pick16(2, 2)), CAT256(pick16(1, 1), pick16(3, 3))},
+                                {CAT256(pick16(4, 4), pick16(6, 6)), CAT256(pick16(5, 5), pick16(7, 7))}};
+    for (int64_t sb = 0; sb < k / 256; sb++, w += 176) {
+        PREFETCH_BLOCK(w, 176);
+        const float xd = x.d[sb];
+        __m128i scmn = k_scales_mins(w, x, sb, xd, &accm);
+        __m512i sc16 = _mm512_broadcast_i32x4(_mm_cvtepu8_epi16(scmn));
+        const int8_t *xq = x.q + sb * 256;
+        __m512i hbits = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(w + 16)));
+        __m512i sum = _mm512_setzero_si512();
+        for (int j = 0; j < 2; j++) {
+            __m512i lo, hi, xlo, xhi;
+            q5_k_values_512(w + 48, xq, hbits, j, &lo, &hi, &xlo, &xhi);
+            __m512i p0 = _mm512_madd_epi16(_mm512_maddubs_epi16(lo, xlo), _mm512_shuffle_epi8(sc16, pick[j][0]));
+            __m512i p1 = _mm512_madd_epi16(_mm512_maddubs_epi16(hi, xhi), _mm512_shuffle_epi8(sc16, pick[j][1]));
+            sum = _mm512_add_epi32(sum, _mm512_add_epi32(p0, p1));
+        }
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(_cvtsh_ss(rd16(w)) * xd), _mm256_cvtepi32_ps(fold512(sum)), acc);
+    }
+    return hsum_ps(acc) - hsum4_ps(accm);
+}
+
+/* One half (128 values) of a Q6_K block as two vectors: q6_half's q[0] and q[1] side by side, then
+   q[2] and q[3], which go with the half's activations 0..63 and 64..127 as they lie. */
+AVX512_FN static inline void q6_half_512(const uint8_t *ql, const uint8_t *qh, __m512i q[2]) {
+    const __m512i lo4 = _mm512_set1_epi8(15), hi2 = _mm512_set1_epi8(0x30);
+    const __m512i a = _mm512_loadu_si512((const void *)ql); /* ql[0..31] | ql[32..63] */
+    const __m512i hb = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)qh));
+    /* the high bits of q[r] are bits 2r, 2r + 1 of qh, moved to bits 4, 5 */
+    const __m512i up01 = CAT256(_mm256_set1_epi16(4), _mm256_set1_epi16(2));   /* r = 0, 1: shift left 4, 2 */
+    const __m512i dn23 = CAT256(_mm256_setzero_si256(), _mm256_set1_epi16(2)); /* r = 2, 3: shift right 0, 2 */
+    q[0] = _mm512_or_si512(_mm512_and_si512(a, lo4), _mm512_and_si512(_mm512_sllv_epi16(hb, up01), hi2));
+    q[1] = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(a, 4), lo4), _mm512_and_si512(_mm512_srlv_epi16(hb, dn23), hi2));
+}
+
+AVX512_FN static float dot_q6_k_512(const uint8_t *w, qx_t x, int64_t k) {
+    __m256 acc = _mm256_setzero_ps();
+    /* the scale of each 16 values: q[0] of half h covers scales 8h + 0..3 (one per 128-bit lane), q[1] 8h + 4..7 */
+    const __m256i spread0 = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3,
+                                             3, 3, 3, 3, 3, 3, 3);
+    const __m256i spread1 = _mm256_add_epi8(spread0, _mm256_set1_epi8(4));
+    for (int64_t sb = 0; sb < k / 256; sb++, w += 210) {
+        PREFETCH_BLOCK(w, 210);
+        __m256i sc_all = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(w + 192)));
+        __m256i off = _mm256_madd_epi16(sc_all, _mm256_loadu_si256((const __m256i *)(x.s + sb * 16)));
+        __m512i sum = _mm512_setzero_si512();
+        for (int h = 0; h < 2; h++) {
+            const int8_t *xq = x.q + sb * 256 + 128 * h;
+            __m256i sc8 = _mm256_broadcastq_epi64(_mm_loadl_epi64((const __m128i *)(w + 192 + 8 * h)));
+            __m512i q[2];
+            q6_half_512(w + 64 * h, w + 128 + 32 * h, q);
+            __m512i p0 = _mm512_maddubs_epi16(q[0], _mm512_loadu_si512((const void *)xq));
+            __m512i p1 = _mm512_maddubs_epi16(q[1], _mm512_loadu_si512((const void *)(xq + 64)));
+            sum = _mm512_add_epi32(sum, _mm512_madd_epi16(p0, _mm512_cvtepi8_epi16(_mm256_shuffle_epi8(sc8, spread0))));
+            sum = _mm512_add_epi32(sum, _mm512_madd_epi16(p1, _mm512_cvtepi8_epi16(_mm256_shuffle_epi8(sc8, spread1))));
+        }
+        __m256i isum = _mm256_add_epi32(_mm256_slli_epi32(_mm256_sub_epi32(_mm256_setzero_si256(), off), 5), fold512(sum));
+        float dd = _cvtsh_ss(rd16(w + 208)) * x.d[sb];
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(dd), _mm256_cvtepi32_ps(isum), acc);
+    }
+    return hsum_ps(acc);
+}
 
 /* ---------------------------------------------------------------- AVX2, four activation rows at once
    (many-row products: each weight block is unpacked once and dotted with four rows) */
@@ -651,7 +766,7 @@ static int have_avx2(void) { return 0; }
 #endif
 
 static int use_avx2 = 0; /* set at import, may be lowered by set_isa() */
-static int use_vnni = 0;  /* the AVX2 path's AVX-512 VNNI one-row kernels: set at import, set_vnni() */
+static int use_vnni = 0;  /* the AVX2 path's AVX-512 one-row kernels: set at import, set_vnni() */
 static int cpu_bf16 = 0;  /* AVX-512 BF16 (read at import): with use_vnni, dequantization to bf16 takes it */
 
 #ifdef GL_X86
@@ -662,7 +777,7 @@ static int cpu_bf16 = 0;  /* AVX-512 BF16 (read at import): with use_vnni, dequa
 #endif
 
 /* Each type's kernels: portable C, AVX2, AVX2 on four activation rows (NULL: one row at a time), and
-   the AVX2 path's one-row kernel where the CPU has AVX-512 VNNI (NULL: the AVX2 one). */
+   the AVX2 path's one-row kernel where the CPU has AVX-512 BW, VL and VNNI (NULL: the AVX2 one). */
 static const struct {
     int type;
     dot_fn c, avx2;
@@ -675,8 +790,8 @@ static const struct {
     {T_Q5_1, dot_q5_1_c, AVX2(dot_q5_1_avx2), NULL, NULL},
     {T_Q8_0, dot_q8_0_c, AVX2(dot_q8_0_avx2), AVX2(dot4_q8_0_avx2), AVX2(dot_q8_0_vnni)},
     {T_Q4_K, dot_q4_k_c, AVX2(dot_q4_k_avx2), AVX2(dot4_q4_k_avx2), NULL},
-    {T_Q5_K, dot_q5_k_c, AVX2(dot_q5_k_avx2), AVX2(dot4_q5_k_avx2), NULL},
-    {T_Q6_K, dot_q6_k_c, AVX2(dot_q6_k_avx2), AVX2(dot4_q6_k_avx2), NULL},
+    {T_Q5_K, dot_q5_k_c, AVX2(dot_q5_k_avx2), AVX2(dot4_q5_k_avx2), AVX2(dot_q5_k_512)},
+    {T_Q6_K, dot_q6_k_c, AVX2(dot_q6_k_avx2), AVX2(dot4_q6_k_avx2), AVX2(dot_q6_k_512)},
 };
 
 /* The kernels for `type` on the code path in use (the type is checked by check_matrix first). */
@@ -2256,8 +2371,8 @@ static PyObject *py_set_isa(PyObject *self, PyObject *args) {
     return PyUnicode_FromString(use_avx2 ? "avx2" : "portable");
 }
 
-/* set_vnni(on): whether the AVX2 path uses its AVX-512 kernels: the VNNI one-row kernels (Q4_0, Q5_0, Q8_0)
-   and, where the CPU also has AVX-512 BF16, dequantization to bf16; each gives the AVX2 kernels' results
+/* set_vnni(on): whether the AVX2 path uses its AVX-512 kernels: the one-row kernels (VNNI: Q4_0, Q5_0, Q8_0;
+   512-bit vectors: Q5_K, Q6_K) and, where the CPU also has AVX-512 BF16, dequantization to bf16; each gives the AVX2 kernels' results
    bit for bit. On only where the CPU has them. Returns whether the VNNI kernels are now in use. */
 static PyObject *py_set_vnni(PyObject *self, PyObject *args) {
     int on;
@@ -2298,8 +2413,8 @@ static PyMethodDef methods[] = {
     {"mask_span", py_mask_span, METH_VARARGS, "(lo, hi) when a bool mask row's true entries are one span, else None."},
     {"set_isa", py_set_isa, METH_VARARGS, "Choose the code path: avx2 (where supported) or portable."},
     {"isa", py_isa, METH_NOARGS, "The code path in use."},
-    {"set_vnni", py_set_vnni, METH_VARARGS, "Whether the AVX2 path uses its AVX-512 VNNI one-row kernels (where supported)."},
-    {"vnni", py_vnni, METH_NOARGS, "Whether the AVX-512 VNNI one-row kernels are in use."},
+    {"set_vnni", py_set_vnni, METH_VARARGS, "Whether the AVX2 path uses its AVX-512 one-row kernels (where supported)."},
+    {"vnni", py_vnni, METH_NOARGS, "Whether the AVX-512 one-row kernels are in use."},
     {"bf16", py_bf16, METH_NOARGS, "Whether dequantization to bf16 uses AVX-512 BF16 (with the VNNI kernels)."},
     {"openmp", py_openmp, METH_NOARGS, "Whether the build uses OpenMP threads."},
     {NULL, NULL, 0, NULL},
