@@ -1,16 +1,20 @@
 /* What the AMX tile unit costs on this machine: the ceiling of any tile kernel, graftlm's included.
 
-    gcc -O2 bench/amx_tile_ops.c -o /tmp/amx_tile_ops && /tmp/amx_tile_ops
+    gcc -O2 -pthread bench/amx_tile_ops.c -o /tmp/amx_tile_ops && /tmp/amx_tile_ops
 
 Times, on one core, each step of a tile kernel's inner loop in isolation and together: tile products
 (TDPBF16PS, TDPBUSD) on registers already loaded, with their operands loaded from L1 (2 x 2 blocking:
 four 1 KiB loads per four products), and the per-block sequence of graftlm's int8 tile kernel
 (matmul_amx in graftlm/kernels/cpu/qkernels.c: load W and activation tiles, zero, one TDPBUSD of
 32-value depth, store the 16 x 16 sums) with and without the vector work that scales a block's sums
-into fp32 accumulators. Linux only (it asks the kernel for the tile state); exits where the CPU has
-no AMX. BENCHMARKS.md quotes its output.
+into fp32 accumulators. Then whether two cores' tile units work at once: the same number of tile
+products on registers on one thread, then on two threads together, and for contrast a loop of
+AVX-512 VNNI dot products (the instructions of llama.cpp's CPU kernels) the same two ways. Linux
+only (it asks the kernel for the tile state); exits where the CPU has no AMX. BENCHMARKS.md quotes
+its output.
 */
 #include <immintrin.h>
+#include <pthread.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <string.h>
@@ -18,7 +22,7 @@ no AMX. BENCHMARKS.md quotes its output.
 #include <time.h>
 #include <unistd.h>
 
-#define FN __attribute__((target("amx-tile,amx-int8,amx-bf16,avx512f,avx512bw,avx512vl,fma"), noinline))
+#define FN __attribute__((target("amx-tile,amx-int8,amx-bf16,avx512f,avx512bw,avx512vl,avx512vnni,fma"), noinline))
 
 typedef struct {
     uint8_t palette, start_row, reserved[14];
@@ -55,6 +59,53 @@ FN static void config(int int8_layout) {
     if (int8_layout) cfg.colsb[4] = 32, cfg.rows[5] = 8; /* W: 16 rows x 32 bytes; x: 8 rows x 64 */
     __asm__ volatile("" : : "r"(&cfg) : "memory");
     _tile_loadconfig(&cfg);
+}
+
+/* A fixed amount of work for one thread: tile products on registers, or AVX-512 VNNI dot products
+   (eight independent accumulators, enough to keep the unit busy). */
+FN static void *tile_work(void *arg) {
+    (void)arg;
+    cfg_t cfg;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.palette = 1;
+    for (int i = 0; i < 8; i++) cfg.rows[i] = 16, cfg.colsb[i] = 64;
+    __asm__ volatile("" : : "r"(&cfg) : "memory");
+    _tile_loadconfig(&cfg); /* per thread */
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3); /* (operand tiles 4-7 hold whatever they hold) */
+    for (long i = 0; i < 5000000; i++) {
+        _tile_dpbusd(0, 4, 6);
+        _tile_dpbusd(1, 4, 7);
+        _tile_dpbusd(2, 5, 6);
+        _tile_dpbusd(3, 5, 7);
+    }
+    _tile_stored(0, c32, 64);
+    _tile_release();
+    return NULL;
+}
+
+FN static void *vnni_work(void *arg) {
+    __m512i a[8];
+    const __m512i u = _mm512_set1_epi8(3), w = _mm512_set1_epi8(-2);
+    for (int j = 0; j < 8; j++) a[j] = _mm512_set1_epi32(j);
+    for (long i = 0; i < 50000000; i++)
+        for (int j = 0; j < 8; j++) a[j] = _mm512_dpbusd_epi32(a[j], u, w);
+    int r = 0;
+    for (int j = 0; j < 8; j++) r += _mm512_reduce_add_epi32(a[j]);
+    *(int *)arg = r;
+    return NULL;
+}
+
+/* seconds for `threads` threads to each run `work` once, together */
+static double together(void *(*work)(void *), int threads) {
+    pthread_t th[2];
+    int sink[2];
+    double t = now();
+    for (int i = 0; i < threads; i++) pthread_create(&th[i], NULL, work, &sink[i]);
+    for (int i = 0; i < threads; i++) pthread_join(th[i], NULL);
+    return now() - t;
 }
 
 FN int main(void) {
@@ -128,5 +179,15 @@ FN int main(void) {
     float s = 0;
     for (int r = 0; r < 16; r++) s += _mm512_reduce_add_ps(acc[r]);
     _tile_release();
+
+    /* Two cores at once: the same work per thread, so equal times mean the two run fully in parallel. */
+    printf("\nthe same work on each thread, one thread then two at once (equal times: they scale):\n");
+    for (int round = 0; round < 3; round++) {
+        double t1 = together(tile_work, 1), t2 = together(tile_work, 2);
+        double v1 = together(vnni_work, 1), v2 = together(vnni_work, 2);
+        printf("  tile products: %.3f s, two threads %.3f s (%.2fx the time); "
+               "AVX-512 VNNI: %.3f s, two threads %.3f s (%.2fx)\n",
+               t1, t2, t2 / t1, v1, v2, v2 / v1);
+    }
     return s == 1.25f; /* keeps the accumulators live */
 }
