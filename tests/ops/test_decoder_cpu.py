@@ -23,6 +23,16 @@ CACHE = library_cache_arg()
 needs_kernels = pytest.mark.skipif(not qblocks.available(), reason="the C extension is not built")
 
 
+def _set_path(kernels, isa: str) -> None:
+    """avx512: the AVX2 path with its AVX-512 kernels (512-bit attention where the width allows);
+    avx2: without them; portable. Skips where the CPU has no such path."""
+    vnni = kernels.set_vnni(isa == "avx512")
+    got = kernels.set_isa("portable" if isa == "portable" else "avx2")
+    if got != ("portable" if isa == "portable" else "avx2") or (isa == "avx512" and not vnni):
+        kernels.set_vnni(True)
+        pytest.skip(f"this CPU has no {isa} path")
+
+
 @needs_kernels
 @pytest.mark.parametrize("post", [False, True])
 @pytest.mark.parametrize("norm", [False, True])
@@ -62,7 +72,7 @@ def test_add_rmsnorm_is_the_torch_seam_bit_for_bit(post, norm):
 
 
 @needs_kernels
-@pytest.mark.parametrize("isa", ["avx2", "portable"])
+@pytest.mark.parametrize("isa", ["avx512", "avx2", "portable"])
 @pytest.mark.parametrize(
     "heads, kv_heads, dim, length, capacity",
     [
@@ -83,7 +93,7 @@ def test_attend_matches_sdpa(isa, heads, kv_heads, dim, length, capacity):
     work above the kernel's threshold the KV heads (or parts of one's query heads) run in parallel."""
     kernels = qblocks._qkernels
     previous = kernels.isa()
-    kernels.set_isa(isa)
+    _set_path(kernels, isa)
     try:
         g = torch.Generator().manual_seed(1)
         kbuf, vbuf = (torch.randn(1, kv_heads, capacity, dim, generator=g) for _ in range(2))
@@ -99,16 +109,17 @@ def test_attend_matches_sdpa(isa, heads, kv_heads, dim, length, capacity):
             torch.testing.assert_close(out, want, rtol=1e-5, atol=2e-6)
     finally:
         kernels.set_isa(previous)
+        kernels.set_vnni(True)
 
 
 @needs_kernels
-@pytest.mark.parametrize("isa", ["avx2", "portable"])
+@pytest.mark.parametrize("isa", ["avx512", "avx2", "portable"])
 def test_attend_keeps_an_infinite_score_a_nan_as_sdpa_does(isa):
     """A key with an infinite score makes its heads' outputs NaN in SDPA; so with any thread count
     (the key split must not drop the part whose softmax total is 0)."""
     kernels = qblocks._qkernels
     previous = kernels.isa()
-    kernels.set_isa(isa)
+    _set_path(kernels, isa)
     try:
         g = torch.Generator().manual_seed(5)
         heads, dim, length = 4, 64, 1024
@@ -126,19 +137,21 @@ def test_attend_keeps_an_infinite_score_a_nan_as_sdpa_does(isa):
             assert torch.equal(out.isnan().all(-1), want.isnan().all(-1)), threads
     finally:
         kernels.set_isa(previous)
+        kernels.set_vnni(True)
 
 
 @needs_kernels
-@pytest.mark.parametrize("isa", ["avx2", "portable"])
+@pytest.mark.parametrize("isa", ["avx512", "avx2", "portable"])
 @pytest.mark.parametrize(
-    "heads, width, vdim, length", [(16, 576, 512, 300), (16, 576, 512, 2049), (3, 36, 20, 7), (4, 64, 64, 1)]
+    "heads, width, vdim, length",
+    [(16, 576, 512, 300), (16, 576, 512, 2049), (3, 36, 20, 7), (4, 64, 64, 1), (5, 48, 40, 70)],
 )
 def test_attend_over_latent_rows(isa, heads, width, vdim, length):
     """MLA's form: one KV head whose rows are `width` apart, keys the whole row, values its first
     `vdim` values (softmax(q K^T) K[:, :vdim], as one_query_attention computes it)."""
     kernels = qblocks._qkernels
     previous = kernels.isa()
-    kernels.set_isa(isa)
+    _set_path(kernels, isa)
     try:
         g = torch.Generator().manual_seed(2)
         q, keys = torch.randn(heads, width, generator=g) * 0.2, torch.randn(length, width, generator=g)
@@ -154,6 +167,7 @@ def test_attend_over_latent_rows(isa, heads, width, vdim, length):
             torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-5)
     finally:
         kernels.set_isa(previous)
+        kernels.set_vnni(True)
 
 
 @needs_kernels

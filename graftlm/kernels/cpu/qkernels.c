@@ -2191,44 +2191,146 @@ AVX2_FN static inline __attribute__((always_inline)) void values_heads(const flo
    products (four heads by two keys for the scores, four heads by 16 columns for the values) over spans
    of ATTEND_SPAN keys, with a vectorized exp; the sums run in another order than the portable path's,
    so the results differ from it by float rounding (tested against SDPA). */
-AVX2_FN static void attend_heads_avx2(const float *q, int64_t n, const float *k, const float *v, int64_t t,
-                                      int64_t dim, int64_t ld, int64_t vdim, float scale, float *s, float *out,
-                                      float *stats) {
-    float inv[64], mx[64];
-    for (int64_t g0 = 0; g0 < n; g0 += 64) {
-        const int64_t g1 = g0 + 64 < n ? g0 + 64 : n;
-        for (int64_t j0 = 0; j0 < t; j0 += ATTEND_SPAN) {
-            const int64_t j1 = j0 + ATTEND_SPAN < t ? j0 + ATTEND_SPAN : t;
-            for (int64_t i0 = g0; i0 < g1; i0 += 4) {
-                const float *qi = q + i0 * dim;
-                float *si = s + i0 * t;
-                switch (g1 - i0 < 4 ? g1 - i0 : 4) { /* constant head counts: accumulators in registers */
-                    case 4: scores_heads(qi, 4, k, j0, j1, ld, dim, si, t, scale); break;
-                    case 3: scores_heads(qi, 3, k, j0, j1, ld, dim, si, t, scale); break;
-                    case 2: scores_heads(qi, 2, k, j0, j1, ld, dim, si, t, scale); break;
-                    default: scores_heads(qi, 1, k, j0, j1, ld, dim, si, t, scale); break;
-                }
-            }
-        }
-        for (int64_t i = g0; i < g1; i++) {
-            inv[i - g0] = softmax_avx2(s + i * t, t, mx + (i - g0));
-            if (stats) stats[2 * i] = mx[i - g0], stats[2 * i + 1] = 1.0f / inv[i - g0];
-        }
-        for (int64_t j0 = 0; j0 < t; j0 += ATTEND_SPAN) {
-            const int64_t j1 = j0 + ATTEND_SPAN < t ? j0 + ATTEND_SPAN : t;
-            for (int64_t i0 = g0; i0 < g1; i0 += 4) {
-                const float *si = s + i0 * t, *iv = inv + (i0 - g0);
-                float *oi = out + i0 * vdim;
-                switch (g1 - i0 < 4 ? g1 - i0 : 4) {
-                    case 4: values_heads(si, 4, t, j0, j1, v, ld, oi, vdim, iv); break;
-                    case 3: values_heads(si, 3, t, j0, j1, v, ld, oi, vdim, iv); break;
-                    case 2: values_heads(si, 2, t, j0, j1, v, ld, oi, vdim, iv); break;
-                    default: values_heads(si, 1, t, j0, j1, v, ld, oi, vdim, iv); break;
-                }
-            }
+#define ATTEND_HEADS(ATTR, NAME, SCORES, VALUES)                                                              \
+    ATTR static void NAME(const float *q, int64_t n, const float *k, const float *v, int64_t t, int64_t dim,    \
+                          int64_t ld, int64_t vdim, float scale, float *s, float *out, float *stats) {          \
+        float inv[64], mx[64];                                                                                \
+        for (int64_t g0 = 0; g0 < n; g0 += 64) {                                                              \
+            const int64_t g1 = g0 + 64 < n ? g0 + 64 : n;                                                     \
+            for (int64_t j0 = 0; j0 < t; j0 += ATTEND_SPAN) {                                                 \
+                const int64_t j1 = j0 + ATTEND_SPAN < t ? j0 + ATTEND_SPAN : t;                               \
+                for (int64_t i0 = g0; i0 < g1; i0 += 4) {                                                     \
+                    const float *qi = q + i0 * dim;                                                           \
+                    float *si = s + i0 * t;                                                                   \
+                    switch (g1 - i0 < 4 ? g1 - i0 : 4) { /* constant head counts: accumulators in registers */ \
+                        case 4: SCORES(qi, 4, k, j0, j1, ld, dim, si, t, scale); break;                       \
+                        case 3: SCORES(qi, 3, k, j0, j1, ld, dim, si, t, scale); break;                       \
+                        case 2: SCORES(qi, 2, k, j0, j1, ld, dim, si, t, scale); break;                       \
+                        default: SCORES(qi, 1, k, j0, j1, ld, dim, si, t, scale); break;                      \
+                    }                                                                                         \
+                }                                                                                             \
+            }                                                                                                 \
+            for (int64_t i = g0; i < g1; i++) {                                                               \
+                inv[i - g0] = softmax_avx2(s + i * t, t, mx + (i - g0));                                      \
+                if (stats) stats[2 * i] = mx[i - g0], stats[2 * i + 1] = 1.0f / inv[i - g0];                  \
+            }                                                                                                 \
+            for (int64_t j0 = 0; j0 < t; j0 += ATTEND_SPAN) {                                                 \
+                const int64_t j1 = j0 + ATTEND_SPAN < t ? j0 + ATTEND_SPAN : t;                               \
+                for (int64_t i0 = g0; i0 < g1; i0 += 4) {                                                     \
+                    const float *si = s + i0 * t, *iv = inv + (i0 - g0);                                      \
+                    float *oi = out + i0 * vdim;                                                              \
+                    switch (g1 - i0 < 4 ? g1 - i0 : 4) {                                                      \
+                        case 4: VALUES(si, 4, t, j0, j1, v, ld, oi, vdim, iv); break;                         \
+                        case 3: VALUES(si, 3, t, j0, j1, v, ld, oi, vdim, iv); break;                         \
+                        case 2: VALUES(si, 2, t, j0, j1, v, ld, oi, vdim, iv); break;                         \
+                        default: VALUES(si, 1, t, j0, j1, v, ld, oi, vdim, iv); break;                        \
+                    }                                                                                         \
+                }                                                                                             \
+            }                                                                                                 \
+        }                                                                                                     \
+    }
+
+ATTEND_HEADS(AVX2_FN, attend_heads_avx2, scores_heads, values_heads)
+/* attend_heads_avx2 on 512-bit vectors (where the AVX-512 one-row kernels run, and the head width is a
+   multiple of 16): scores four heads by four keys at a time (16 accumulators; each q and k vector
+   loaded once for four products), values four heads by 64 columns. Another summation order than the
+   AVX2 path's, so the results differ from it by float rounding (tested against SDPA). */
+
+/* lane i of the result: the sum of v[i]'s sixteen floats, for eight vectors */
+AVX512_FN static inline __m256 hsum8x16_ps(const __m512 *v) {
+    __m256 h[8];
+    for (int i = 0; i < 8; i++) h[i] = _mm256_add_ps(_mm512_castps512_ps256(v[i]), _mm256_castsi256_ps(_mm512_extracti64x4_epi64(_mm512_castps_si512(v[i]), 1)));
+    return hsum8_ps(h);
+}
+
+AVX512_FN static inline __attribute__((always_inline)) void scores_block_512(const float *q, int hb, const float *const *kj,
+                                                                             int64_t dim, float *const *o, int64_t t,
+                                                                             float scale) {
+    __m512 acc[16];
+    for (int a = 0; a < 16; a++) acc[a] = _mm512_setzero_ps();
+    for (int64_t d = 0; d < dim; d += 16) {
+        __m512 kv[4];
+        for (int j = 0; j < 4; j++) kv[j] = _mm512_loadu_ps(kj[j] + d);
+        for (int h = 0; h < hb; h++) {
+            const __m512 qv = _mm512_loadu_ps(q + h * dim + d);
+            for (int j = 0; j < 4; j++) acc[4 * h + j] = _mm512_fmadd_ps(qv, kv[j], acc[4 * h + j]);
         }
     }
+    float sums[16];
+    _mm256_storeu_ps(sums, hsum8x16_ps(acc));
+    if (hb > 2) _mm256_storeu_ps(sums + 8, hsum8x16_ps(acc + 8));
+    for (int h = 0; h < hb; h++)
+        for (int j = 0; j < 4; j++) o[j][h * t] = sums[4 * h + j] * scale;
 }
+
+AVX512_FN static inline __attribute__((always_inline)) void scores_heads_512(const float *qi, int hb, const float *k,
+                                                                             int64_t j0, int64_t j1, int64_t ld,
+                                                                             int64_t dim, float *si, int64_t t,
+                                                                             float scale) {
+    for (int64_t j = j0; j < j1; j += 4) {
+        const float *kj[4];
+        float *o[4];
+        for (int i = 0; i < 4; i++) { /* past the span's end: its last key again, written to the same place */
+            const int64_t e = j + i < j1 ? j + i : j1 - 1;
+            kj[i] = k + e * ld, o[i] = si + e;
+        }
+        scores_block_512(qi, hb, kj, dim, o, t, scale);
+    }
+}
+
+/* out[h] (+)= sum_j w[h * t + j] v_j over keys j0..j1 for up to four heads and 16 nv of the value's
+   columns from c, as values_block does */
+AVX512_FN static inline __attribute__((always_inline)) void values_block_512(const float *w, int hb, int64_t t,
+                                                                             int64_t j0, int64_t j1, const float *v,
+                                                                             int64_t ld, int64_t c, int nv, float *out,
+                                                                             int64_t vdim, const float *inv, int first,
+                                                                             int last) {
+    __m512 acc[16];
+    for (int h = 0; h < hb; h++)
+        for (int i = 0; i < nv; i++)
+            acc[4 * h + i] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(out + h * vdim + c + 16 * i);
+    for (int64_t j = j0; j < j1; j++) {
+        const float *vj = v + j * ld + c;
+        __m512 vv[4];
+        for (int i = 0; i < nv; i++) vv[i] = _mm512_loadu_ps(vj + 16 * i);
+        for (int h = 0; h < hb; h++) {
+            const __m512 p = _mm512_set1_ps(w[h * t + j]);
+            for (int i = 0; i < nv; i++) acc[4 * h + i] = _mm512_fmadd_ps(p, vv[i], acc[4 * h + i]);
+        }
+    }
+    for (int h = 0; h < hb; h++) {
+        const __m512 r = _mm512_set1_ps(last ? inv[h] : 1.0f);
+        for (int i = 0; i < nv; i++) _mm512_storeu_ps(out + h * vdim + c + 16 * i, _mm512_mul_ps(acc[4 * h + i], r));
+    }
+}
+
+AVX512_FN static inline __attribute__((always_inline)) void values_heads_512(const float *si, int hb, int64_t t,
+                                                                             int64_t j0, int64_t j1, const float *v,
+                                                                             int64_t ld, float *oi, int64_t vdim,
+                                                                             const float *inv) {
+    const int first = j0 == 0, last = j1 == t;
+    int64_t c = 0;
+    for (; c + 64 <= vdim; c += 64) values_block_512(si, hb, t, j0, j1, v, ld, c, 4, oi, vdim, inv, first, last);
+    for (; c + 16 <= vdim; c += 16) values_block_512(si, hb, t, j0, j1, v, ld, c, 1, oi, vdim, inv, first, last);
+    for (; c < vdim; c++)
+        for (int h = 0; h < hb; h++) {
+            float a = first ? 0.0f : oi[h * vdim + c];
+            for (int64_t e = j0; e < j1; e++) a += si[h * t + e] * v[e * ld + c];
+            oi[h * vdim + c] = last ? a * inv[h] : a;
+        }
+}
+
+ATTEND_HEADS(AVX512_FN, attend_heads_512, scores_heads_512, values_heads_512)
+
+/* the AVX2 path's attention: on 512-bit vectors where the AVX-512 kernels run and dim allows */
+static void attend_heads_fast(const float *q, int64_t n, const float *k, const float *v, int64_t t, int64_t dim,
+                              int64_t ld, int64_t vdim, float scale, float *s, float *out, float *stats) {
+    if (use_vnni && dim % 16 == 0)
+        attend_heads_512(q, n, k, v, t, dim, ld, vdim, scale, s, out, stats);
+    else
+        attend_heads_avx2(q, n, k, v, t, dim, ld, vdim, scale, s, out, stats);
+}
+
 #endif
 
 /* n query heads that share one KV head: each key row and each value row is read once for all of them
@@ -2238,7 +2340,7 @@ static void attend_heads(const float *q, int64_t n, const float *k, const float 
                          int64_t ld, int64_t vdim, float scale, float *s, float *out, int avx2) {
 #ifdef GL_X86
     if (avx2) {
-        attend_heads_avx2(q, n, k, v, t, dim, ld, vdim, scale, s, out, NULL);
+        attend_heads_fast(q, n, k, v, t, dim, ld, vdim, scale, s, out, NULL);
         return;
     }
 #endif
@@ -2288,7 +2390,7 @@ static PyObject *attend_split(Py_ssize_t qp, Py_ssize_t heads, Py_ssize_t kv_hea
     for (int64_t task = 0; task < tasks; task++) {
         const int64_t g = task / splits, j0 = (task % splits) * per, j1 = j0 + per < t ? j0 + per : t;
         if (j0 < j1)
-            attend_heads_avx2((const float *)qp + g * group * dim, group, (const float *)kp + g * hs + j0 * ld,
+            attend_heads_fast((const float *)qp + g * group * dim, group, (const float *)kp + g * hs + j0 * ld,
                               (const float *)vp + g * hs + j0 * ld, j1 - j0, dim, ld, vdim, scale,
                               scores + task * group * per, parts + task * group * vdim, stats + task * 2 * group);
         else /* an empty part (splits <= t / ATTEND_SPAN leaves none): weight 0, values 0 */
