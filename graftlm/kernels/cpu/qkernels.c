@@ -2135,10 +2135,7 @@ AVX2_FN static inline __attribute__((always_inline)) void values_block(const flo
     }
 }
 
-/* attend_heads on AVX2: the same softmax(scale q K^T) V per head, computed as small register-blocked
-   matrix products (four heads by two keys for the scores, four heads by 16 columns for the values)
-   with a vectorized exp; the sums run in another order than the portable path's, so the results
-   differ from it by float rounding (tested against SDPA). */
+/* attend_heads on AVX2 (below): its register blocks and its spans of keys */
 #define ATTEND_SPAN 64 /* keys per span: a span's key (or value) rows stay in L2 while every head uses them */
 
 AVX2_FN static inline __attribute__((always_inline)) void scores_heads(const float *qi, int hb, const float *k,
@@ -2231,6 +2228,7 @@ AVX2_FN static inline __attribute__((always_inline)) void values_heads(const flo
     }
 
 ATTEND_HEADS(AVX2_FN, attend_heads_avx2, scores_heads, values_heads)
+
 /* attend_heads_avx2 on 512-bit vectors (where the AVX-512 one-row kernels run, and the head width is a
    multiple of 16): scores four heads by four keys at a time (16 accumulators; each q and k vector
    loaded once for four products), values four heads by 64 columns. Another summation order than the
