@@ -45,6 +45,18 @@ def as_dtype(dtype: str | torch.dtype) -> torch.dtype:
         raise ValueError(f"unknown dtype {dtype!r}; expected one of {', '.join(_DTYPES)}") from None
 
 
+def gated(act_fn, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """act_fn(gate) * up, as a gated MLP computes it: the same operations, with the product taken in
+    place on the activation's output where autograd records nothing (a prefill's [512, 10944] is one
+    22 MB temporary fewer, fresh pages from the OS each time)."""
+    h = act_fn(gate)
+    return (
+        h.mul_(up)
+        if not torch.is_grad_enabled() and h.dtype == torch.promote_types(h.dtype, up.dtype)
+        else h * up
+    )
+
+
 class InjectedModule(nn.Module):
     """An operator that replaces a module and loads its own weights.
 

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from graftlm.kernels.cpu import fused, qblocks
-from graftlm.ops.base import InjectedModule
+from graftlm.ops.base import InjectedModule, gated
 from graftlm.ops.linear_cpu import add_biases, aligned, direct_specs, fused_linears, runs_direct
 
 SUPPORTED = frozenset(
@@ -62,7 +62,7 @@ class MLPCPU(InjectedModule, name="mlp.cpu"):
             return scratch[out : out + program.hidden].view(x.shape)
         both = fused_linears([self.gate_proj, self.up_proj], x)
         gate, up = both if both is not None else (self.gate_proj(x), self.up_proj(x))
-        return self.down_proj(self.act_fn(gate) * up)
+        return self.down_proj(gated(self.act_fn, gate, up))
 
     def program(self) -> MLPProgram | bool:
         """The one-row forward as direct C calls (MLPProgram), or False where the projections do

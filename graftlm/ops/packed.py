@@ -17,7 +17,7 @@ import torch
 
 from graftlm.errors import GraftError
 from graftlm.kernels.cpu import qblocks
-from graftlm.ops.base import InjectedModule, LinearBase
+from graftlm.ops.base import InjectedModule, LinearBase, gated
 from graftlm.ops.experts import grouped_apply
 from graftlm.weights.source import QuantizedTensor, WeightSource
 
@@ -197,7 +197,7 @@ class PackedExperts(_Packing, InjectedModule):
         gate_up = self.gate_up[e]
         # a GatePair's two products stay apart: no concatenated copy to split again
         gate, up = gate_up.pair(xs) if isinstance(gate_up, GatePair) else gate_up.matmul(xs).chunk(2, dim=-1)
-        return self.down[e].matmul(self.act_fn(gate) * up)
+        return self.down[e].matmul(gated(self.act_fn, gate, up))
 
     def forward(
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
