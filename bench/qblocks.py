@@ -42,7 +42,7 @@ def gemm_s(qtype: Q, rows: np.ndarray, x: torch.Tensor) -> float:
     return (
         best_ms(
             lambda: packed._sliced_gemm(
-                x, n, k, lambda a, b, dt: qblocks.dequantize(qtype, rows, k, a, b, dt)
+                x, n, k, lambda a, b, dt, out: qblocks.dequantize(qtype, rows, k, a, b, dt, out)
             )
         )
         / 1e3

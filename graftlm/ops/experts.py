@@ -8,13 +8,13 @@ one matmul over its rows. Experts nobody picked cost nothing, and there is no pe
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from graftlm.kernels.cpu.packed import scratch
 from graftlm.ops.base import InjectedModule
 
 
@@ -37,8 +37,8 @@ def grouped_apply(
     ends = counts.cumsum(0).tolist()
     rows = order // k  # token of each (token, expert) pair, grouped by expert
     valid = ends[num_experts - 1]  # pairs with a real expert come first after sorting
-    xs = torch.index_select(x, 0, rows[:valid], out=_scratch("xs", valid, x))
-    out = _scratch("out", valid, x)  # every row is some expert's: no zeroing
+    xs = torch.index_select(x, 0, rows[:valid], out=_temporary("xs", valid, x))
+    out = _temporary("out", valid, x)  # every row is some expert's: no zeroing
     for e in counts[:num_experts].nonzero().flatten().tolist():
         start, end = ends[e] - int(counts[e]), ends[e]
         out[start:end] = expert_fn(e, xs[start:end])
@@ -49,25 +49,13 @@ def grouped_apply(
     return result
 
 
-_buffers = threading.local()
-
-
-def _scratch(name: str, rows: int, like: torch.Tensor) -> torch.Tensor:
-    """An uninitialized [rows, like's width] tensor of like's dtype for temporaries inside one
-    grouped_apply call. On the CPU it is a view of a grow-only buffer kept per thread: a prefill's
-    (token, expert) rows are tens of MB a layer (3072 x 2048 fp32 for 512 tokens of DeepSeek-V2-Lite),
-    and a fresh tensor that size is fresh pages from the OS each time (glibc maps allocations that
-    large and unmaps them when freed): 8 ms of page faults per 25 MB on one thread here, against 1.5
-    for the copy itself. Elsewhere (CUDA has its caching allocator), and under autograd, a new tensor."""
-    width = like.shape[-1]
-    if like.device.type != "cpu" or torch.is_grad_enabled():  # (autograd needs tensors of their own)
-        return torch.empty(rows, width, dtype=like.dtype, device=like.device)
-    buf = getattr(_buffers, name, None)
-    if buf is None or buf.dtype != like.dtype or buf.numel() < rows * width:
-        with torch.inference_mode(False):  # a normal tensor: usable in and out of inference mode
-            buf = torch.empty(rows * width, dtype=like.dtype)
-        setattr(_buffers, name, buf)
-    return buf[: rows * width].view(rows, width)
+def _temporary(name: str, rows: int, like: torch.Tensor) -> torch.Tensor:
+    """An uninitialized [rows, like's width] tensor of like's dtype that dies with the call: on the
+    CPU a reused per-thread buffer (`scratch`: a layer's (token, expert) rows are tens of MB at
+    prefill), elsewhere (CUDA has its caching allocator) a new tensor."""
+    if like.device.type != "cpu":
+        return torch.empty(rows, like.shape[-1], dtype=like.dtype, device=like.device)
+    return scratch(f"experts.{name}", (rows, like.shape[-1]), like.dtype)
 
 
 def grouped_experts(

@@ -64,6 +64,12 @@ def test_dequantize_matches_gguf_py_bit_for_bit(qtype: Q, isa):
         got = qblocks.dequantize(qtype, rows, k, start, stop, torch.bfloat16)
         assert got.dtype == torch.bfloat16
         assert torch.equal(got.view(torch.int16), want[start:stop].to(torch.bfloat16).view(torch.int16))
+    # into a caller's buffer (the many-row GEMM's reused slice): the same bits, the buffer returned
+    buf = torch.full((12, k), float("nan"), dtype=torch.bfloat16)
+    assert qblocks.dequantize(qtype, rows, k, 3, 15, torch.bfloat16, out=buf) is buf
+    assert torch.equal(buf.view(torch.int16), want[3:15].to(torch.bfloat16).view(torch.int16))
+    with pytest.raises(ValueError, match="out must be"):
+        qblocks.dequantize(qtype, rows, k, 3, 14, torch.bfloat16, out=buf)
 
 
 def test_dequantize_to_bf16_rounds_ties_to_even_and_nans_as_torch(isa):

@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
+import threading
 from dataclasses import dataclass, field
 
 import gguf
@@ -172,7 +174,10 @@ class PackedMatrix:
                 return qblocks.matmul_amx_prepared(self.prepared, x)
             qtype = Q[self.source_type]
             return _sliced_gemm(
-                x, self.n, self.k, lambda a, b, dt: qblocks.dequantize(qtype, self.weight, self.k, a, b, dt)
+                x,
+                self.n,
+                self.k,
+                lambda a, b, dt, out: qblocks.dequantize(qtype, self.weight, self.k, a, b, dt, out),
             )
         if self.layout == "int8" and x.shape[0] > PREFILL_ROWS:
             gemm = _int8_gemm if self.int8_activations else _dequantized_gemm
@@ -217,16 +222,18 @@ def qblock_rows(qtype: Q) -> int:
 
 
 def _sliced_gemm(x: torch.Tensor, n: int, k: int, rows, scale: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ W^T with W's rows produced GEMM_SLICE_BYTES at a time by `rows(start, stop, dtype)` in
-    `gemm_dtype()` (the fp32 values rounded, where that is bf16), each slice multiplied in that
-    dtype; `scale` [N] multiplies each output column."""
+    """x @ W^T with W's rows produced GEMM_SLICE_BYTES at a time by `rows(start, stop, dtype, out)`
+    into `out` (a [stop - start, K] tensor of `gemm_dtype()`: the fp32 values rounded, where that is
+    bf16), each slice multiplied in that dtype; `scale` [N] multiplies each output column. The slice
+    lives in a per-thread buffer reused from call to call (`scratch`)."""
     dtype = gemm_dtype()
     xd = x.to(dtype)
     step = max(1, GEMM_SLICE_BYTES // (k * 4))
     out = torch.empty(x.shape[0], n, dtype=torch.float32, device=x.device)
     for start in range(0, n, step):
         stop = min(start + step, n)
-        y = F.linear(xd, rows(start, stop, dtype))
+        w = rows(start, stop, dtype, scratch("gemm_w", (stop - start, k), dtype))
+        y = F.linear(xd, w)
         if scale is not None:
             torch.mul(y.float(), scale[start:stop], out=out[:, start:stop])
         else:
@@ -234,10 +241,31 @@ def _sliced_gemm(x: torch.Tensor, n: int, k: int, rows, scale: torch.Tensor | No
     return out
 
 
+_buffers = threading.local()
+
+
+def scratch(name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialized contiguous CPU tensor for a temporary that dies before the next request for
+    `name` on this thread: a view of a grow-only buffer kept per thread and name. Prefill's
+    temporaries are tens of MB (a layer's (token, expert) rows, a dequantized weight slice), and a
+    fresh tensor that size is fresh pages from the OS each time (glibc maps allocations that large
+    and unmaps them when freed): 8 ms of page faults per 25 MB on one thread here, against 1.5 for
+    the copy into it. Under autograd a new tensor, as the graph may keep it."""
+    numel = math.prod(shape)
+    if torch.is_grad_enabled():
+        return torch.empty(shape, dtype=dtype)
+    buf = getattr(_buffers, name, None)
+    if buf is None or buf.dtype != dtype or buf.numel() < numel:
+        with torch.inference_mode(False):  # a normal tensor: usable in and out of inference mode
+            buf = torch.empty(numel, dtype=dtype)
+        setattr(_buffers, name, buf)
+    return buf[:numel].view(shape)
+
+
 def _dequantized_gemm(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
     """x @ (w * w_scale)^T for int8 w [N, K], dequantized a slice at a time: the same products as
     `_weight_int8pack_mm` (exact int8 weights, the scale applied per output)."""
-    return _sliced_gemm(x, w.shape[0], w.shape[1], lambda a, b, dt: w[a:b].to(dt), w_scale)
+    return _sliced_gemm(x, w.shape[0], w.shape[1], lambda a, b, dt, out: out.copy_(w[a:b]), w_scale)
 
 
 def _int8_gemm(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:

@@ -228,16 +228,28 @@ def dequantize(
     start: int = 0,
     stop: int | None = None,
     dtype: torch.dtype = torch.float32,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Rows start..stop of W as [rows, K], computed as gguf-py computes them, in fp32 or (dtype
-    bfloat16) those values rounded as `.to(torch.bfloat16)` rounds them, in one pass."""
+    bfloat16) those values rounded as `.to(torch.bfloat16)` rounds them, in one pass; into `out`
+    (a contiguous CPU tensor of that shape and dtype) when given."""
     stop = rows.shape[0] if stop is None else stop
     _check_rows(qtype, rows, k)
     if not 0 <= start <= stop <= rows.shape[0]:
         raise ValueError(f"rows {start}:{stop} out of 0:{rows.shape[0]}")
     if dtype not in (torch.float32, torch.bfloat16):
         raise ValueError(f"dequantize writes float32 or bfloat16, not {dtype}")
-    out = torch.empty(stop - start, k, dtype=dtype)
+    if out is None:
+        out = torch.empty(stop - start, k, dtype=dtype)
+    elif (
+        out.shape != (stop - start, k)
+        or out.dtype != dtype
+        or out.device.type != "cpu"
+        or not out.is_contiguous()
+    ):
+        raise ValueError(
+            f"out must be a contiguous CPU {dtype} tensor [{stop - start}, {k}], not {out.dtype} {tuple(out.shape)}"
+        )
     part = rows[start:stop]
     _qkernels.dequantize(
         int(qtype),
