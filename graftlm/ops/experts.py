@@ -37,7 +37,10 @@ def grouped_apply(
     ends = counts.cumsum(0).tolist()
     rows = order // k  # token of each (token, expert) pair, grouped by expert
     valid = ends[num_experts - 1]  # pairs with a real expert come first after sorting
-    xs = torch.index_select(x, 0, rows[:valid], out=_temporary("xs", valid, x))
+    if torch.is_grad_enabled():  # (an out= argument takes no part in autograd)
+        xs = x.index_select(0, rows[:valid])
+    else:
+        xs = torch.index_select(x, 0, rows[:valid], out=_temporary("xs", valid, x))
     out = _temporary("out", valid, x)  # every row is some expert's: no zeroing
     for e in counts[:num_experts].nonzero().flatten().tolist():
         start, end = ends[e] - int(counts[e]), ends[e]

@@ -142,6 +142,35 @@ def test_attend_keeps_an_infinite_score_a_nan_as_sdpa_does(isa):
 
 @needs_kernels
 @pytest.mark.parametrize("isa", ["avx512", "avx2", "portable"])
+@pytest.mark.parametrize("length, at", [(8, 3), (9, 8), (70, 17), (70, 66)])
+def test_attend_keeps_a_nan_key_a_nan_as_sdpa_does(isa, length, at):
+    """A NaN in a key makes every head's output NaN in SDPA, wherever the key sits: in the vectorized
+    softmax's blocks of eight as much as in its tail."""
+    kernels = qblocks._qkernels
+    previous = kernels.isa()
+    _set_path(kernels, isa)
+    try:
+        g = torch.Generator().manual_seed(6)
+        heads, dim = 4, 64
+        k, v = torch.randn(1, 1, length, dim, generator=g), torch.randn(1, 1, length, dim, generator=g)
+        q = torch.randn(1, heads, 1, dim, generator=g)
+        k[0, 0, at, 5] = float("nan")
+        want = F.scaled_dot_product_attention(q, k, v, scale=dim**-0.5, enable_gqa=True).view(heads, dim)
+        assert want.isnan().all()
+        for threads in (1, 2):
+            out = torch.empty(heads, dim)
+            kernels.attend(
+                q.data_ptr(), heads, 1, dim, k.data_ptr(), v.data_ptr(), length, k.stride(1), dim**-0.5,
+                out.data_ptr(), threads,
+            )  # fmt: skip
+            assert out.isnan().all(), (threads, out.isnan().sum())
+    finally:
+        kernels.set_isa(previous)
+        kernels.set_vnni(True)
+
+
+@needs_kernels
+@pytest.mark.parametrize("isa", ["avx512", "avx2", "portable"])
 @pytest.mark.parametrize(
     "heads, width, vdim, length",
     [(16, 576, 512, 300), (16, 576, 512, 2049), (3, 36, 20, 7), (4, 64, 64, 1), (5, 48, 40, 70)],

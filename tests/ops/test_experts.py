@@ -58,3 +58,39 @@ def test_one_matmul_pair_per_expert_hit(pair, monkeypatch):
     assert len(calls) == 2 * hit  # gate_up and down once per expert, not per token
     assert calls[0] == tokens  # expert 0's rows go through in one matmul
     assert sum(calls) == 2 * index.numel()
+
+
+def test_grouped_experts_under_autograd_and_in_inference_mode():
+    """The same outputs with and without the reused buffers (inference mode, no_grad), and gradients
+    to x under autograd, where the buffers are not used."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(6, 8, generator=g)
+    index, weights = _routing(6, 4, 2, seed=3)
+    gate_up, down = torch.randn(4, 12, 8, generator=g), torch.randn(4, 8, 6, generator=g)
+    act = torch.nn.functional.silu
+    xg = x.clone().requires_grad_(True)
+    want = experts_mod.grouped_experts(xg, index, weights, gate_up, down, act)
+    want.sum().backward()
+    assert xg.grad is not None and xg.grad.abs().sum() > 0
+    with torch.no_grad():
+        assert torch.equal(experts_mod.grouped_experts(x, index, weights, gate_up, down, act), want.detach())
+    with torch.inference_mode():
+        got = experts_mod.grouped_experts(x, index, weights, gate_up, down, act)
+        again = experts_mod.grouped_experts(x, index, weights, gate_up, down, act)  # the buffers reused
+    assert torch.equal(got, want.detach()) and torch.equal(again, got)
+
+
+@pytest.mark.parametrize(
+    "act",
+    [torch.nn.SiLU(), torch.nn.ReLU(inplace=True), torch.nn.Identity()],
+    ids=["silu", "relu_", "identity"],
+)
+def test_gated_is_act_times_up_and_leaves_up_alone(act):
+    from graftlm.ops.base import gated
+
+    gate, up = torch.randn(5, 7), torch.randn(5, 7)
+    want = act(gate.clone()) * up
+    up_before = up.clone()
+    with torch.no_grad():
+        got = gated(act, gate, up)
+    assert torch.equal(got, want) and torch.equal(up, up_before)

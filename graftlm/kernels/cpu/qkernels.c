@@ -793,9 +793,14 @@ AVX2_FN static void quantize_rows_avx2(const float *x, int64_t m, int64_t k, int
             for (int i = 0; i < 8; i++) mx = fmaxf(mx, lanes[i]);
             float db = mx / 127.0f, id = db > 0.0f ? 1.0f / db : 0.0f;
             if (!isfinite(id)) db = id = 0.0f;
-            if (_mm256_movemask_ps(bad)) db = NAN, id = 0.0f;
-            const __m256 vid = _mm256_set1_ps(id);
             int8_t *qb = q + r * k + b * block;
+            if (_mm256_movemask_ps(bad)) { /* NaN scale, zero values: quantize_rows_c's (lrintf(NaN) truncates to 0) */
+                d[r * (k / block) + b] = NAN;
+                memset(qb, 0, (size_t)block);
+                continue;
+            }
+            d[r * (k / block) + b] = db;
+            const __m256 vid = _mm256_set1_ps(id);
             for (int64_t j = 0; j < block; j += 32) {
                 __m256i v[4];
                 for (int i = 0; i < 4; i++) {
@@ -805,7 +810,6 @@ AVX2_FN static void quantize_rows_avx2(const float *x, int64_t m, int64_t k, int
                 __m256i w = _mm256_packs_epi16(_mm256_packs_epi32(v[0], v[1]), _mm256_packs_epi32(v[2], v[3]));
                 _mm256_storeu_si256((__m256i *)(qb + j), _mm256_permutevar8x32_epi32(w, order));
             }
-            d[r * (k / block) + b] = db;
         }
         /* sums per 16: the bytes offset to unsigned, summed by VPSADBW per 8, less 16 x 128 */
         const __m256i flip = _mm256_set1_epi8((char)0x80);
@@ -2161,6 +2165,7 @@ AVX2_FN static float softmax_avx2(float *sh, int64_t t, float *max) {
     for (; e + 8 <= t; e += 8) {
         __m256 x = _mm256_sub_ps(_mm256_loadu_ps(sh + e), m);
         __m256 p = _mm256_and_ps(exp_ps(x), _mm256_cmp_ps(x, cut, _CMP_GE_OQ));
+        p = _mm256_or_ps(p, _mm256_and_ps(x, _mm256_cmp_ps(x, x, _CMP_UNORD_Q))); /* a NaN score stays NaN */
         _mm256_storeu_ps(sh + e, p);
         sum = _mm256_add_ps(sum, p);
     }
