@@ -157,25 +157,20 @@ def attention_row(heads: int, kv_heads: int, dim: int, length: int) -> None:
     out = torch.empty(heads, dim)
     kernels, threads, scale = qblocks._qkernels, torch.get_num_threads(), dim**-0.5
     packed = q.view(1, kv_heads, heads // kv_heads, dim)
+
+    def attend():
+        kernels.attend(
+            q.data_ptr(), heads, kv_heads, dim, k.data_ptr(), v.data_ptr(), length, k.stride(1), scale,
+            out.data_ptr(), threads,
+        )  # fmt: skip
+
+    name = f"attention, one query over {length} tokens ({heads} heads, {kv_heads} KV, {dim})"
     row(
-        f"attention, one query over {length} tokens ({heads} heads, {kv_heads} KV, {dim}): SDPA -> attend",
+        f"{name}: SDPA -> attend",
         us(lambda: torch.nn.functional.scaled_dot_product_attention(packed, k, v, scale=scale)),
-        us(
-            lambda: kernels.attend(
-                q.data_ptr(),
-                heads,
-                kv_heads,
-                dim,
-                k.data_ptr(),
-                v.data_ptr(),
-                length,
-                k.stride(1),
-                scale,
-                out.data_ptr(),
-                threads,
-            )  # fmt: skip
-        ),
+        us(attend),
     )
+    avx2_against_512(name, attend)
 
 
 def latent_attention_row(q: torch.Tensor, r: int, length: int) -> None:
@@ -183,27 +178,29 @@ def latent_attention_row(q: torch.Tensor, r: int, length: int) -> None:
     heads, width = q.shape
     keys, out = torch.randn(length, width), torch.empty(heads, r)
     kernels, threads = qblocks._qkernels, torch.get_num_threads()
-    row(
-        f"latent attention over {length} tokens: one_query_attention -> attend",
-        us(lambda: one_query_attention(q, keys, r)),
-        us(
-            lambda: kernels.attend(
-                q.data_ptr(),
-                heads,
-                1,
-                width,
-                keys.data_ptr(),
-                keys.data_ptr(),
-                length,
-                keys.numel(),
-                1.0,
-                out.data_ptr(),
-                threads,
-                width,
-                r,
-            )  # fmt: skip
-        ),
-    )
+
+    def attend():
+        kernels.attend(
+            q.data_ptr(), heads, 1, width, keys.data_ptr(), keys.data_ptr(), length, keys.numel(), 1.0,
+            out.data_ptr(), threads, width, r,
+        )  # fmt: skip
+
+    name = f"latent attention over {length} tokens"
+    row(f"{name}: one_query_attention -> attend", us(lambda: one_query_attention(q, keys, r)), us(attend))
+    avx2_against_512(name, attend)
+
+
+def avx2_against_512(name: str, fn) -> None:
+    """Where the AVX-512 kernels run, the same call with them off (`set_vnni(False)`: the AVX2
+    attention) against on (512-bit vectors)."""
+    if not qblocks.vnni():
+        return
+    qblocks._qkernels.set_vnni(False)
+    try:
+        before = us(fn)
+    finally:
+        qblocks._qkernels.set_vnni(True)
+    row(f"{name}: attend AVX2 -> 512-bit", before, us(fn))
 
 
 def deepseek(path) -> None:
