@@ -6,10 +6,10 @@ and takes each block's dot product in integers, as llama.cpp does;
 weights stay in their GGUF blocks, memory-mapped, with no repacked copy. Its AVX2 path is chosen at
 run time where the CPU has AVX2, FMA and F16C, portable C elsewhere; on it, Q4_0, Q5_0 and Q8_0's
 one-row kernels take AVX-512 VNNI instructions where the CPU has them, and Q5_K and Q6_K's 512-bit
-vectors (`vnni()`; the same results bit for bit; `python bench/qblocks.py` times both), and dequantization to bf16 takes AVX-512 BF16
-(`bf16()`; the same values). Where the CPU has AMX (and Linux
-grants the tile state), `matmul_amx_prepared` computes the same products for many rows on the tile
-unit, with activations rounded per block of 32 for every type (`amx()` says whether it runs).
+vectors (`vnni()`; the same results bit for bit; `python bench/qblocks.py` times both), and
+dequantization to bf16 takes AVX-512 BF16 (`bf16()`; the same values). Where the CPU has AMX (and
+Linux grants the tile state), `matmul_amx_prepared` computes the same products for many rows on the
+tile unit, with activations rounded per block of 32 for every type (`amx()` says whether it runs).
 
 Where the extension is missing (no compiler at install) or `GRAFTLM_CPU_KERNELS=torch`, `available()`
 is False and graftlm repacks weights for torch's kernels instead (graftlm/kernels/cpu/packed.py).
