@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from graftlm.kernels.cpu.packed import scratch
-from graftlm.ops.base import InjectedModule
+from graftlm.ops.base import InjectedModule, gated
 
 
 def grouped_apply(
@@ -73,7 +73,7 @@ def grouped_experts(
 
     def expert(e: int, rows: torch.Tensor) -> torch.Tensor:
         gate, up = F.linear(rows, gate_up_proj[e]).chunk(2, dim=-1)
-        return F.linear(act_fn(gate) * up, down_proj[e])
+        return F.linear(gated(act_fn, gate, up), down_proj[e])
 
     return grouped_apply(x, top_k_index, top_k_weights, gate_up_proj.shape[0], expert)
 

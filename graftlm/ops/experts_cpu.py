@@ -13,6 +13,7 @@ import torch
 
 from graftlm.kernels.cpu import qblocks
 from graftlm.kernels.cpu.packed import PackedMatrix, pack
+from graftlm.ops.base import gated
 from graftlm.ops.packed import GatePair, PackedExperts
 from graftlm.weights.source import QuantizedTensor
 
@@ -98,7 +99,7 @@ class ExpertsCPU(PackedExperts, name="experts.cpu"):
             threads, sets,
         )  # fmt: skip
         gate, up = gate_up if sets == 2 else gate_up.chunk(2, dim=-1)
-        h = (self.act_fn(gate) * up).contiguous()
+        h = gated(self.act_fn, gate, up).contiguous()
         ptrs = d_ptrs[index]
         down = torch.empty(count, d_n, dtype=torch.float32)
         kernels.matmul_experts(
