@@ -25,6 +25,10 @@ class GGUFSource:
         self.file = file
         self.path = file.path
         self.table = table
+        # ggml dims past the last one above 1 are 1 implicitly: [N] and [N, 1] are one tensor, and
+        # converters write either (llama.cpp's Qwen2-MoE shared-expert gate is [H, 1], graftlm's [H]).
+        # A file tensor that differs from the expected shape only there is read in the expected shape.
+        self._shapes: dict[str, tuple[int, ...]] = {}
         file_shapes = {n: file.shape(n) for n in file.tensors}
         table.check_files(file_shapes, self.path, extra_ok={n for n in _HOOK_TENSORS if n in file_shapes})
 
@@ -43,7 +47,7 @@ class GGUFSource:
     def shape(self, hf_name: str) -> tuple[int, ...]:
         tm = self._map(hf_name)
         with torch.device("meta"):
-            parts = [torch.empty(self.file.shape(g)) for g in tm.gguf_names]
+            parts = [torch.empty(self._file_shape(g)) for g in tm.gguf_names]
             return tuple(tm.to_hf(parts).shape)
 
     def raw(self, hf_name: str) -> list[QuantizedTensor]:
@@ -60,9 +64,12 @@ class GGUFSource:
         data = tm.raw_to_hf([p.data for p in parts])  # zero-copy for the identity map
         return QuantizedTensor(hf_name, parts[0].qtype, self.shape(hf_name), data)
 
+    def _file_shape(self, gguf_name: str) -> tuple[int, ...]:
+        return self._shapes.get(gguf_name) or self.file.shape(gguf_name)
+
     def file_tensor(self, gguf_name: str) -> QuantizedTensor:
         t = self.file.tensors[gguf_name]
-        return QuantizedTensor(gguf_name, self.file.qtype(gguf_name), self.file.shape(gguf_name), t.data)
+        return QuantizedTensor(gguf_name, self.file.qtype(gguf_name), self._file_shape(gguf_name), t.data)
 
     def get(
         self, hf_name: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
@@ -79,4 +86,16 @@ class GGUFSource:
     def check_shapes(self, hf_shapes: dict[str, tuple[int, ...]]) -> None:
         for hf_name, hf_shape in hf_shapes.items():
             tm = self._map(hf_name)
-            self.table.check_shape(tm, hf_shape, [self.file.shape(g) for g in tm.gguf_names], self.path)
+            for g, want in zip(tm.gguf_names, tm.file_shapes(tuple(hf_shape))):
+                have = self.file.shape(g)
+                if have != tuple(want) and _ggml_dims(have) == _ggml_dims(want):
+                    self._shapes[g] = tuple(want)
+            self.table.check_shape(tm, hf_shape, [self._file_shape(g) for g in tm.gguf_names], self.path)
+
+
+def _ggml_dims(shape) -> tuple[int, ...]:
+    """A torch-order shape without its leading 1s: ggml's ne without the trailing ones it implies."""
+    dims = tuple(int(d) for d in shape)
+    while len(dims) > 1 and dims[0] == 1:
+        dims = dims[1:]
+    return dims
