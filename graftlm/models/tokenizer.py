@@ -43,22 +43,28 @@ def tokenizer_from_gguf(path: str, arch: str, chat_template: str | None) -> PreT
     """The GGUF's vocabulary as an HF tokenizer, converted once and then read from a cache.
 
     Converting a large SentencePiece vocabulary (Gemma's 262K tokens) takes transformers tens of
-    seconds; the converted tokenizer loads in about one.
+    seconds; the converted tokenizer loads in about one. The cache is read back as the plain
+    `tokenizers` pipeline it saved (tokenizer.json), not through the class transformers names for
+    the architecture: that class rebuilds its own pipeline around the vocabulary, which is not the
+    converted one when the file's tokenizer is not the architecture's usual kind (a byte-level BPE
+    vocabulary in a gemma3 file: the rebuilt one failed on every space). The first run returns the
+    same reloaded tokenizer, so a file tokenizes the same on every run.
     """
     p = Path(path)
     cache = _cache_dir(p)
-    if (cache / "tokenizer_config.json").is_file():
+    if not (cache / "tokenizer_config.json").is_file():
+        tok = _convert_gguf_tokenizer(p)
         try:
-            tok = AutoTokenizer.from_pretrained(str(cache))
+            tok.save_pretrained(str(cache))
+        except OSError as exc:
+            log.info("could not cache the tokenizer in %s (%s)", cache, exc)
             _set_chat_template(tok, chat_template, arch, path)
             return tok
-        except (ValueError, KeyError, OSError, TypeError) as exc:
-            log.warning("ignoring unreadable tokenizer cache %s (%s)", cache, exc)
-    tok = _convert_gguf_tokenizer(p)
     try:
-        tok.save_pretrained(str(cache))
-    except OSError as exc:
-        log.info("could not cache the tokenizer in %s (%s)", cache, exc)
+        tok = PreTrainedTokenizerFast.from_pretrained(str(cache))
+    except (ValueError, KeyError, OSError, TypeError) as exc:
+        log.warning("ignoring unreadable tokenizer cache %s (%s)", cache, exc)
+        tok = _convert_gguf_tokenizer(p)
     _set_chat_template(tok, chat_template, arch, path)
     return tok
 
