@@ -1,6 +1,6 @@
 """graftlm against llama.cpp on the same GGUF files, in the same run, with the same threads.
 
-    python bench/compare_llamacpp.py [--models PATH ...] [--threads 1 2] [--repeat 3]
+    python bench/compare_llamacpp.py [--models PATH ...] [--threads 1 2] [--repeat 3] [--rounds 1]
                                      [--llama-bench /opt/llamacpp/bin/llama-bench] [--out bench/results]
 
 Defaults: the synthetic real-shape models from bench/make_models.py (if present) and the real
@@ -8,6 +8,11 @@ Gemma 3 270M Q4_K_M. For each model and thread count it runs llama-bench and `gr
 auto` (each in its own process, so peak RSS is the model's own), records the load average around
 both, and prints a markdown table of tok/s and graftlm/llama.cpp ratios. JSON with every number
 goes to --out; BENCHMARKS.md quotes these tables.
+
+This machine's speed drifts by up to 2x over minutes, so one pair of runs can catch the two
+engines in different phases. `--rounds N` measures each model and thread count N times, the two
+engines alternating which goes first, and reports each round's ratios and their median (the tok/s
+columns are then medians over rounds too).
 
 Both decode at the same depth. `graftlm bench` decodes its tokens after the prompt (positions 512
 to 640 by default), while llama-bench's `-n 128` decodes into an empty cache; so llama.cpp's decode
@@ -21,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -80,6 +86,28 @@ def graftlm_bench(model: Path, threads: int, prompt: int, gen: int, repeat: int)
     return json.loads(out[out.index("{") :])
 
 
+def _summary(model: str, threads: int, rounds: list[dict]) -> dict:
+    """One table row from a model's rounds: medians of the rates and of the per-round ratios."""
+    med = statistics.median
+    row = rounds[-1] if len(rounds) == 1 else {
+        e: {**rounds[0][e], **{k: med(r[e][k] for r in rounds) for k in _RATES if k in rounds[0][e]}}
+        for e in ("llama_cpp", "graftlm")
+    } | {
+        "prefill_ratio": med(r["prefill_ratio"] for r in rounds),
+        "decode_ratio": med(r["decode_ratio"] for r in rounds),
+        "load_avg": [min(r["load_avg"][0] for r in rounds), max(r["load_avg"][1] for r in rounds)],
+        "time": f"{rounds[0]['time']} - {rounds[-1]['time']}",
+    }  # fmt: skip
+    return {"model": model, "threads": threads, **row, "rounds": rounds}
+
+
+def _each(row: dict, key: str) -> str:
+    return " ".join(f"{x[key]:.2f}" for x in row["rounds"])
+
+
+_RATES = ("prefill_tok_s", "decode_tok_s", "decode_tok_s_depth0", "decode_gb_s")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="*", type=Path)
@@ -87,6 +115,7 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=512)
     ap.add_argument("--gen-tokens", type=int, default=128)
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=1, help="alternating llama.cpp/graftlm rounds (median)")
     ap.add_argument("--llama-bench", default="/opt/llamacpp/bin/llama-bench")
     ap.add_argument("--out", type=Path, default=Path("bench/results"))
     args = ap.parse_args()
@@ -95,35 +124,50 @@ def main() -> None:
     rows = []
     for model in models:
         for t in args.threads:
-            load_before = os.getloadavg()[0]
-            lc = llama_bench(args.llama_bench, model, t, args.prompt_tokens, args.gen_tokens, args.repeat)
-            gl = graftlm_bench(model, t, args.prompt_tokens, args.gen_tokens, args.repeat)
-            row = {
-                "model": model.name,
-                "threads": t,
-                "llama_cpp": lc,
-                "graftlm": gl,
-                "prefill_ratio": gl["prefill_tok_s"] / lc["prefill_tok_s"],
-                "decode_ratio": gl["decode_tok_s"] / lc["decode_tok_s"],
-                "load_avg": [round(load_before, 2), round(os.getloadavg()[0], 2)],
-                "time": time.strftime("%Y-%m-%d %H:%M"),
-            }
-            rows.append(row)
-            print(json.dumps(row), file=sys.stderr, flush=True)
+            rounds = []
+            for i in range(args.rounds):
+                load_before = os.getloadavg()[0]
+                runs = {}
+                for engine in ("llama_cpp", "graftlm")[:: 1 if i % 2 == 0 else -1]:
+                    if engine == "llama_cpp":
+                        runs[engine] = llama_bench(
+                            args.llama_bench, model, t, args.prompt_tokens, args.gen_tokens, args.repeat
+                        )
+                    else:
+                        runs[engine] = graftlm_bench(
+                            model, t, args.prompt_tokens, args.gen_tokens, args.repeat
+                        )
+                lc, gl = runs["llama_cpp"], runs["graftlm"]
+                rounds.append(
+                    {
+                        "llama_cpp": lc,
+                        "graftlm": gl,
+                        "first": next(iter(runs)),
+                        "prefill_ratio": gl["prefill_tok_s"] / lc["prefill_tok_s"],
+                        "decode_ratio": gl["decode_tok_s"] / lc["decode_tok_s"],
+                        "load_avg": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+                        "time": time.strftime("%Y-%m-%d %H:%M"),
+                    }
+                )
+                print(
+                    json.dumps({"model": model.name, "threads": t, **rounds[-1]}), file=sys.stderr, flush=True
+                )
+            rows.append(_summary(model.name, t, rounds))
     (args.out / f"compare-{time.strftime('%Y%m%d-%H%M')}.json").write_text(json.dumps(rows, indent=1))
     print(
         f"machine: {rows[0]['graftlm']['machine'] if rows else '?'}; llama.cpp {rows[0]['llama_cpp']['build'] if rows else '?'}; "
         f"both decode after {args.prompt_tokens} tokens (llama-bench -d {args.prompt_tokens})"
     )
     print("| model | threads | prefill tok/s graftlm / llama.cpp (ratio) | decode tok/s graftlm / llama.cpp (ratio) "
-          "| graftlm MB/token, GB/s | graftlm peak RSS MiB | load avg |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|")
+          "| graftlm MB/token, GB/s | graftlm peak RSS MiB | load avg | per-round ratios, prefill; decode |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         g, c = r["graftlm"], r["llama_cpp"]
         print(
             f"| {r['model']} | {r['threads']} | {g['prefill_tok_s']:.1f} / {c['prefill_tok_s']:.1f} ({r['prefill_ratio']:.2f}x) "
             f"| {g['decode_tok_s']:.1f} / {c['decode_tok_s']:.1f} ({r['decode_ratio']:.2f}x) "
-            f"| {g['bytes_per_token'] / 1e6:.0f}, {g['decode_gb_s']:.1f} | {g['peak_rss_mib']:.0f} | {r['load_avg'][0]}-{r['load_avg'][1]} |"
+            f"| {g['bytes_per_token'] / 1e6:.0f}, {g['decode_gb_s']:.1f} | {g['peak_rss_mib']:.0f} | {r['load_avg'][0]}-{r['load_avg'][1]} "
+            f"| {_each(r, 'prefill_ratio')}; {_each(r, 'decode_ratio')} |"
         )
 
 
