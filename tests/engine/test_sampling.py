@@ -33,6 +33,23 @@ def test_greedy_is_argmax_without_a_generator():
     assert sample_next(logits, SamplingParams(), None).tolist() == [1, 0]
 
 
+@pytest.mark.parametrize(
+    "logits",
+    [
+        torch.tensor([[1.0, 5.0, 5.0, 2.0]]),  # ties: the first maximum
+        torch.tensor([[1.0, float("nan"), 5.0, float("nan")]]),  # NaN counts as the maximum
+        torch.full((1, 4), float("-inf")),
+        torch.randn(4, 64)[:, ::3],  # a strided view
+        torch.randn(2, 50, dtype=torch.bfloat16),
+        torch.randn(7),  # one row without a batch dimension
+    ],
+)
+def test_greedy_matches_torch_argmax(logits):
+    got = sample_next(logits, SamplingParams(), None)
+    want = logits.float().argmax(dim=-1)
+    assert got.dtype == torch.int64 and got.shape == want.shape and torch.equal(got, want)
+
+
 def test_top_k_mask_keeps_the_k_largest():
     kept = torch.isfinite(filter_logits(LOGITS, top_k=3))[0]
     assert kept.tolist() == [False, True, False, True, True]
