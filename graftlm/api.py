@@ -58,7 +58,8 @@ def load(
 ) -> LLM:
     """Load a GGUF file or HF folder into its transformers architecture.
 
-    `rules=None` keeps every module a plain torch module on `device`; otherwise `rules` is
+    `rules=None` (or "none", as on the command line) keeps every module a plain torch module on
+    `device`; otherwise `rules` is
     "auto", "builtin:NAME", a YAML path or a list of rule dicts (see docs/rules.md).
     `gpu_memory` ("12GiB") plans the rules from a budget instead (graftlm/inject/placement.py):
     the dense part and as many routed-expert layers as fit go to `device` ("cuda:0" when left
@@ -71,11 +72,16 @@ def load(
     memory-mapped: pages the kernel cannot drop; resident memory is the same once every weight is used.
     """
     start = time.perf_counter()
+    if isinstance(rules, str) and rules == "none":
+        rules = None
     files = open_weights(path, hf_dir=hf_dir, mmap=mmap, progress=progress)
     model = files.meta_model
     if gpu_memory is not None or cpu_memory is not None or gpu_weights != "dtype":
         rules, device = _placed_rules(files, rules, device, dtype, gpu_memory, cpu_memory, gpu_weights)
     if rules is None and (sparse is None or sparse is False):
+        from graftlm.inject.apply import check_device
+
+        check_device(device, "the requested device")
         loaded = load_module_params(model, "", files.source, device=device, dtype=dtype, progress=progress)
         log.info(
             "loaded %d tensors (%.0f MB at %s) from %s as %s in %.1f s",

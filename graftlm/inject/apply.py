@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from typing import Any
 
 import torch
 from torch import nn
 from transformers import PretrainedConfig
 
 from graftlm.errors import RuleError, WeightMappingError
+from graftlm.inject.registry import DEVICE_KWARGS
 from graftlm.inject.walk import InjectionPlan, PlanEntry
 from graftlm.ops.base import InjectedModule
 from graftlm.weights.memory import AliasedSource
@@ -64,10 +66,18 @@ def _construct(
     kwargs = dict(rule.kwargs)
     kwargs.setdefault("generate_device", entry.device)
     kwargs.setdefault("dtype", dtype)
+    where = f"{rule.op} at {entry.path!r}"
     try:
         return rule.op_cls(key=entry.path, source=source, config=config, orig_module=orig, **kwargs)
     except (ValueError, NotImplementedError) as exc:
-        raise RuleError(f"{rule.origin}: {rule.op} at {entry.path!r}: {exc}") from exc
+        msg = str(exc).removeprefix(f"{where}: ")  # operators name themselves and the module
+        msg = msg if msg.startswith(where) else f"{where}: {msg}"
+        raise RuleError(f"{rule.origin}: {msg}") from exc
+    except (AttributeError, TypeError, KeyError) as exc:  # a module or config the operator cannot read
+        raise RuleError(
+            f"{rule.origin}: {where}: {rule.op} cannot replace this {type(orig).__name__} "
+            f"({type(exc).__name__}: {exc}); check the rule's match"
+        ) from exc
 
 
 def _load_buffers(module: nn.Module, path: str, source: WeightSource, device: str, recurse: bool) -> None:
@@ -158,6 +168,7 @@ def apply(
     The model is changed in place; the root itself is returned replaced only when a rule
     matched the root.
     """
+    _check_devices(plan)
     aliases = _tied_aliases(model, config)
     if aliases:
         source = AliasedSource(source, aliases)
@@ -179,6 +190,42 @@ def apply(
     root.eval()
     log.info("injected %d operator(s); %d module(s) kept", len(ops), len(plan.entries) - len(ops))
     return root
+
+
+def check_device(device: Any, where: str, *, placement: bool = True) -> None:
+    """Raise a RuleError naming `where` if `device` is not one this process can use: an accelerator
+    torch was built without or does not see, an index past the last one, or (for weights, when
+    `placement`) the meta device, where nothing is ever loaded."""
+    d = torch.device(device)
+    if d.type == "meta":
+        if placement:
+            raise RuleError(f"{where}: device 'meta' holds no data; weights cannot be placed there")
+        return
+    if d.type == "cpu":
+        return
+    backend = getattr(torch, d.type, None)
+    if backend is None or not hasattr(backend, "is_available") or not backend.is_available():
+        raise RuleError(
+            f"{where}: device {str(d)!r} is not available: this torch ({torch.__version__}) has no "
+            f"{d.type} support or sees no {d.type} device; use a CPU device or a torch built for {d.type}"
+        )
+    count = backend.device_count() if hasattr(backend, "device_count") else 1
+    if d.index is not None and d.index >= count:
+        raise RuleError(f"{where}: device {str(d)!r} does not exist: {count} {d.type} device(s) visible")
+
+
+def _check_devices(plan: InjectionPlan) -> None:
+    """Every device the plan's rules name (and its default one), before anything is built."""
+    check_device(plan.default_device, "the default device")
+    used = {e.rule for e in plan.entries if e.rule is not None}
+    for index in sorted(used):
+        rule = plan.rules[index]
+        for key in sorted(DEVICE_KWARGS & set(rule.kwargs)):
+            check_device(rule.kwargs[key], f"{rule.origin}: {key}", placement=key != "out_device")
+        transfer = rule.kwargs.get("transfer_map")
+        if isinstance(transfer, dict):
+            for layer, device in transfer.items():
+                check_device(device, f"{rule.origin}: transfer_map[{layer}]")
 
 
 def _keep_output_recording(root: nn.Module, ops: list[InjectedModule]) -> None:

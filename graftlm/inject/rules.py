@@ -250,6 +250,9 @@ class _Parser:
         except OSError as exc:
             self.errors.append(f"{label}: cannot read rule file: {exc.strerror or exc}")
             return
+        except UnicodeDecodeError as exc:
+            self.errors.append(f"{label}: cannot read rule file: not UTF-8 text (byte {exc.start})")
+            return
         try:
             data = yaml.safe_load(text)
             root = yaml.compose(text, Loader=yaml.SafeLoader)
@@ -259,6 +262,7 @@ class _Parser:
             self.errors.append(f"{label}{line}: not valid YAML: {getattr(exc, 'problem', None) or exc}")
             return
         if data is None:
+            log.warning("%s: the rule file holds no rules", label)
             return
         if not isinstance(data, list):
             self.errors.append(f"{label}: a rule file is a YAML list of rules, not a {type(data).__name__}")

@@ -195,6 +195,10 @@ class LinearBase(InjectedModule):
         self, key: str, source: WeightSource, config: PretrainedConfig, orig_module: nn.Module, **kwargs: Any
     ) -> None:
         super().__init__(key, source, config, orig_module, **kwargs)
+        if not all(hasattr(orig_module, a) for a in ("in_features", "out_features", "weight")):
+            raise ValueError(
+                f"{self.op_name} at {key!r} replaces a linear layer (nn.Linear), not {type(orig_module).__name__}"
+            )
         self.in_features = int(orig_module.in_features)
         self.out_features = int(orig_module.out_features)
         self.has_bias = getattr(orig_module, "bias", None) is not None

@@ -78,6 +78,21 @@ def grouped_experts(
     return grouped_apply(x, top_k_index, top_k_weights, gate_up_proj.shape[0], expert)
 
 
+def check_experts_module(op: str, key: str, orig_module: nn.Module) -> None:
+    """Refuse, naming it, a module that is not transformers' fused routed experts (3-D `gate_up_proj`
+    and `down_proj` and an `act_fn`)."""
+    w = getattr(orig_module, "gate_up_proj", None)
+    if (
+        getattr(w, "ndim", 0) != 3
+        or getattr(getattr(orig_module, "down_proj", None), "ndim", 0) != 3
+        or not hasattr(orig_module, "act_fn")
+    ):
+        raise ValueError(
+            f"{op} at {key!r} replaces routed experts (a module with 3-D gate_up_proj and down_proj, "
+            f"such as each MoE block's `experts`), not {type(orig_module).__name__}"
+        )
+
+
 class ExpertsTorch(InjectedModule, name="experts.torch"):
     """Routed experts with weights dequantized to `dtype`; HF names `gate_up_proj`, `down_proj`."""
 
@@ -86,6 +101,7 @@ class ExpertsTorch(InjectedModule, name="experts.torch"):
 
     def __init__(self, key, source, config, orig_module, **kwargs) -> None:
         super().__init__(key, source, config, orig_module, **kwargs)
+        check_experts_module("experts.torch", key, orig_module)
         self.num_experts, two_i, self.hidden_dim = orig_module.gate_up_proj.shape
         self.intermediate_dim = two_i // 2
         self.act_fn = orig_module.act_fn

@@ -18,7 +18,7 @@ import torch
 from graftlm.errors import GraftError
 from graftlm.kernels.cpu import qblocks
 from graftlm.ops.base import InjectedModule, LinearBase, gated
-from graftlm.ops.experts import grouped_apply
+from graftlm.ops.experts import check_experts_module, grouped_apply
 from graftlm.weights.source import QuantizedTensor, WeightSource
 
 
@@ -158,6 +158,7 @@ class PackedExperts(_Packing, InjectedModule):
     def __init__(self, key, source, config, orig_module, layout: str = "auto", **kwargs) -> None:
         super().__init__(key, source, config, orig_module, **kwargs)
         self._check_layout(key, layout)
+        check_experts_module(self.op_name, key, orig_module)
         self.num_experts, two_i, self.hidden_dim = orig_module.gate_up_proj.shape
         self.intermediate_dim = two_i // 2
         self.act_fn = orig_module.act_fn

@@ -239,6 +239,16 @@ class MLAttention(InjectedModule, name="attention.mla"):
             raise ValueError(f"attention.mla at {key!r}: absorb_up_to must be >= 0 and cache_chunk >= 1")
         self.prefill = prefill
         self.cache_chunk = int(cache_chunk)
+        missing = [
+            a
+            for a in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
+            if getattr(config, a, None) is None
+        ]
+        if missing:
+            raise ValueError(
+                f"attention.mla at {key!r} replaces multi-head latent attention (DeepSeek-V2/V3), but the "
+                f"{type(config).__name__} has no {', '.join(missing)}: {type(orig_module).__name__} is not MLA"
+            )
         self.layer_idx = getattr(orig_module, "layer_idx", None)
         if self.layer_idx is None:
             raise ValueError(f"attention.mla at {key!r}: {type(orig_module).__name__} has no layer_idx")
