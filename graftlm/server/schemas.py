@@ -12,6 +12,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 MAX_STOP_STRINGS = 16
+SEED_MIN, SEED_END = -(2**63), 2**64  # what torch.Generator.manual_seed takes
 MAX_LISTED_ERRORS = 5
 
 
@@ -74,16 +75,25 @@ class _OpenAISampling(_Lenient):
     model: str | None = None  # None: the served model
     stream: bool = False
     stream_options: StreamOptions | None = None
-    max_tokens: int | None = Field(None, ge=0)
-    temperature: float | None = Field(None, ge=0.0, le=2.0)  # None: OpenAI's default, 1
-    top_p: float | None = Field(None, gt=0.0, le=1.0)
-    top_k: int | None = Field(None, ge=0)  # an extension (vLLM, llama.cpp)
-    seed: int | None = None
+    # Counts and seeds are strict: `true` or "5" is a client bug to report, not a number to guess.
+    max_tokens: int | None = Field(None, ge=0, strict=True)
+    temperature: float | None = Field(None, ge=0.0, le=2.0, allow_inf_nan=False)  # None: OpenAI's default, 1
+    top_p: float | None = Field(None, gt=0.0, le=1.0, allow_inf_nan=False)
+    top_k: int | None = Field(None, ge=0, strict=True)  # an extension (vLLM, llama.cpp)
+    seed: int | None = Field(None, ge=SEED_MIN, lt=SEED_END, strict=True)
     stop: str | list[str] | None = None
     n: int = Field(1, ge=1, le=1, description="only one choice per request")
     ignore_eos: bool = False  # an extension (vLLM): keep generating past end-of-sequence tokens
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _no_logit_bias(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        if value:
+            raise ValueError("logit_bias is not implemented: leave it out or empty")
+        return value
 
     @field_validator("stop")
     @classmethod
@@ -104,8 +114,9 @@ class _OpenAISampling(_Lenient):
 
 class ChatCompletionRequest(_OpenAISampling):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=0)
+    max_completion_tokens: int | None = Field(None, ge=0, strict=True)
     logprobs: Literal[False] | None = None  # log-probabilities are not implemented
+    top_logprobs: Literal[0] | None = None
 
     @property
     def token_limit(self) -> int | None:
@@ -114,7 +125,8 @@ class ChatCompletionRequest(_OpenAISampling):
 
 class CompletionRequest(_OpenAISampling):
     prompt: str | list[str] | list[int]
-    max_tokens: int | None = Field(16, ge=0)  # the OpenAI default for this endpoint
+    max_tokens: int | None = Field(16, ge=0, strict=True)  # the OpenAI default for this endpoint
+    best_of: int | None = Field(None, ge=1, le=1, strict=True, description="only one candidate per request")
     echo: Literal[False] = False
     suffix: None = None
     logprobs: None = None
@@ -134,10 +146,10 @@ class CompletionRequest(_OpenAISampling):
 
 class OllamaOptions(_Lenient):
     num_predict: int | None = Field(None, ge=-2)  # -1: until the context is full (as -2)
-    temperature: float | None = Field(None, ge=0.0)
-    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    temperature: float | None = Field(None, ge=0.0, allow_inf_nan=False)
+    top_p: float | None = Field(None, gt=0.0, le=1.0, allow_inf_nan=False)
     top_k: int | None = Field(None, ge=0)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=SEED_MIN, lt=SEED_END)
     stop: str | list[str] | None = None
 
     @field_validator("stop")
