@@ -35,9 +35,9 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     add_sparse_args(parser)
     parser.add_argument(
         "--threads",
-        type=int,
+        type=_thread_count,
         metavar="N",
-        help="torch CPU threads (default: the number of physical cores available)",
+        help="torch CPU threads (default, or 0: the number of physical cores available)",
     )
     parser.add_argument(
         "--no-mmap",
@@ -148,6 +148,16 @@ def physical_cores() -> int:
     except OSError:
         pass
     return max(1, min(len(cores) or allowed, allowed))
+
+
+def _thread_count(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0 (0: the number of physical cores), got {n}")
+    return n
 
 
 def set_threads(threads: int | None) -> int:

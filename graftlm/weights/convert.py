@@ -249,6 +249,13 @@ def write_gguf(
     out_path = Path(out_path)
     table = NameTable(arch, config, hf_shapes)
     qtype = OUT_TYPES[out_type]
+    try:
+        return _write(out_path, arch, config, hf_shapes, tensor_fn, out_type, qtype, table, name, vocab)
+    except OSError as exc:
+        raise GraftError(f"{out_path}: cannot write the GGUF file ({exc.strerror or exc})") from exc
+
+
+def _write(out_path, arch, config, hf_shapes, tensor_fn, out_type, qtype, table, name, vocab) -> Path:
     w = gguf.GGUFWriter(str(out_path), arch)
     w.add_name(name)
     w.add_file_type(FILE_TYPES[out_type])

@@ -14,6 +14,7 @@ import torch
 from graftlm.cli import main
 from graftlm.engine.generate import Engine
 from tests.engine.helpers import byte_tokenizer, tiny_llama
+from tests.models.tiny import make_model
 
 torch.set_num_threads(1)
 
@@ -151,3 +152,18 @@ def test_chat_template_from_a_file(fake_load, monkeypatch, capsys, tmp_path):
     monkeypatch.setattr(sys, "stdin", io.StringIO("hello\n"))
     assert main(["chat", "--threads", "1", "--max-new-tokens", "2", "--chat-template", str(template)]) == 0
     assert fake_load.tokenizer.decode(fake_load.prompts[0]) == "hello|"
+
+
+def test_negative_threads_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["run", "--threads", "-3"])
+    assert exit_.value.code == 2
+    assert "--threads: must be >= 0" in capsys.readouterr().err
+
+
+def test_convert_into_a_missing_folder_is_a_clean_error(tmp_path, capsys):
+    make_model("llama", tmp_path / "hf")
+    rc = main(["convert", str(tmp_path / "hf"), str(tmp_path / "no" / "such" / "dir" / "x.gguf")])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "x.gguf: cannot write the GGUF file (No such file or directory)" in err and "Traceback" not in err
