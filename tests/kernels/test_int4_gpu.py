@@ -80,6 +80,16 @@ def test_bf16_layout_and_matmul():
     _assert_int4_matmul(int4.matmul(x), x, int4.dequantized())
 
 
+def test_int4_matmul_takes_a_strided_bf16_input():
+    """A bf16 slice (MLA's kv[..., :r]) is not copied by the dtype conversion; the kernel needs it
+    contiguous (it raised 'expect A to be contiguous')."""
+    int4 = to_device_matrix(_q(Q.Q8_0), "cpu")
+    wide = torch.randn(3, K + 16).to(torch.bfloat16)
+    x = wide[:, :K]
+    assert not x.is_contiguous()
+    _assert_int4_matmul(int4.matmul(x), x.float(), int4.dequantized())
+
+
 def _assert_int4_matmul(got: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> None:
     """An int4 kernel's x @ W^T against fp32 on the bf16 activations and the weights it reads back.
 

@@ -81,7 +81,7 @@ class DeviceMatrix:
         return self.weight.nbytes + (self.scales.nbytes if self.scales is not None else 0)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        xb = x.to(device=self.weight.device, dtype=torch.bfloat16)
+        xb = x.to(device=self.weight.device, dtype=torch.bfloat16).contiguous()  # the int4 kernels need it
         if self.layout == "bf16":
             return F.linear(xb, self.weight).float()
         if self.weight.device.type == "cuda":
