@@ -7,7 +7,9 @@ the operator only moves activations:
 
 - before layer i, for each i in `transfer_map`, the hidden states and the per-layer inputs the
   model computed once (rotary cos/sin, the causal mask, position ids) go to `transfer_map[i]`;
-  a layer after it keeps the device it arrives on;
+- every later layer up to the next boundary gets those per-layer inputs on that device too (HF
+  hands each layer the very objects it computed once, still on the first device; one copy per
+  device and forward pass is made and reused);
 - before the final norm they go to the norm's own device (that of its weight).
 
 Each move is recorded in `transfers` (layer index or "norm", device) for the last forward pass,
@@ -59,20 +61,37 @@ class TransferMapModel(InjectedModule, name="model.transfer_map"):
         self.adopt(orig_module, *orig_module._modules)
         object.__setattr__(self, "_hf", orig_module)  # not a child: its children are ours
         self.transfers: list[tuple[int | str, str]] = []
-        self._hooks = [
-            layers[i].register_forward_pre_hook(self._pre_layer(i, d), with_kwargs=True)
-            for i, d in sorted(self.transfer_map.items())
-        ]
+        self._moved: dict[tuple[int, str], Any] = {}  # this forward's copies: (id, device) -> copy
+        self._hooks = []
+        device = None
+        for i in range(min(self.transfer_map, default=len(layers)), len(layers)):
+            device = self.transfer_map.get(i, device)
+            hook = self._pre_layer(i, device, boundary=i in self.transfer_map)
+            self._hooks.append(layers[i].register_forward_pre_hook(hook, with_kwargs=True))
         norm = orig_module._modules.get("norm")
         if norm is not None:
             self._hooks.append(norm.register_forward_pre_hook(self._pre_norm, with_kwargs=True))
 
-    def _pre_layer(self, index: int, device: torch.device):
+    def _pre_layer(self, index: int, device: torch.device, boundary: bool):
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-            self.transfers.append((index, str(device)))
-            return move(args, device), {k: move(v, device) for k, v in kwargs.items()}
+            if boundary:
+                self.transfers.append((index, str(device)))
+            return move(args, device), {
+                k: move(v, device) if k == "hidden_states" else self._shared(v, device)
+                for k, v in kwargs.items()
+            }
 
         return hook
+
+    def _shared(self, value: Any, device: torch.device) -> Any:
+        """`move(value, device)`, made once per forward pass for the per-layer inputs every layer
+        is handed (the cache object and other non-tensors pass through)."""
+        if not isinstance(value, torch.Tensor | tuple | list):
+            return value
+        key = (id(value), str(device))
+        if key not in self._moved:
+            self._moved[key] = (value, move(value, device))  # keep value alive: its id stays unique
+        return self._moved[key][1]
 
     def _pre_norm(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         weight = getattr(module, "weight", None)
@@ -91,7 +110,11 @@ class TransferMapModel(InjectedModule, name="model.transfer_map"):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         self.transfers = []
-        out = self._hf(*args, **kwargs)
+        self._moved = {}
+        try:
+            out = self._hf(*args, **kwargs)
+        finally:
+            self._moved = {}
         if self.out_device is not None and getattr(out, "last_hidden_state", None) is not None:
             out.last_hidden_state = out.last_hidden_state.to(self.out_device)
         return out

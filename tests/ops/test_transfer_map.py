@@ -95,6 +95,46 @@ def test_the_mapped_layer_receives_moved_inputs():
     assert model.model.transfers == [(1, "cpu")]
 
 
+def test_layers_after_a_boundary_get_its_per_layer_inputs(monkeypatch):
+    """HF hands every layer the cos/sin and mask it computed once, on the first device; the layers
+    after a boundary must get them on the boundary's device too (one copy per forward pass). Without
+    a second device, a fresh clone stands for "moved"."""
+    import graftlm.ops.model as model_mod
+
+    def fake_move(value, device):
+        if isinstance(value, torch.Tensor):
+            return value.clone()
+        if isinstance(value, tuple | list):
+            return type(value)(fake_move(v, device) for v in value)
+        return value
+
+    monkeypatch.setattr(model_mod, "move", fake_move)
+    config = tiny_config("qwen2_moe", num_hidden_layers=4)
+    hf = random_model(config)
+    rules = load_rules(
+        [
+            {
+                "match": {"name": "^model$"},
+                "replace": {"class": "model.transfer_map", "kwargs": {"transfer_map": {1: "cpu"}}},
+            }
+        ]
+    )
+    model = _inject(config, hf, rules)
+    cos_seen: list[torch.Tensor] = []
+    for layer in model.model.layers:
+        layer.register_forward_pre_hook(
+            lambda m, a, kw: cos_seen.append(kw["position_embeddings"][0]), with_kwargs=True
+        )
+    with torch.no_grad():
+        got = model(torch.tensor([[3, 4, 5]])).logits
+        want = hf(torch.tensor([[3, 4, 5]])).logits
+    assert (got - want).abs().max().item() <= 1e-5
+    first, *later = cos_seen
+    assert all(c is later[0] for c in later) and later[0] is not first  # one copy, from layer 1 on
+    assert torch.equal(later[0], first)
+    assert model.model.transfers == [(1, "cpu")]
+
+
 def test_move_walks_tuples_and_leaves_the_rest():
     cos, sin = torch.ones(2), torch.zeros(2)
     moved = move(((cos, sin), None, 3), torch.device("cpu"))
