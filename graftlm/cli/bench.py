@@ -13,13 +13,32 @@ from graftlm.cli.common import add_model_args, load_llm
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="measure prefill and decode speed", description=__doc__)
     add_model_args(p)
-    p.add_argument("--prompt-tokens", type=int, default=512, metavar="N")
-    p.add_argument("--gen-tokens", type=int, default=128, metavar="N")
+    p.add_argument("--prompt-tokens", type=_at_least(1), default=512, metavar="N")
     p.add_argument(
-        "--repeat", type=int, default=3, metavar="R", help="runs to take the median of (default 3)"
+        "--gen-tokens",
+        type=_at_least(2),
+        default=128,
+        metavar="N",
+        help="(>= 2: the first comes from the prefill)",
+    )
+    p.add_argument(
+        "--repeat", type=_at_least(1), default=3, metavar="R", help="runs to take the median of (default 3)"
     )
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=main)
+
+
+def _at_least(low: int):
+    def parse(text: str) -> int:
+        try:
+            n = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+        if n < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {n}")
+        return n
+
+    return parse
 
 
 def main(args: argparse.Namespace) -> int:
@@ -43,7 +62,8 @@ def main(args: argparse.Namespace) -> int:
         f"prefill   {result.prefill_tok_s:8.1f} tok/s  ({args.prompt_tokens} tokens, median of {args.repeat})"
     )
     print(
-        f"decode    {result.decode_tok_s:8.1f} tok/s  ({args.gen_tokens} tokens; "
+        f"decode    {result.decode_tok_s:8.1f} tok/s  ({result.generated_tokens} tokens"
+        f"{f' of the {args.gen_tokens} asked: the context ends' if result.generated_tokens < args.gen_tokens else ''}; "
         f"{result.bytes_per_token / 1e6:.3g} MB of weights per token = {result.decode_gb_s:.1f} GB/s)"
     )
     if len(result.bytes_by_device) > 1:  # weights on several devices: each one's share of the rate

@@ -18,12 +18,13 @@ import torch
 from torch import nn
 
 from graftlm.engine.generate import Engine
+from graftlm.errors import GraftError
 
 
 @dataclass
 class BenchResult:
     prompt_tokens: int
-    gen_tokens: int
+    gen_tokens: int  # asked for
     threads: int
     repeat: int
     prefill_tok_s: float
@@ -38,6 +39,7 @@ class BenchResult:
     load_seconds: float = 0.0
     mmap: bool = True  # False: the weights were read into RAM (--no-mmap)
     machine: str = ""
+    generated_tokens: int = 0  # generated per run (fewer than gen_tokens where the context ends first)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -136,14 +138,28 @@ def machine_description() -> str:
 def run_bench(
     engine: Engine, prompt_tokens: int = 512, gen_tokens: int = 128, repeat: int = 3, seed: int = 0
 ) -> BenchResult:
-    """Median prefill and decode tok/s over `repeat` runs of a random prompt (after one warm-up)."""
+    """Median prefill and decode tok/s over `repeat` runs of a random prompt (after one warm-up).
+
+    The first generated token comes from the prefill's logits, so a decode rate needs at least two;
+    where the context leaves room for fewer, this raises (a rate of 0 would read as a measurement)."""
+    if prompt_tokens < 1 or gen_tokens < 2 or repeat < 1:
+        raise GraftError(
+            f"bench needs prompt_tokens >= 1, gen_tokens >= 2 (the first token comes from the prefill) "
+            f"and repeat >= 1; got {prompt_tokens}, {gen_tokens}, {repeat}"
+        )
     vocab = engine.vocab_size or 1000
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(10, vocab - 1, (prompt_tokens,), generator=gen).tolist()
     engine.generate(ids[: min(16, prompt_tokens)], max_new_tokens=2, ignore_eos=True)  # warm-up
-    prefill, decode = [], []
+    prefill, decode, generated = [], [], []
     for _ in range(repeat):
         r = engine.generate(ids, max_new_tokens=gen_tokens, ignore_eos=True, stop_token_ids=[])
+        if len(r.token_ids) < 2:
+            raise GraftError(
+                f"the context ({engine.max_context} tokens) leaves room for {len(r.token_ids)} token(s) "
+                f"after a {prompt_tokens}-token prompt: no decode step to time; use fewer --prompt-tokens"
+            )
+        generated.append(len(r.token_ids))
         prefill.append(prompt_tokens / r.prefill_seconds)
         # The first new token comes from the prefill's logits; the rest each cost one decode step.
         decode.append((len(r.token_ids) - 1) / r.decode_seconds if len(r.token_ids) > 1 else 0.0)
@@ -166,4 +182,5 @@ def run_bench(
         peak_rss_mib=peak_rss_mib(),
         peak_gpu_mib=peak_gpu_mib(),
         machine=machine_description(),
+        generated_tokens=min(generated),
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from graftlm.cli import main
@@ -25,7 +26,25 @@ def test_bench_json(tmp_path, capsys):
     assert r["prefill_tok_s"] > 0 and r["decode_tok_s"] > 0 and r["peak_rss_mib"] > 0
     assert r["decode_gb_s"] == r["bytes_per_token"] * r["decode_tok_s"] / 1e9
     assert r["bytes_by_device"] == {"cpu": r["bytes_per_token"]} and r["peak_gpu_mib"] == []
-    assert r["machine"]
+    assert r["machine"] and r["generated_tokens"] == r["gen_tokens"] == 6
+
+
+def test_bench_near_the_context_end_reports_what_it_generated(tmp_path, capsys):
+    torch.set_num_threads(1)
+    make_model("llama", tmp_path)  # a context of 256
+    path = convert(tmp_path, tmp_path / "f32.gguf", "f32")
+    base = ["bench", str(path), "--threads", "1", "--repeat", "1", "--gen-tokens", "20"]
+    assert main([*base, "--prompt-tokens", "250"]) == 0
+    assert "(6 tokens of the 20 asked: the context ends;" in capsys.readouterr().out
+    assert main([*base, "--prompt-tokens", "255"]) == 2  # one token: nothing to time
+    assert "no decode step to time" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag", [("--gen-tokens", "1"), ("--repeat", "0"), ("--prompt-tokens", "-5")])
+def test_bench_refuses_counts_it_cannot_measure(flag, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["bench", "model.gguf", *flag])
+    assert exit_.value.code == 2 and f"argument {flag[0]}: must be >=" in capsys.readouterr().err
 
 
 def test_bytes_per_token_counts_active_experts_and_one_embedding_row(tmp_path):
