@@ -115,7 +115,12 @@ def _with_sparse(ruleset: Any, sparse: Any) -> Any:
     from graftlm.ops.attention.sparse import sparse_rules
 
     first = load_rules(sparse_rules(sparse))
-    rules = [dataclasses.replace(r, index=i) for i, r in enumerate([*first.rules, *ruleset.rules])]
+    # The sparse rule takes every decoder attention module, so the given rules' own attention rules
+    # match nothing by design: optional, so that planning does not warn about them.
+    given = [
+        dataclasses.replace(r, optional=True) if r.op.startswith("attention.") else r for r in ruleset.rules
+    ]
+    rules = [dataclasses.replace(r, index=i) for i, r in enumerate([*first.rules, *given])]
     return RuleSet(rules, f"sparse attention + {ruleset.source}")
 
 

@@ -104,3 +104,9 @@ def test_empty_rule_file_warns(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         assert len(graftlm.inject.load_rules(str(path))) == 0
     assert "empty.yaml: the rule file holds no rules" in caplog.text
+
+
+def test_sparse_attention_does_not_warn_about_the_attention_rule_it_displaces(llama_gguf, caplog):
+    with caplog.at_level(logging.WARNING):
+        graftlm.load(llama_gguf, rules="auto", sparse=True, progress=False)
+    assert "matches no module" not in caplog.text
