@@ -56,7 +56,11 @@ SETTINGS: dict[str, Setting] = {
     for s in (
         Setting("model", str, None, "GGUF file or HF folder (built-in: the demo model)"),
         Setting(
-            "rules", str, None, "injection rules: a YAML file, 'auto' or 'builtin:NAME' (built-in: none)"
+            "rules",
+            str,
+            None,
+            "injection rules: a YAML file, 'auto', 'builtin:NAME' or 'none' (built-in: 'auto' on a CPU device "
+            "without a memory budget, else none)",
         ),
         Setting("threads", int, None, "torch CPU threads (built-in: the physical core count)"),
         Setting("device", str, "cpu", "device for the model's inputs and dense layers"),

@@ -151,8 +151,9 @@ class Engine:
         """Raise a GraftError that says what to do when the tokenizer has no chat template."""
         if not self.has_chat_template:
             raise GraftError(
-                "this model's tokenizer has no chat template: use a plain prompt (graftlm run), "
-                "or give a template (graftlm chat --chat-template FILE)"
+                "this model's tokenizer has no chat template: use a plain prompt (graftlm run, or "
+                "/v1/completions when serving), or give one with --chat-template FILE (graftlm chat, "
+                "graftlm serve)"
             )
 
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
