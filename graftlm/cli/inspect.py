@@ -14,12 +14,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from graftlm.cli.common import add_budget_args
 from graftlm.errors import GraftError
 from graftlm.inject import InjectionPlan, load_rules, plan
-from graftlm.inject.placement import plan_placement
+from graftlm.inject.placement import _gpu_bytes, plan_placement
 from graftlm.ops.base import as_dtype
+from graftlm.weights.gguf_source import GGUFSource
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -58,14 +60,47 @@ def human_bytes(n: int) -> str:
     return f"{size:.1f} GiB"
 
 
-def report(p: InjectionPlan, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
-    """The plan as plain data, byte counts at `dtype`."""
+# Operators that keep the file's quantized blocks (their `auto`/`gguf` layout), and those that keep
+# int4 on an accelerator; any other module holds its weights at the plan's dtype.
+_KEEP_BLOCKS = ("linear.cpu", "experts.cpu", "embedding.cpu")
+_INT4 = ("linear.gpu", "experts.gpu")
+_LAYOUT_BYTES = {"bf16": 2.0, "f32": 4.0, "int8": 1.0, "int4": 0.5}
+
+
+def _held_bytes(entry: dict, rule: Any, module: nn.Module | None, source: Any, itemsize: int) -> int:
+    """What one planned module holds: the GGUF's stored bytes for an operator that computes on
+    them (read from the header), int4's 5/8 byte a weight for the accelerator int4 operators, a
+    repacked layout's bytes, else its values at `itemsize` bytes."""
+    plain = entry["numel"] * itemsize
+    op = getattr(getattr(rule, "op_cls", None), "op_name", None)
+    if module is None or op not in (*_KEEP_BLOCKS, *_INT4):
+        return plain
+    layout = rule.kwargs.get("layout", "auto")
+    if layout in _LAYOUT_BYTES:
+        return int(entry["numel"] * _LAYOUT_BYTES[layout])
+    if op in _INT4:
+        return _gpu_bytes(module, entry["path"], "int4", itemsize)
+    if not isinstance(source, GGUFSource):
+        return plain
+    total = 0
+    for name, p in module.named_parameters(prefix=entry["path"], recurse=entry["stops"]):
+        total += sum(q.nbytes for q in source.raw(name)) if source.has(name) else p.numel() * itemsize
+    return total
+
+
+def report(
+    p: InjectionPlan, dtype: torch.dtype = torch.float32, model: nn.Module | None = None, source: Any = None
+) -> dict[str, Any]:
+    """The plan as plain data. Byte counts are what each module holds once loaded: with `model` and
+    `source`, operators that keep the file's blocks count those; everything else is at `dtype`."""
     itemsize = torch.empty(0, dtype=dtype).element_size()
     data = p.to_dict()
     totals: dict[str, int] = {}
     for module in data["modules"]:
         del module["param_bytes"]  # at the meta model's dtype; report at `dtype` instead
-        module["bytes"] = module["numel"] * itemsize
+        rule = p.rules[module["rule"]] if module["rule"] is not None else None
+        sub = model.get_submodule(module["path"]) if model is not None else None
+        module["bytes"] = _held_bytes(module, rule, sub, source, itemsize) if module["numel"] else 0
         totals[module["device"]] = totals.get(module["device"], 0) + module["bytes"]
     data["totals"] = totals
     data["dtype"] = str(dtype).removeprefix("torch.")
@@ -84,7 +119,8 @@ def format_report(data: dict[str, Any]) -> str:
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     lines.append("")
     lines.append(
-        f"rules: {data['rules']}; default device: {data['default_device']}; bytes at {data['dtype']}"
+        f"rules: {data['rules']}; default device: {data['default_device']}; bytes: what each module "
+        f"holds (operators on the file's blocks: those; the rest at {data['dtype']})"
     )
     lines.append("totals per device:")
     for device, n in sorted(data["totals"].items()):
@@ -136,7 +172,7 @@ def main(args: argparse.Namespace) -> int:
         raise GraftError("--write-rules writes a planned placement: give --gpu-memory")
     rules = load_rules(spec, arch=files.arch, device=device)
     p = plan(files.meta_model, rules, default_device=device, strict=args.strict)
-    data = report(p, dtype)
+    data = report(p, dtype, files.meta_model, files.source)
     if placement is not None:
         data["placement"] = placement.summary()
         if args.write_rules:

@@ -92,3 +92,35 @@ def test_auto_rules_refuse_an_accelerator_device(folder, capsys):
     # The built-in rules place CPU operators; on another device they say so instead of guessing.
     code, _, err = run(capsys, folder, "--device", "cuda:0")
     assert code == 2 and "rules='auto' places graftlm's CPU operators" in err
+
+
+@pytest.fixture(scope="module")
+def q8_gguf(tmp_path_factory):
+    """A tiny Qwen3-MoE as Q8_0 GGUF (module scope: made before the weight-read guard is set)."""
+    from graftlm.weights.convert import convert
+    from tests.models.tiny import make_model
+
+    root = tmp_path_factory.mktemp("qwen3_moe")
+    make_model("qwen3_moe", root / "hf")
+    return convert(root / "hf", root / "q8_0.gguf", "q8_0")
+
+
+def test_gguf_operators_count_the_blocks_they_keep(q8_gguf, capsys):
+    """On a GGUF with graftlm's CPU operators, each module holds the file's blocks: the totals are the
+    file's tensor bytes (plain modules' at float32), and the same file without rules holds its values at the dtype."""
+    import gguf
+
+    tensors = gguf.GGUFReader(str(q8_gguf)).tensors
+    stored = {t.name: int(t.n_bytes) for t in tensors}
+    # the router (ffn_gate_inp) stays a plain module: its Q8_0 values held at float32
+    held = {t.name: 4 * int(t.n_elements) if "ffn_gate_inp" in t.name else int(t.n_bytes) for t in tensors}
+    code, out, _ = run(capsys, q8_gguf, "--json", "--rules", "auto")
+    assert code == 0
+    data = json.loads(out)
+    experts = next(m for m in data["modules"] if m["path"] == "model.layers.0.mlp.experts")
+    exps = ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")
+    assert experts["bytes"] == sum(stored[f"blk.0.{t}.weight"] for t in exps)
+    assert data["totals"] == {"cpu": sum(held.values())}
+    code, out, _ = run(capsys, q8_gguf, "--json", "--rules", "none")
+    data = json.loads(out)
+    assert data["totals"]["cpu"] == 4 * sum(m["numel"] for m in data["modules"]) > sum(stored.values())
