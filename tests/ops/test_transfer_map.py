@@ -66,18 +66,19 @@ def test_transfer_map_equals_single_device_run(tmp_path, name):
     assert model.model.transfers == [(1, "cpu"), (2, "cpu")]
 
 
-def test_the_mapped_layer_receives_moved_inputs():
-    config = tiny_config("qwen2_moe", num_hidden_layers=2)
+def _split_at_layer_1(layers: int):
+    """A tiny Qwen2-MoE of `layers` layers with transfer_map {1: cpu}, and its HF original."""
+    config = tiny_config("qwen2_moe", num_hidden_layers=layers)
     hf = random_model(config)
+    kwargs = {"transfer_map": {1: "cpu"}}
     rules = load_rules(
-        [
-            {
-                "match": {"name": "^model$"},
-                "replace": {"class": "model.transfer_map", "kwargs": {"transfer_map": {1: "cpu"}}},
-            }
-        ]
+        [{"match": {"name": "^model$"}, "replace": {"class": "model.transfer_map", "kwargs": kwargs}}]
     )
-    model = _inject(config, hf, rules)
+    return _inject(config, hf, rules), hf
+
+
+def test_the_mapped_layer_receives_moved_inputs():
+    model, _ = _split_at_layer_1(2)
     seen: list[tuple[str, torch.dtype]] = []
     sent = {}
 
@@ -109,17 +110,7 @@ def test_layers_after_a_boundary_get_its_per_layer_inputs(monkeypatch):
         return value
 
     monkeypatch.setattr(model_mod, "move", fake_move)
-    config = tiny_config("qwen2_moe", num_hidden_layers=4)
-    hf = random_model(config)
-    rules = load_rules(
-        [
-            {
-                "match": {"name": "^model$"},
-                "replace": {"class": "model.transfer_map", "kwargs": {"transfer_map": {1: "cpu"}}},
-            }
-        ]
-    )
-    model = _inject(config, hf, rules)
+    model, hf = _split_at_layer_1(4)
     cos_seen: list[torch.Tensor] = []
     for layer in model.model.layers:
         layer.register_forward_pre_hook(
