@@ -69,11 +69,12 @@ def create_app(
     app.include_router(openai.router)
     app.include_router(ollama.router)
 
-    @app.get("/", response_class=HTMLResponse)
+    # HEAD too: Ollama's clients probe a server with `HEAD /`, monitors with HEAD on either.
+    @app.api_route("/", methods=["GET", "HEAD"], response_class=HTMLResponse)
     async def index() -> HTMLResponse:
         return HTMLResponse(page)
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])
     async def health() -> dict[str, str]:
         return {"status": "ok"}
 

@@ -93,3 +93,9 @@ def test_errors_use_ollamas_shape(http: Any) -> None:
     assert answer.status_code == 404
     answer = http.post("/api/generate", json={"model": MODEL_NAME, "prompt": "x", "options": {"top_p": 2}})
     assert answer.status_code == 400 and "options.top_p" in answer.json()["error"]
+
+
+def test_head_probes_answer(http: Any) -> None:
+    for path in ("/", "/health"):  # Ollama's CLI checks a server with HEAD /
+        answer = http.head(path)
+        assert answer.status_code == 200 and answer.content == b""
