@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
 from typing import Any
@@ -17,11 +18,14 @@ import torch
 from torch import nn
 
 from graftlm.cli.common import add_budget_args
-from graftlm.errors import GraftError
+from graftlm.errors import GraftError, RuleError
 from graftlm.inject import InjectionPlan, load_rules, plan
+from graftlm.inject.apply import check_device
 from graftlm.inject.placement import _gpu_bytes, plan_placement
 from graftlm.ops.base import as_dtype
 from graftlm.weights.gguf_source import GGUFSource
+
+log = logging.getLogger(__name__)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -178,6 +182,11 @@ def main(args: argparse.Namespace) -> int:
         if args.write_rules:
             Path(args.write_rules).write_text(placement.to_yaml())
             data["placement"] += f"; rules written to {args.write_rules}"
+    for device in sorted(data["totals"]):  # a plan for another machine is fine; say it will not run here
+        try:
+            check_device(device, "inspect")
+        except RuleError as exc:
+            log.warning("%s; loading this plan here would fail", str(exc).removeprefix("inspect: "))
     if args.json:
         json.dump(data, sys.stdout, indent=1)
         sys.stdout.write("\n")

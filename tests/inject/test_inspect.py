@@ -124,3 +124,23 @@ def test_gguf_operators_count_the_blocks_they_keep(q8_gguf, capsys):
     code, out, _ = run(capsys, q8_gguf, "--json", "--rules", "none")
     data = json.loads(out)
     assert data["totals"]["cpu"] == 4 * sum(m["numel"] for m in data["modules"]) > sum(stored.values())
+
+
+def test_a_plan_for_a_missing_device_is_shown_with_a_warning(folder, tmp_path, capsys, caplog):
+    import logging
+
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("needs a torch without CUDA")
+    rules = tmp_path / "gpu.yaml"
+    rules.write_text(
+        "- match: {name: '^lm_head$'}\n  replace: {class: default, kwargs: {generate_device: 'cuda:7'}}\n"
+    )
+    with caplog.at_level(logging.WARNING):
+        code, out, _ = run(capsys, folder, "--rules", rules)
+    assert code == 0 and "cuda:7:" in out  # the plan is still shown
+    assert (
+        "device 'cuda:7' is not available" in caplog.text
+        and "loading this plan here would fail" in caplog.text
+    )
