@@ -10,10 +10,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 from pathlib import Path
 from typing import Any
 
+import gguf
 import torch
 from torch import nn
 
@@ -22,6 +24,8 @@ from graftlm.errors import GraftError, RuleError
 from graftlm.inject import InjectionPlan, load_rules, plan
 from graftlm.inject.apply import check_device
 from graftlm.inject.placement import _gpu_bytes, plan_placement
+from graftlm.kernels.cpu import qblocks
+from graftlm.kernels.cpu.packed import GROUP, HALF_TYPES, INT4_TYPES
 from graftlm.ops.base import as_dtype
 from graftlm.weights.gguf_source import GGUFSource
 
@@ -88,8 +92,26 @@ def _held_bytes(entry: dict, rule: Any, module: nn.Module | None, source: Any, i
         return plain
     total = 0
     for name, p in module.named_parameters(prefix=entry["path"], recurse=entry["stops"]):
-        total += sum(q.nbytes for q in source.raw(name)) if source.has(name) else p.numel() * itemsize
+        if not source.has(name):
+            total += p.numel() * itemsize
+            continue
+        for q in source.raw(name):
+            total += q.nbytes if op == "embedding.cpu" or p.ndim < 2 else _auto_layout_bytes(q)
     return total
+
+
+def _auto_layout_bytes(q: Any) -> int:
+    """What `pack(q, "auto")` keeps of one file matrix (or a stack of expert matrices): the blocks
+    where the C kernels take the type, else the torch layout it picks (see kernels/cpu/packed.py)."""
+    k = q.shape[-1]
+    numel = math.prod(q.shape)
+    if qblocks.supports(q.qtype, k):
+        return q.nbytes
+    if q.qtype in INT4_TYPES and k % GROUP == 0 and q.shape[-2] % 16 == 0:
+        return numel * 5 // 8
+    if q.qtype == gguf.GGMLQuantizationType.F32:
+        return numel * 4
+    return numel * 2 if q.qtype in HALF_TYPES else numel
 
 
 def report(
