@@ -91,3 +91,52 @@ def test_file_from_llamacpp_converter_matches_hf(converted, name):
     from transformers import AutoTokenizer
 
     assert llm.tokenizer.encode(text) == AutoTokenizer.from_pretrained(root / name).encode(text), name
+
+
+def test_sentencepiece_vocab_from_llamacpp_converter(tmp_path, monkeypatch):
+    """A Llama file with a SentencePiece vocabulary (tokenizer.ggml.model = llama, as Llama 2,
+    Mistral and Mixtral files have) tokenizes as transformers' own GGUF conversion does, on the
+    first load and from graftlm's cache alike."""
+    spm = pytest.importorskip("sentencepiece")
+    import shutil
+
+    import transformers
+
+    from graftlm.models.tokenizer import tokenizer_from_gguf
+
+    monkeypatch.setenv("GRAFTLM_CACHE", str(tmp_path / "cache"))
+    text = ["The quick brown fox jumps over the lazy dog. Hello world, 12345 naïve café 日本語"] * 50
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(text), model_prefix=str(tmp_path / "sp"), vocab_size=400, model_type="bpe",
+        byte_fallback=True, character_coverage=1.0, bos_id=1, eos_id=2, unk_id=0, pad_id=-1,
+    )  # fmt: skip
+    (tmp_path / "src").mkdir()
+    shutil.copy(tmp_path / "sp.model", tmp_path / "src" / "tokenizer.model")
+    tok = transformers.LlamaTokenizer.from_pretrained(tmp_path / "src", legacy=False)
+    folder = tmp_path / "hf"
+    tok.save_pretrained(folder)
+    shutil.copy(tmp_path / "sp.model", folder / "tokenizer.model")
+    make_model("llama", tmp_path / "weights", vocab_size=len(tok))
+    for f in ("config.json", "model.safetensors"):
+        shutil.copy(tmp_path / "weights" / f, folder / f)
+    path = tmp_path / "spm.gguf"
+    subprocess.run(
+        [sys.executable, "-c", _RUNNER, str(CONVERTER), str(folder), str(path)],
+        capture_output=True,
+        timeout=300,
+    )
+    assert path.is_file()
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file=path.name)
+    first = tokenizer_from_gguf(str(path), "llama", None)
+    again = tokenizer_from_gguf(str(path), "llama", None)
+    for text in [
+        "Hello world",
+        " Hello  world",
+        "\nThe quick\n\nbrown fox",
+        "naïve café 日本語 🎉",
+        "</s> hi <s>x",
+        "",
+    ]:
+        want = theirs.encode(text)
+        assert first.encode(text) == again.encode(text) == want, text
+        assert again.decode(want, skip_special_tokens=True) == theirs.decode(want, skip_special_tokens=True)
