@@ -7,38 +7,25 @@ import json
 import sys
 import time
 
-from graftlm.cli.common import add_model_args, load_llm
+from graftlm.cli.common import add_model_args, at_least, load_llm
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="measure prefill and decode speed", description=__doc__)
     add_model_args(p)
-    p.add_argument("--prompt-tokens", type=_at_least(1), default=512, metavar="N")
+    p.add_argument("--prompt-tokens", type=at_least(1), default=512, metavar="N")
     p.add_argument(
         "--gen-tokens",
-        type=_at_least(2),
+        type=at_least(2, " (the first token comes from the prefill)"),
         default=128,
         metavar="N",
         help="(>= 2: the first comes from the prefill)",
     )
     p.add_argument(
-        "--repeat", type=_at_least(1), default=3, metavar="R", help="runs to take the median of (default 3)"
+        "--repeat", type=at_least(1), default=3, metavar="R", help="runs to take the median of (default 3)"
     )
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=main)
-
-
-def _at_least(low: int):
-    def parse(text: str) -> int:
-        try:
-            n = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-        if n < low:
-            raise argparse.ArgumentTypeError(f"must be >= {low}, got {n}")
-        return n
-
-    return parse
 
 
 def main(args: argparse.Namespace) -> int:

@@ -35,7 +35,7 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     add_sparse_args(parser)
     parser.add_argument(
         "--threads",
-        type=_thread_count,
+        type=at_least(0, " (0: the number of physical cores)"),
         metavar="N",
         help="torch CPU threads (default, or 0: the number of physical cores available)",
     )
@@ -150,14 +150,19 @@ def physical_cores() -> int:
     return max(1, min(len(cores) or allowed, allowed))
 
 
-def _thread_count(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0 (0: the number of physical cores), got {n}")
-    return n
+def at_least(low: int, note: str = ""):
+    """An argparse type: a whole number >= `low` (`note` says what the bound means)."""
+
+    def parse(text: str) -> int:
+        try:
+            n = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+        if n < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}{note}, got {n}")
+        return n
+
+    return parse
 
 
 def set_threads(threads: int | None) -> int:

@@ -15,7 +15,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import gguf
 import torch
 from torch import nn
 
@@ -24,8 +23,7 @@ from graftlm.errors import GraftError, RuleError
 from graftlm.inject import InjectionPlan, load_rules, plan
 from graftlm.inject.apply import check_device
 from graftlm.inject.placement import _gpu_bytes, plan_placement
-from graftlm.kernels.cpu import qblocks
-from graftlm.kernels.cpu.packed import GROUP, HALF_TYPES, INT4_TYPES
+from graftlm.kernels.cpu.packed import auto_layout
 from graftlm.ops.base import as_dtype
 from graftlm.weights.gguf_source import GGUFSource
 
@@ -72,20 +70,22 @@ def human_bytes(n: int) -> str:
 # int4 on an accelerator; any other module holds its weights at the plan's dtype.
 _KEEP_BLOCKS = ("linear.cpu", "experts.cpu", "embedding.cpu")
 _INT4 = ("linear.gpu", "experts.gpu")
-_LAYOUT_BYTES = {"bf16": 2.0, "f32": 4.0, "int8": 1.0, "int4": 0.5}
+# Bytes a weight takes in each torch layout (int4: 4 bits plus a bf16 scale and zero per 32);
+# `gguf` keeps the file's blocks.
+_WEIGHT_BYTES = {"int4": 0.625, "int8": 1.0, "bf16": 2.0, "f32": 4.0}
 
 
 def _held_bytes(entry: dict, rule: Any, module: nn.Module | None, source: Any, itemsize: int) -> int:
-    """What one planned module holds: the GGUF's stored bytes for an operator that computes on
-    them (read from the header), int4's 5/8 byte a weight for the accelerator int4 operators, a
-    repacked layout's bytes, else its values at `itemsize` bytes."""
+    """What one planned module holds: for an operator on a GGUF's matrices, the layout it keeps them
+    in (the stored blocks, sizes from the header, or the torch layout `auto_layout` or the rule
+    picks); int4's 5/8 byte a weight for the accelerator int4 operators; else values at `itemsize`."""
     plain = entry["numel"] * itemsize
     op = getattr(getattr(rule, "op_cls", None), "op_name", None)
     if module is None or op not in (*_KEEP_BLOCKS, *_INT4):
         return plain
     layout = rule.kwargs.get("layout", "auto")
-    if layout in _LAYOUT_BYTES:
-        return int(entry["numel"] * _LAYOUT_BYTES[layout])
+    if layout in _WEIGHT_BYTES:
+        return int(entry["numel"] * _WEIGHT_BYTES[layout])
     if op in _INT4:
         return _gpu_bytes(module, entry["path"], "int4", itemsize)
     if not isinstance(source, GGUFSource):
@@ -96,22 +96,9 @@ def _held_bytes(entry: dict, rule: Any, module: nn.Module | None, source: Any, i
             total += p.numel() * itemsize
             continue
         for q in source.raw(name):
-            total += q.nbytes if op == "embedding.cpu" or p.ndim < 2 else _auto_layout_bytes(q)
+            kept = "gguf" if op == "embedding.cpu" or p.ndim < 2 else auto_layout(q.qtype, *q.shape[-2:])
+            total += q.nbytes if kept == "gguf" else int(math.prod(q.shape) * _WEIGHT_BYTES[kept])
     return total
-
-
-def _auto_layout_bytes(q: Any) -> int:
-    """What `pack(q, "auto")` keeps of one file matrix (or a stack of expert matrices): the blocks
-    where the C kernels take the type, else the torch layout it picks (see kernels/cpu/packed.py)."""
-    k = q.shape[-1]
-    numel = math.prod(q.shape)
-    if qblocks.supports(q.qtype, k):
-        return q.nbytes
-    if q.qtype in INT4_TYPES and k % GROUP == 0 and q.shape[-2] % 16 == 0:
-        return numel * 5 // 8
-    if q.qtype == gguf.GGMLQuantizationType.F32:
-        return numel * 4
-    return numel * 2 if q.qtype in HALF_TYPES else numel
 
 
 def report(
@@ -206,9 +193,9 @@ def main(args: argparse.Namespace) -> int:
             data["placement"] += f"; rules written to {args.write_rules}"
     for device in sorted(data["totals"]):  # a plan for another machine is fine; say it will not run here
         try:
-            check_device(device, "inspect")
+            check_device(device, "this plan")
         except RuleError as exc:
-            log.warning("%s; loading this plan here would fail", str(exc).removeprefix("inspect: "))
+            log.warning("%s; loading it here would fail", exc)
     if args.json:
         json.dump(data, sys.stdout, indent=1)
         sys.stdout.write("\n")

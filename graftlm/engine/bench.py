@@ -162,7 +162,7 @@ def run_bench(
         generated.append(len(r.token_ids))
         prefill.append(prompt_tokens / r.prefill_seconds)
         # The first new token comes from the prefill's logits; the rest each cost one decode step.
-        decode.append((len(r.token_ids) - 1) / r.decode_seconds if len(r.token_ids) > 1 else 0.0)
+        decode.append((len(r.token_ids) - 1) / r.decode_seconds)
         time.sleep(0)
     by_device = weight_bytes_by_device(engine.model)
     bpt = sum(by_device.values())

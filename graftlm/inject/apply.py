@@ -70,8 +70,7 @@ def _construct(
     try:
         return rule.op_cls(key=entry.path, source=source, config=config, orig_module=orig, **kwargs)
     except (ValueError, NotImplementedError) as exc:
-        msg = str(exc).removeprefix(f"{where}: ")  # operators name themselves and the module
-        msg = msg if msg.startswith(where) else f"{where}: {msg}"
+        msg = str(exc) if str(exc).startswith(where) else f"{where}: {exc}"  # most name themselves
         raise RuleError(f"{rule.origin}: {msg}") from exc
     except (AttributeError, TypeError, KeyError) as exc:  # a module or config the operator cannot read
         raise RuleError(

@@ -101,7 +101,7 @@ class ExpertsTorch(InjectedModule, name="experts.torch"):
 
     def __init__(self, key, source, config, orig_module, **kwargs) -> None:
         super().__init__(key, source, config, orig_module, **kwargs)
-        check_experts_module("experts.torch", key, orig_module)
+        check_experts_module(self.op_name, key, orig_module)
         self.num_experts, two_i, self.hidden_dim = orig_module.gate_up_proj.shape
         self.intermediate_dim = two_i // 2
         self.act_fn = orig_module.act_fn

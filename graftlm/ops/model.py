@@ -110,7 +110,6 @@ class TransferMapModel(InjectedModule, name="model.transfer_map"):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         self.transfers = []
-        self._moved = {}
         try:
             out = self._hf(*args, **kwargs)
         finally:

@@ -11,8 +11,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from graftlm.engine.sampling import SEED_END, SEED_MIN
+
 MAX_STOP_STRINGS = 16
-SEED_MIN, SEED_END = -(2**63), 2**64  # what torch.Generator.manual_seed takes
 MAX_LISTED_ERRORS = 5
 
 

@@ -140,7 +140,4 @@ def test_a_plan_for_a_missing_device_is_shown_with_a_warning(folder, tmp_path, c
     with caplog.at_level(logging.WARNING):
         code, out, _ = run(capsys, folder, "--rules", rules)
     assert code == 0 and "cuda:7:" in out  # the plan is still shown
-    assert (
-        "device 'cuda:7' is not available" in caplog.text
-        and "loading this plan here would fail" in caplog.text
-    )
+    assert "device 'cuda:7' is not available" in caplog.text and "loading it here would fail" in caplog.text

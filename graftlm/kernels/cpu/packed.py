@@ -277,6 +277,22 @@ def _int8_gemm(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor) -> torch
     return acc.float() * x_scale * w_scale[None, :]
 
 
+def _int4_fits(qtype: Q, n: int, k: int) -> bool:
+    return qtype in INT4_TYPES and k % GROUP == 0 and n % 16 == 0  # torch's packer needs N % 16
+
+
+def auto_layout(qtype: Q, n: int, k: int) -> str:
+    """The layout `pack(..., "auto")` keeps an [N, K] matrix of `qtype` in: `gguf` (the blocks as
+    they are) where the C kernels are built and have the type, else the torch layout for the type."""
+    if qblocks.supports(qtype, k):
+        return "gguf"
+    if _int4_fits(qtype, n, k):
+        return "int4"
+    if qtype == Q.F32:
+        return "f32"
+    return "bf16" if qtype in HALF_TYPES else "int8"
+
+
 def pack(q: QuantizedTensor, layout: str = "auto", *, int8_activations: bool = False) -> PackedMatrix:
     """Repack one GGUF matrix [N, K]. `layout`: auto, gguf, int4, int8, bf16 or f32.
 
@@ -285,18 +301,8 @@ def pack(q: QuantizedTensor, layout: str = "auto", *, int8_activations: bool = F
     if len(q.shape) != 2:
         raise ValueError(f"{q.name}: expected a matrix, got shape {q.shape}")
     n, k = q.shape
-    int4_ok = q.qtype in INT4_TYPES and k % GROUP == 0 and n % 16 == 0  # torch's packer needs N % 16
     if layout == "auto":
-        if qblocks.supports(q.qtype, k):
-            layout = "gguf"
-        elif int4_ok:
-            layout = "int4"
-        elif q.qtype == Q.F32:
-            layout = "f32"
-        elif q.qtype in HALF_TYPES:
-            layout = "bf16"
-        else:
-            layout = "int8"
+        layout = auto_layout(q.qtype, n, k)
     if layout == "gguf":
         if not qblocks.supports(q.qtype, k):
             why = (
@@ -308,7 +314,7 @@ def pack(q: QuantizedTensor, layout: str = "auto", *, int8_activations: bool = F
         rows = qblocks.as_rows(q.data, q.qtype, n, k)
         return PackedMatrix("gguf", n, k, rows, None, q.qtype.name)
     if layout == "int4":
-        if not int4_ok:
+        if not _int4_fits(q.qtype, n, k):
             raise ValueError(
                 f"{q.name}: the int4 layout needs a Q4_0, Q4_1 or Q4_K matrix with rows a multiple of 16 "
                 f"and columns of 32; this one is {q.qtype.name} {q.shape}"
