@@ -30,6 +30,7 @@ import statistics
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 BENCH_DIR = Path.home() / ".cache" / "graftlm" / "bench"
@@ -87,25 +88,38 @@ def graftlm_bench(model: Path, threads: int, prompt: int, gen: int, repeat: int)
 
 
 def _summary(model: str, threads: int, rounds: list[dict]) -> dict:
-    """One table row from a model's rounds: medians of the rates and of the per-round ratios."""
-    med = statistics.median
-    row = rounds[-1] if len(rounds) == 1 else {
-        e: {**rounds[0][e], **{k: med(r[e][k] for r in rounds) for k in _RATES if k in rounds[0][e]}}
-        for e in ("llama_cpp", "graftlm")
-    } | {
-        "prefill_ratio": med(r["prefill_ratio"] for r in rounds),
-        "decode_ratio": med(r["decode_ratio"] for r in rounds),
+    """One table row from a model's rounds: each engine's numbers as medians over the rounds (peak RSS
+    the highest), the ratios as medians of the per-round ratios. Per-run lists stay in `rounds`."""
+    if len(rounds) == 1:
+        return {"model": model, "threads": threads, **rounds[0], "rounds": rounds}
+
+    def merged(engine: str) -> dict:
+        out = {}
+        for key, first in rounds[0][engine].items():
+            values = [r[engine].get(key) for r in rounds]
+            if isinstance(first, list):
+                continue
+            if isinstance(first, int | float) and not isinstance(first, bool) and None not in values:
+                out[key] = max(values) if key == "peak_rss_mib" else statistics.median(values)
+            else:
+                out[key] = first  # the same in every round: build, machine, settings
+        return out
+
+    return {
+        "model": model,
+        "threads": threads,
+        "llama_cpp": merged("llama_cpp"),
+        "graftlm": merged("graftlm"),
+        "prefill_ratio": statistics.median(r["prefill_ratio"] for r in rounds),
+        "decode_ratio": statistics.median(r["decode_ratio"] for r in rounds),
         "load_avg": [min(r["load_avg"][0] for r in rounds), max(r["load_avg"][1] for r in rounds)],
         "time": f"{rounds[0]['time']} - {rounds[-1]['time']}",
-    }  # fmt: skip
-    return {"model": model, "threads": threads, **row, "rounds": rounds}
+        "rounds": rounds,
+    }
 
 
 def _each(row: dict, key: str) -> str:
     return " ".join(f"{x[key]:.2f}" for x in row["rounds"])
-
-
-_RATES = ("prefill_tok_s", "decode_tok_s", "decode_tok_s_depth0", "decode_gb_s")
 
 
 def main() -> None:
@@ -127,22 +141,19 @@ def main() -> None:
             rounds = []
             for i in range(args.rounds):
                 load_before = os.getloadavg()[0]
-                runs = {}
-                for engine in ("llama_cpp", "graftlm")[:: 1 if i % 2 == 0 else -1]:
-                    if engine == "llama_cpp":
-                        runs[engine] = llama_bench(
-                            args.llama_bench, model, t, args.prompt_tokens, args.gen_tokens, args.repeat
-                        )
-                    else:
-                        runs[engine] = graftlm_bench(
-                            model, t, args.prompt_tokens, args.gen_tokens, args.repeat
-                        )
+                common = (t, args.prompt_tokens, args.gen_tokens, args.repeat)
+                engines = {
+                    "llama_cpp": partial(llama_bench, args.llama_bench, model, *common),
+                    "graftlm": partial(graftlm_bench, model, *common),
+                }
+                order = list(engines) if i % 2 == 0 else list(engines)[::-1]  # alternate who goes first
+                runs = {name: engines[name]() for name in order}
                 lc, gl = runs["llama_cpp"], runs["graftlm"]
                 rounds.append(
                     {
                         "llama_cpp": lc,
                         "graftlm": gl,
-                        "first": next(iter(runs)),
+                        "first": order[0],
                         "prefill_ratio": gl["prefill_tok_s"] / lc["prefill_tok_s"],
                         "decode_ratio": gl["decode_tok_s"] / lc["decode_tok_s"],
                         "load_avg": [round(load_before, 2), round(os.getloadavg()[0], 2)],

@@ -3,8 +3,9 @@
     python bench/decode_bounds.py [--model PATH] [--threads 1] [--steps 5]
 
 Part 1 times one-row matmuls on matrices too large for the caches (so the figures are DRAM reads):
-torch's int8 and int4 weight-only kernels against plain fp32 and bf16 GEMV (graftlm's own C kernels:
-bench/qblocks.py). Part 2 (with --model) loads the model with rules="auto" and times `--steps` decode
+torch's int8 and int4 weight-only kernels against plain fp32 and bf16 GEMV and graftlm's one-row C
+kernel on Q8_0 blocks, with `torch.sum` over the same bytes for the bandwidth (more types:
+bench/qblocks.py), and a greedy pick over Gemma 3's 262,144 logits by torch's and numpy's argmax. Part 2 (with --model) loads the model with rules="auto" and times `--steps` decode
 steps three ways: as they run, with the time inside graftlm's C kernels summed, and with those kernels
 replaced by no-ops (what Python, transformers' modules and the small torch ops cost alone). Then it
 prints the torch ops' shares of a step (the profiler does not see the C kernels).
@@ -19,7 +20,9 @@ import time
 import graftlm  # first: it sets OpenMP's thread waiting, which libgomp reads when torch loads it
 
 # isort: split
+import numpy as np
 import torch
+from gguf import GGMLQuantizationType as Q
 from timing import median_ms  # (bench/ is not a package: run as python bench/decode_bounds.py)
 
 from graftlm.kernels.cpu import qblocks
@@ -44,10 +47,21 @@ def kernels() -> None:
         "F.linear fp32": (lambda: torch.nn.functional.linear(x.float(), wf), 4.0),
         "F.linear bf16": (lambda: torch.nn.functional.linear(x, wb), 2.0),
     }
+    if qblocks.available():  # graftlm's one-row C kernel on Q8_0 blocks (the real head's type)
+        blocks = np.random.default_rng(0).integers(-127, 128, (n, k // 32, 34), dtype=np.int8)
+        blocks[..., :2] = np.full((n, k // 32, 1), 0.01, dtype=np.float16).view(np.int8)  # each block's scale
+        rows = blocks.reshape(n, -1).view(np.uint8)
+        prepared, xf = qblocks.prepare(Q.Q8_0, rows, k), x.float()
+        raw = torch.from_numpy(rows.reshape(-1).view(np.int64))
+        cases["graftlm C kernel, Q8_0 blocks"] = (lambda: qblocks.matmul_prepared(prepared, xf), 34 / 32)
+        cases["torch.sum over the Q8_0 bytes"] = (lambda: raw.sum(), 34 / 32)
     print(f"one-row matmul on a {n} x {k} matrix, {torch.get_num_threads()} thread(s)")
     for name, (fn, bytes_per_weight) in cases.items():
         ms = median_ms(fn)
         print(f"  {name:38s} {ms:8.1f} ms  {n * k * bytes_per_weight / ms / 1e6:5.1f} GB/s of weights")
+    logits = torch.randn(1, n)  # a greedy pick over Gemma 3's vocabulary, as sample_next makes it
+    print(f"greedy pick over {n} logits: torch.argmax {median_ms(lambda: logits.argmax(dim=-1)):.3f} ms, "
+          f"numpy argmax {median_ms(lambda: logits.numpy().argmax(axis=-1)):.3f} ms")  # fmt: skip
 
 
 def zero_matmul(qtype, w, row_bytes, n, k, x, m, out, ldo, threads) -> None:
