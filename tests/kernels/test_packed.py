@@ -141,6 +141,8 @@ def test_auto_keeps_the_gguf_blocks(monkeypatch, qtype, rows, dtype):
     # with it; the tile kernel where the CPU has AMX, up to its own bound) round activations to int8.
     if rows <= max(p.kernel_rows, p.amx_rows):
         tol = 2e-2  # int8 activations per block of 32
+    elif p.bf16_tiles:  # the bf16 tile kernel (AMX-BF16): bf16 products whatever gemm_dtype() says
+        dtype, tol = torch.bfloat16, 2**-7
     else:
         tol = 1e-5 if dtype == torch.float32 else 2**-7
     exact = x.to(dtype).float() @ ref_w.t()

@@ -310,7 +310,8 @@ def test_packed_matrices_take_the_tile_kernel_between_their_row_bounds(monkeypat
     n, k = 48, 512
     raw = random_blocks(Q.Q4_K, n, k, np.random.default_rng(3))
     mat = PackedMatrix("gguf", n, k, qblocks.as_rows(raw, Q.Q4_K, n, k), source_type="Q4_K")
-    assert (mat.kernel_rows, mat.amx_rows) == QBLOCK_AMX_ROWS[Q.Q4_K]
+    mat.bf16_tiles = False  # the bf16 tile kernel's bounds: test_packed_matrices_take_the_bf16_tiles_...
+    mat.kernel_rows, mat.amx_rows = QBLOCK_AMX_ROWS[Q.Q4_K]
     calls = []
     real = qblocks.matmul_amx_prepared
     monkeypatch.setattr(qblocks, "matmul_amx_prepared", lambda p, x: calls.append(x.shape[0]) or real(p, x))
@@ -321,6 +322,109 @@ def test_packed_matrices_take_the_tile_kernel_between_their_row_bounds(monkeypat
         got = mat.matmul(x)
         assert ((got - want).norm() / want.norm()).item() < 0.02
     assert calls == [mat.kernel_rows + 1, mat.amx_rows]
+
+
+needs_amx_bf16 = pytest.mark.skipif(not qblocks.amx_bf16(), reason="no AMX-BF16 on this CPU")
+
+
+def _amx_bf16(qtype: Q, rows: np.ndarray, x: torch.Tensor) -> torch.Tensor:
+    return qblocks.matmul_amx_bf16_prepared(qblocks.prepare(qtype, rows, x.shape[1]), x)
+
+
+@needs_amx_bf16
+@pytest.mark.parametrize("qtype", AMX_TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize(
+    "m, n, k",
+    [(1, 67, 768), (16, 67, 768), (37, 67, 768), (70, 40, 256), (37, 130, 4096)],
+    # one activation row; a full tile; three tiles (a pair and one alone); five; W rows in units of
+    # 64 (2 threads) with a 3-row unit, of 32 + 8 (a lone 16-row tile in the unit's second block),
+    # and, at k = 4096, units of 32 rows with a 2-row one left
+)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_amx_bf16_matmul_is_the_bf16_product(qtype: Q, m: int, n: int, k: int, threads: int):
+    """The bf16 tile kernel: W dequantized to bf16 (as `dequantize` gives it) times x rounded to
+    bf16, each product exact and the sums in fp32: within fp32 summation error of the fp64 product."""
+    raw, _, x = _product_case(qtype, n, k, m, 300)
+    rows = qblocks.as_rows(raw, qtype, n, k)
+    torch.set_num_threads(threads)
+    try:
+        y = _amx_bf16(qtype, rows, x)
+    finally:
+        torch.set_num_threads(1)
+    assert y.shape == (m, n) and y.dtype == torch.float32
+    w = qblocks.dequantize(qtype, rows, k, dtype=torch.bfloat16).double()
+    xb = x.to(torch.bfloat16).double()
+    scale = (xb.abs() @ w.abs().t()).clamp_min(1e-30)
+    assert ((y.double() - xb @ w.t()).abs() / scale).max() < 1e-5
+    # and the dequantize + bf16 GEMM path's result, to the same summation error
+    gemm = torch.nn.functional.linear(x.to(torch.bfloat16).float(), w.float())
+    assert ((y.double() - gemm.double()).abs() / scale).max() < 1e-5
+
+
+@needs_amx_bf16
+def test_amx_bf16_non_finite_activations_propagate_as_in_the_gemm():
+    """A NaN activation makes its row NaN; an infinite one gives +-Inf, or NaN against a zero weight:
+    what the dequantize + GEMM path it replaces gives (unlike the int8 kernels' NaN rows)."""
+    rows = qblocks.as_rows(random_blocks(Q.Q4_K, 20, 256, np.random.default_rng(1)), Q.Q4_K, 20, 256)
+    x = torch.randn(5, 256)
+    x[1, 7], x[3, 255] = float("nan"), -float("inf")
+    y = _amx_bf16(Q.Q4_K, rows, x)
+    gemm = (
+        x.to(torch.bfloat16).float() @ qblocks.dequantize(Q.Q4_K, rows, 256, dtype=torch.bfloat16).float().t()
+    )
+    assert y[1].isnan().all() and y[[0, 2, 4]].isfinite().all() and y[3].isinf().any()
+    assert torch.equal(y.isnan(), gemm.isnan()) and torch.equal(y.isposinf(), gemm.isposinf())
+
+
+@needs_amx_bf16
+def test_amx_bf16_edges():
+    """k = 0 gives zeros; a type without a kernel is refused; the portable path turns it off."""
+    prepared = qblocks.prepare(Q.Q8_0, np.zeros((20, 0), np.uint8), 0)
+    assert torch.equal(qblocks.matmul_amx_bf16_prepared(prepared, torch.randn(3, 0)), torch.zeros(3, 20))
+    rows = np.zeros((16, 84), dtype=np.uint8)  # Q2_K blocks: 84 bytes per 256 values
+    with pytest.raises(ValueError, match="ggml type 10"):
+        qblocks._qkernels.matmul_amx_bf16(int(Q.Q2_K), rows.ctypes.data, 84, 16, 256, 0, 1, 0, 16, 1)
+    qblocks.set_isa("portable")
+    try:
+        assert not qblocks.amx_bf16()
+    finally:
+        qblocks.set_isa("avx2")
+    assert qblocks.amx_bf16()
+
+
+@needs_amx_bf16
+def test_packed_matrices_take_the_bf16_tiles_above_the_int8_ones(monkeypatch):
+    """Where the bf16 tile kernel runs: the int8 tile kernel up to QBLOCK_AMX_INT8_ROWS (none for the
+    types without a bound), the bf16 one above, and after set_isa("portable") the GEMM path."""
+    from graftlm.kernels.cpu.packed import QBLOCK_AMX_INT8_ROWS, QBLOCK_AMX_ROWS, PackedMatrix
+
+    n, k = 48, 512
+    calls = []
+    real = qblocks.matmul_amx_bf16_prepared
+    monkeypatch.setattr(
+        qblocks, "matmul_amx_bf16_prepared", lambda p, x: calls.append(x.shape[0]) or real(p, x)
+    )
+    for qtype in (Q.Q4_K, Q.Q6_K):
+        raw = random_blocks(qtype, n, k, np.random.default_rng(3))
+        mat = PackedMatrix("gguf", n, k, qblocks.as_rows(raw, qtype, n, k), source_type=qtype.name)
+        kernel_rows = QBLOCK_AMX_ROWS[qtype][0]
+        assert mat.bf16_tiles and mat.kernel_rows == kernel_rows
+        assert mat.amx_rows == max(kernel_rows, QBLOCK_AMX_INT8_ROWS.get(qtype, 0))
+        w = reference(qtype, raw, n, k)
+        calls.clear()
+        for m in (mat.amx_rows, mat.amx_rows + 1, 300):
+            x = torch.randn(m, k)
+            want = x @ w.t()
+            assert ((mat.matmul(x) - want).norm() / want.norm()).item() < 0.02
+        assert calls == [mat.amx_rows + 1, 300]
+        qblocks.set_isa("portable")
+        try:
+            x = torch.randn(300, k)
+            want = x @ w.t()
+            assert ((mat.matmul(x) - want).norm() / want.norm()).item() < 0.02
+        finally:
+            qblocks.set_isa("avx2")
+        assert calls == [mat.amx_rows + 1, 300]
 
 
 @needs_amx

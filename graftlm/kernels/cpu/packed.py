@@ -80,6 +80,13 @@ QBLOCK_AMX_ROWS = {
     Q.Q5_K: (4, 192),
     Q.Q6_K: (6, 64),
 }
+# Where the CPU also has AMX-BF16 (qblocks.amx_bf16), rows above the one-row kernel's bound take the
+# int8 tile kernel only up to these many, and the bf16 tile kernel above: every row count up to 512, and
+# in every type, it beat the dequantize + bf16 GEMM path it replaces (by 5-35%), and it overtakes the
+# int8 tile kernel from 8 rows (Q4_1, Q5_1, Q6_K: no int8 tiles) to ~32 (Q4_K, Q5_K, Q4_0, Q5_0, Q8_0),
+# which stay about even with it up to 256 rows (`python bench/amx_bf16.py`; Intel AMX machine, 2
+# threads: bench/results/amx_bf16-20261201.md).
+QBLOCK_AMX_INT8_ROWS = {Q.Q4_0: 24, Q.Q5_0: 24, Q.Q8_0: 24, Q.Q4_K: 24, Q.Q5_K: 24}
 K_QUANTS = frozenset({Q.Q4_K, Q.Q5_K, Q.Q6_K})
 GEMM_SLICE_BYTES = 64 << 20  # dequantized weight held at once by the many-row int8 path
 
@@ -148,7 +155,8 @@ class PackedMatrix:
     ptr: int = field(default=0, init=False)
     prepared: tuple = field(default=(), init=False, repr=False)
     kernel_rows: int = field(default=0, init=False)
-    amx_rows: int = field(default=0, init=False)  # up to this many rows: the tile kernel (0: none)
+    amx_rows: int = field(default=0, init=False)  # up to this many rows: the int8 tile kernel (0: none)
+    bf16_tiles: bool = field(default=False, init=False)  # above amx_rows: the bf16 tile kernel
 
     def __post_init__(self) -> None:
         if self.layout == "gguf":
@@ -158,6 +166,9 @@ class PackedMatrix:
             self.kernel_rows = qblock_rows(qtype)
             if qtype in QBLOCK_AMX_ROWS and qblocks.amx(qtype):
                 self.kernel_rows, self.amx_rows = QBLOCK_AMX_ROWS[qtype]
+                if qblocks.amx_bf16() and self.k % 32 == 0:
+                    self.bf16_tiles = True
+                    self.amx_rows = max(self.kernel_rows, QBLOCK_AMX_INT8_ROWS.get(qtype, 0))
 
     @property
     def nbytes(self) -> int:
@@ -172,6 +183,8 @@ class PackedMatrix:
                 return qblocks.matmul_prepared(self.prepared, x)
             if x.shape[0] <= self.amx_rows:
                 return qblocks.matmul_amx_prepared(self.prepared, x)
+            if self.bf16_tiles and qblocks.amx_bf16():  # (set_isa may have turned it off since)
+                return qblocks.matmul_amx_bf16_prepared(self.prepared, x)
             qtype = Q[self.source_type]
             return _sliced_gemm(
                 x,

@@ -9,7 +9,9 @@ one-row kernels take AVX-512 VNNI instructions where the CPU has them, and Q5_K 
 vectors (`vnni()`; the same results bit for bit; `python bench/qblocks.py` times both), and
 dequantization to bf16 takes AVX-512 BF16 (`bf16()`; the same values). Where the CPU has AMX (and
 Linux grants the tile state), `matmul_amx_prepared` computes the same products for many rows on the
-tile unit, with activations rounded per block of 32 for every type (`amx()` says whether it runs).
+tile unit, with activations rounded per block of 32 for every type (`amx()` says whether it runs), and
+where it also has AMX-BF16, `matmul_amx_bf16_prepared` multiplies in bf16 on the tile unit, the weights
+dequantized 32 rows at a time into the core's cache (`amx_bf16()`).
 
 Where the extension is missing (no compiler at install) or `GRAFTLM_CPU_KERNELS=torch`, `available()`
 is False and graftlm repacks weights for torch's kernels instead (graftlm/kernels/cpu/packed.py).
@@ -59,6 +61,12 @@ def amx(qtype: Q | None = None) -> bool:
     if not available() or _qkernels.isa() != "avx2" or not hasattr(_qkernels, "amx"):
         return False
     return bool(_qkernels.amx(-1 if qtype is None else int(qtype)))
+
+
+def amx_bf16() -> bool:
+    """Whether the bf16 tile kernel (`matmul_amx_bf16_prepared`) runs here: AMX-BF16 and AVX-512 BF16
+    besides what `amx()` needs, with the AVX-512 kernels on (`vnni()`)."""
+    return available() and _qkernels.isa() == "avx2" and bool(getattr(_qkernels, "amx_bf16", bool)())
 
 
 def vnni() -> bool:
@@ -156,6 +164,15 @@ def matmul_amx_prepared(prepared: tuple[int, int, int, int, int], x: torch.Tenso
     of 32 (finer than the 256 of `matmul` for Q4_K/Q5_K), so the same error bound; faster from a few
     rows to a hundred or so (bench/qblocks.py)."""
     return _run_prepared(_qkernels.matmul_amx, prepared, x)
+
+
+def matmul_amx_bf16_prepared(prepared: tuple[int, int, int, int, int], x: torch.Tensor) -> torch.Tensor:
+    """x @ W^T on the tile unit in bf16 (where `amx_bf16()`): W dequantized to bf16 32 rows at a time
+    (the values `dequantize(..., torch.bfloat16)` gives), x rounded to bf16 as `.to(torch.bfloat16)`
+    rounds it, every sum in fp32 -- the products of the dequantize + bf16 GEMM path, in one pass with
+    no dequantized copy in memory; ahead of the int8 tile kernel from a few dozen rows up
+    (bench/amx_bf16.py)."""
+    return _run_prepared(_qkernels.matmul_amx_bf16, prepared, x)
 
 
 def _run_prepared(kernel, prepared: tuple[int, int, int, int, int], x: torch.Tensor) -> torch.Tensor:

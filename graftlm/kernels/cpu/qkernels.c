@@ -1106,6 +1106,20 @@ AVX512BF16_FN static inline void bf16x32(__m512 lo, __m512 hi, uint16_t *y) {
     _mm512_storeu_si512(y, r);
 }
 
+/* 32 fp32 values (lo: 0..15, hi: 16..31) -> 32 bf16 in a register, as bf16x32 rounds them */
+AVX512BF16_FN static inline __m512i bf16x32_reg(__m512 lo, __m512 hi) {
+    const __mmask32 nan = (__mmask32)_mm512_cmp_ps_mask(lo, lo, _CMP_UNORD_Q) |
+                          ((__mmask32)_mm512_cmp_ps_mask(hi, hi, _CMP_UNORD_Q) << 16);
+    return _mm512_mask_mov_epi16((__m512i)_mm512_cvtne2ps_pbh(hi, lo), nan, _mm512_set1_epi16(0x7fc0));
+}
+
+/* 32 values 0..31 (bytes) looked up in a table of 32 bf16: the weight types whose values take at most 32
+   levels per scale are dequantized by computing each level once (in fp32, with the same operations as
+   the per-value path, so the same bf16) and looking the values up (VPERMW), not by converting every value */
+AVX512BF16_FN static inline void lut32_store(__m256i v, __m512i table, uint16_t *y) {
+    _mm512_storeu_si512(y, _mm512_permutexvar_epi16(_mm512_cvtepu8_epi16(v), table));
+}
+
 /* 32 values as bytes (signed or unsigned) -> fp32 in two halves */
 AVX512BF16_FN static inline void bytes_ps(__m256i v, int sgn, __m512 *lo, __m512 *hi) {
     const __m128i a = _mm256_castsi256_si128(v), b = _mm256_extracti128_si256(v, 1);
@@ -1116,6 +1130,8 @@ AVX512BF16_FN static inline void bytes_ps(__m256i v, int sgn, __m512 *lo, __m512
 AVX512BF16_FN static void dequant_row_bf16_avx512(int type, const uint8_t *w, int64_t k, uint16_t *y) {
     const int64_t bb = block_bytes(type), nb = k / block_values(type);
     const __m256i lo4 = _mm256_set1_epi8(15);
+    const __m512 iota0 = _mm512_set_ps(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    const __m512 iota1 = _mm512_add_ps(iota0, _mm512_set1_ps(16.0f)); /* the levels 0..31 */
     __m512 lo, hi;
     for (int64_t b = 0; b < nb; b++, w += bb) {
         switch (type) {
@@ -1129,13 +1145,12 @@ AVX512BF16_FN static void dequant_row_bf16_avx512(int type, const uint8_t *w, in
                 __m256i v = nibbles32(qs);
                 if (q5) v = _mm256_or_si256(v, _mm256_maskz_mov_epi8((__mmask32)qh, _mm256_set1_epi8(16)));
                 const __m512 d = _mm512_set1_ps(rdh(w));
-                if (has_min) { /* d * v + m */
+                if (has_min) { /* levels d * v + m */
                     const __m512 m = _mm512_set1_ps(rdh(w + 2));
-                    bytes_ps(v, 0, &lo, &hi);
-                    bf16x32(_mm512_add_ps(_mm512_mul_ps(d, lo), m), _mm512_add_ps(_mm512_mul_ps(d, hi), m), y);
-                } else { /* d * (v - 8), d * (v - 16) */
-                    bytes_ps(_mm256_sub_epi8(v, _mm256_set1_epi8(q5 ? 16 : 8)), 1, &lo, &hi);
-                    bf16x32(_mm512_mul_ps(d, lo), _mm512_mul_ps(d, hi), y);
+                    lut32_store(v, bf16x32_reg(_mm512_add_ps(_mm512_mul_ps(d, iota0), m), _mm512_add_ps(_mm512_mul_ps(d, iota1), m)), y);
+                } else { /* levels d * (v - 8), d * (v - 16) */
+                    const __m512 off = _mm512_set1_ps(q5 ? 16.0f : 8.0f);
+                    lut32_store(v, bf16x32_reg(_mm512_mul_ps(d, _mm512_sub_ps(iota0, off)), _mm512_mul_ps(d, _mm512_sub_ps(iota1, off))), y);
                 }
                 y += 32;
                 break;
@@ -1155,15 +1170,17 @@ AVX512BF16_FN static void dequant_row_bf16_avx512(int type, const uint8_t *w, in
                 k_scale_min(w + 4, sc, mn);
                 const uint8_t *qs = w + (q5 ? 48 : 16);
                 const __m256i qh = q5 ? _mm256_loadu_si256((const __m256i *)(w + 16)) : _mm256_setzero_si256();
+                float ds[8], dm[8];
+                for (int j = 0; j < 8; j++) ds[j] = d * (float)sc[j], dm[j] = dmin * (float)mn[j];
                 for (int j = 0; j < 8; j++) { /* sub-block j: the low (j even) or high nibbles of 32 bytes */
                     const __m256i ql = _mm256_loadu_si256((const __m256i *)(qs + 32 * (j / 2)));
                     __m256i v = _mm256_and_si256((j & 1) ? _mm256_srli_epi16(ql, 4) : ql, lo4);
                     if (q5) /* bit j of qh's byte l: value l's fifth bit */
                         v = _mm256_or_si256(v, _mm256_maskz_mov_epi8(_mm256_test_epi8_mask(qh, _mm256_set1_epi8((char)(1 << j))),
                                                                      _mm256_set1_epi8(16)));
-                    const __m512 ds = _mm512_set1_ps(d * (float)sc[j]), dm = _mm512_set1_ps(dmin * (float)mn[j]);
-                    bytes_ps(v, 0, &lo, &hi);
-                    bf16x32(_mm512_sub_ps(_mm512_mul_ps(ds, lo), dm), _mm512_sub_ps(_mm512_mul_ps(ds, hi), dm), y + 32 * j);
+                    const __m512 s = _mm512_set1_ps(ds[j]), m = _mm512_set1_ps(dm[j]); /* levels ds * v - dm */
+                    const __m512 hi = q5 ? _mm512_sub_ps(_mm512_mul_ps(s, iota1), m) : _mm512_setzero_ps();
+                    lut32_store(v, bf16x32_reg(_mm512_sub_ps(_mm512_mul_ps(s, iota0), m), hi), y + 32 * j);
                 }
                 y += 256;
                 break;
@@ -1800,6 +1817,215 @@ static int have_amx(void) { return 0; }
 static int amx_type(int type) { (void)type; return 0; }
 #endif
 
+/* ---------------------------------------------------------------- AMX bf16 (many activation rows) */
+
+/* Where the CPU also has AMX-BF16 and AVX-512 BF16, products with many activation rows can instead run
+   on the tile unit in bf16: each thread dequantizes 32 W rows at a time straight to bf16 into a buffer of
+   its own (the values `dequantize(..., bf16)` gives: the blocks' fp32 values, rounded to nearest even),
+   and multiplies them by the activations rounded to bf16 (as `.to(torch.bfloat16)` rounds), every sum in
+   fp32 over the whole row in the tile registers (TDPBF16PS). The same products as the dequantize +
+   bf16 GEMM path computes, in another order: no per-block scaling on the vector units (the int8 tile
+   kernel's cost), no second pass over a dequantized copy in memory, no reordered copy of the weights. */
+
+#if defined(GL_AMX) && defined(GL_BF16)
+#define GL_AMX_BF16 1
+#define AMXBF_FN __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512bf16,avx2,fma,f16c")))
+#define AMXBF_BLOCK 32 /* W rows in the tile registers at a time: two tiles of 16 */
+#define AMXBF_UNIT_BYTES (256 << 10) /* W rows a thread dequantizes at a time: up to this many bytes of bf16 */
+
+/* have_amx() (AMX-TILE, AMX-INT8, the OS state and permission) plus AMX-BF16 and AVX-512 BF16 (the
+   dequantization), on the AVX-512 path (use_vnni: not set_isa("portable") or set_vnni(False)) */
+static int cpu_amx_bf16 = -1; /* the CPU's AMX-BF16 bit (cpuid is slow under a hypervisor: asked once) */
+static int have_amx_bf16(void) {
+    if (cpu_amx_bf16 < 0) {
+        unsigned a, b, c, d;
+        cpu_amx_bf16 = __get_cpuid_count(7, 0, &a, &b, &c, &d) && ((d >> 22) & 1);
+    }
+    return use_vnni && cpu_bf16 && cpu_amx_bf16 && have_amx();
+}
+
+/* 16 fp32 -> 16 bf16, rounded as to_bf16 (nearest even; NaN -> 0x7fc0) */
+AMXBF_FN static inline __m256i amxbf_round16(__m512 v) {
+    const __m512i u = _mm512_castps_si512(v);
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
+    r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7fc0));
+    return _mm512_cvtepi32_epi16(r);
+}
+
+/* x [m, k] fp32 rounded to bf16 in the tile layout: per tile of 16 activation rows (j) and step of 32
+   values (s), 16 rows of 64 bytes, row p holding values 2p and 2p + 1 of each of the 16 activation rows
+   (a pair per 32-bit word); rows past m are zero. The tiles are split between the threads. */
+AMXBF_FN static void amxbf_x_fill(uint32_t *xv, const float *x, int64_t m, int64_t k, int64_t tiles, int nt) {
+    const int64_t steps = k / 32;
+    if (nt > tiles) nt = (int)tiles;
+    (void)nt;
+    const __m512i col = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                           _mm512_set1_epi32(16));
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1 && tiles > 1)
+#endif
+    for (int64_t j = 0; j < tiles; j++) {
+        for (int64_t c = 0; c < AMX_TILE; c++) {
+            const int64_t t = j * AMX_TILE + c;
+            for (int64_t s = 0; s < steps; s++) {
+                __m512i v = _mm512_setzero_si512();
+                if (t < m) {
+                    const float *xs = x + t * k + s * 32;
+                    v = _mm512_inserti64x4(_mm512_castsi256_si512(amxbf_round16(_mm512_loadu_ps(xs))),
+                                           amxbf_round16(_mm512_loadu_ps(xs + 16)), 1);
+                }
+                /* the 16 pairs into column c of the step's 16 x 16 words */
+                _mm512_i32scatter_epi32(xv + (j * steps + s) * 256 + c, col, v, 4);
+            }
+        }
+    }
+}
+
+/* c [16][16] (W row r, activation row t) into out [t][n0 + r] for the tile's real rows and columns */
+AMXBF_FN static inline void amxbf_store(const float *c, int64_t t0, int64_t m, int64_t n0, int64_t rows, float *out,
+                                        int64_t ldo) {
+    if (rows <= 0) return;
+    const int64_t tmax = m - t0 < AMX_TILE ? m - t0 : AMX_TILE;
+    const __mmask16 keep = (__mmask16)(rows >= AMX_TILE ? 0xFFFF : (1u << rows) - 1);
+    const __m512i idx = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                           _mm512_set1_epi32(AMX_TILE));
+    for (int64_t t = 0; t < tmax; t++)
+        _mm512_mask_storeu_ps(out + (t0 + t) * ldo + n0, keep,
+                              _mm512_mask_i32gather_ps(_mm512_setzero_ps(), keep, idx, c + t, 4));
+}
+
+/* 32 W rows from n0 (`rows` of them real, the rest zero in u) times activation tiles j and j + 1 (where
+   j + 1 < tiles): the 2 x 2 products of W tiles and activation tiles accumulated in the four C tiles over
+   the whole row, then stored. */
+AMXBF_FN static void amxbf_block(const uint16_t *u, int64_t k, int64_t rows, const uint32_t *xv, int64_t j,
+                                 int64_t tiles, int64_t m, float *out, int64_t ldo, int64_t n0) {
+    const int64_t steps = k / 32, stride = 2 * k, tstep = steps * 256;
+    float c[4][AMX_TILE * AMX_TILE] __attribute__((aligned(64)));
+    const uint16_t *u1 = u + AMX_TILE * k;
+    const uint32_t *b0 = xv + j * tstep, *b1 = b0 + tstep;
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+    if (j + 1 < tiles && rows > AMX_TILE) {
+        for (int64_t s = 0; s < steps; s++) {
+            _tile_loadd(4, u + s * 32, stride);
+            _tile_loadd(6, b0 + s * 256, 64);
+            _tile_loadd(5, u1 + s * 32, stride);
+            _tile_loadd(7, b1 + s * 256, 64);
+            _tile_dpbf16ps(0, 4, 6);
+            _tile_dpbf16ps(1, 4, 7);
+            _tile_dpbf16ps(2, 5, 6);
+            _tile_dpbf16ps(3, 5, 7);
+        }
+    } else if (j + 1 < tiles) {
+        for (int64_t s = 0; s < steps; s++) {
+            _tile_loadd(4, u + s * 32, stride);
+            _tile_loadd(6, b0 + s * 256, 64);
+            _tile_loadd(7, b1 + s * 256, 64);
+            _tile_dpbf16ps(0, 4, 6);
+            _tile_dpbf16ps(1, 4, 7);
+        }
+    } else if (rows > AMX_TILE) {
+        for (int64_t s = 0; s < steps; s++) {
+            _tile_loadd(4, u + s * 32, stride);
+            _tile_loadd(6, b0 + s * 256, 64);
+            _tile_loadd(5, u1 + s * 32, stride);
+            _tile_dpbf16ps(0, 4, 6);
+            _tile_dpbf16ps(2, 5, 6);
+        }
+    } else {
+        for (int64_t s = 0; s < steps; s++) {
+            _tile_loadd(4, u + s * 32, stride);
+            _tile_loadd(6, b0 + s * 256, 64);
+            _tile_dpbf16ps(0, 4, 6);
+        }
+    }
+    _tile_stored(0, c[0], 64);
+    _tile_stored(1, c[1], 64);
+    _tile_stored(2, c[2], 64);
+    _tile_stored(3, c[3], 64);
+    const int64_t t0 = j * AMX_TILE, t1 = t0 + AMX_TILE;
+    amxbf_store(c[0], t0, m, n0, rows, out, ldo);
+    amxbf_store(c[2], t0, m, n0 + AMX_TILE, rows - AMX_TILE, out, ldo);
+    if (j + 1 < tiles) {
+        amxbf_store(c[1], t1, m, n0, rows, out, ldo);
+        amxbf_store(c[3], t1, m, n0 + AMX_TILE, rows - AMX_TILE, out, ldo);
+    }
+}
+
+/* The `rows` W rows from n0 held in u (rounded up to 32 with zero rows) times every activation tile:
+   for each pair of activation tiles, each block of 32 W rows in turn, so that the pair's activations are
+   read from memory once per unit and from cache by the unit's other blocks. */
+AMXBF_FN static void amxbf_unit(const uint16_t *u, int64_t k, int64_t rows, const uint32_t *xv, int64_t tiles,
+                                int64_t m, float *out, int64_t ldo, int64_t n0) {
+    for (int64_t j = 0; j < tiles; j += 2)
+        for (int64_t r = 0; r < rows; r += AMXBF_BLOCK)
+            amxbf_block(u + r * k, k, rows - r < AMXBF_BLOCK ? rows - r : AMXBF_BLOCK, xv, j, tiles, m, out, ldo,
+                        n0 + r);
+}
+
+AMXBF_FN static void amxbf_config(void) {
+    amx_cfg_t cfg;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.palette = 1;
+    for (int t = 0; t < 8; t++) /* C 0-3: 16 x 16 fp32; A 4-5: 16 W rows x 32 bf16; B 6-7: 16 pairs x 16 rows */
+        cfg.rows[t] = AMX_TILE, cfg.colsb[t] = 64;
+    __asm__ volatile("" : : "r"(&cfg) : "memory"); /* as in amx_config */
+    _tile_loadconfig(&cfg);
+}
+
+/* out [m, n] = x [m, k] @ W^T in bf16 on the tile unit (k a multiple of 32): W's units of 32 rows split
+   between the threads. 0 when a buffer could not be allocated. */
+AMXBF_FN static int amxbf_matmul(int type, const uint8_t *w, int64_t row_bytes, int64_t n, int64_t k, const float *x,
+                                 int64_t m, float *out, int64_t ldo, int threads) {
+    const int64_t tiles = (m + AMX_TILE - 1) / AMX_TILE;
+    /* rows per unit: a multiple of 32 whose bf16 fit in AMXBF_UNIT_BYTES (at least 32), no more than a
+       thread's share of n */
+    int nt = threads > 0 ? threads : 1;
+    int64_t unit = AMXBF_UNIT_BYTES / (2 * k) / AMXBF_BLOCK * AMXBF_BLOCK;
+    const int64_t share = ((n + nt - 1) / nt + AMXBF_BLOCK - 1) / AMXBF_BLOCK * AMXBF_BLOCK;
+    if (unit > share) unit = share;
+    if (unit < AMXBF_BLOCK) unit = AMXBF_BLOCK;
+    const int64_t units = (n + unit - 1) / unit;
+    uint32_t *xv = aligned_alloc(64, (size_t)(tiles * (k / 32) * 1024));
+    if (!xv) return 0;
+    int failed = 0;
+    amxbf_x_fill(xv, x, m, k, tiles, nt);
+    if (units < nt) nt = (int)units;
+#ifdef _OPENMP
+#pragma omp parallel num_threads(nt) if (nt > 1)
+#endif
+    {
+        uint16_t *u = aligned_alloc(64, (size_t)(unit * k * 2)); /* the unit's rows in bf16 */
+        if (u) amxbf_config();
+#ifdef _OPENMP
+#pragma omp for schedule(static)
+#endif
+        for (int64_t i = 0; i < units; i++) {
+            if (!u) {
+#ifdef _OPENMP
+#pragma omp atomic write
+#endif
+                failed = 1;
+                continue;
+            }
+            const int64_t n0 = i * unit, rows = n - n0 < unit ? n - n0 : unit;
+            for (int64_t r = 0; r < rows; r++) dequant_row_bf16_avx512(type, w + (n0 + r) * row_bytes, k, u + r * k);
+            const int64_t padded = (rows + AMX_TILE - 1) / AMX_TILE * AMX_TILE;
+            if (rows < padded) memset(u + rows * k, 0, (size_t)((padded - rows) * k * 2));
+            __asm__ volatile("" : : : "memory"); /* the rows land before _tile_loadd reads them */
+            amxbf_unit(u, k, rows, xv, tiles, m, out, ldo, n0);
+        }
+        if (u) _tile_release();
+        free(u);
+    }
+    free(xv);
+    return !failed;
+}
+#endif
+
 /* matmul_amx(type, w_ptr, row_bytes, n, k, x_ptr, m, out_ptr, ldo, threads): what matmul computes, on the
    tile unit (where amx() is true and the type is one of Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K) */
 static PyObject *py_matmul_amx(PyObject *self, PyObject *args) {
@@ -1833,6 +2059,45 @@ static PyObject *py_amx(PyObject *self, PyObject *args) {
     int type = -1;
     if (!PyArg_ParseTuple(args, "|i", &type)) return NULL;
     return PyBool_FromLong(have_amx() && (type < 0 || amx_type(type)));
+}
+
+/* matmul_amx_bf16(type, w_ptr, row_bytes, n, k, x_ptr, m, out_ptr, ldo, threads): x @ W^T with W
+   dequantized to bf16 and x rounded to bf16, on the tile unit (where amx_bf16() is true) */
+static PyObject *py_matmul_amx_bf16(PyObject *self, PyObject *args) {
+    int threads;
+    mat_t mat;
+    Py_ssize_t k, xp, m;
+    if (!PyArg_ParseTuple(args, "innnnnnnni", &mat.type, &mat.w, &mat.row_bytes, &mat.n, &k, &xp, &m, &mat.out,
+                          &mat.ldo, &threads))
+        return NULL;
+    if (!mat_init(&mat, k)) return NULL;
+    int ok = 0;
+#ifdef GL_AMX_BF16
+    if (have_amx_bf16() && k % 32 == 0) {
+        if (m <= 0 || mat.n <= 0) Py_RETURN_NONE;
+        if (k == 0) { /* no blocks per row: zeros, as the other kernels give */
+            for (Py_ssize_t t = 0; t < m; t++) memset((float *)mat.out + t * mat.ldo, 0, sizeof(float) * (size_t)mat.n);
+            Py_RETURN_NONE;
+        }
+        Py_BEGIN_ALLOW_THREADS
+        ok = amxbf_matmul(mat.type, (const uint8_t *)mat.w, mat.row_bytes, mat.n, k, (const float *)xp, m,
+                          (float *)mat.out, mat.ldo, threads);
+        Py_END_ALLOW_THREADS
+        if (!ok) return PyErr_NoMemory();
+        Py_RETURN_NONE;
+    }
+#endif
+    (void)ok;
+    PyErr_Format(PyExc_ValueError, "no AMX bf16 kernel for ggml type %d, k = %zd on this CPU", mat.type, k);
+    return NULL;
+}
+
+static PyObject *py_amx_bf16(PyObject *self, PyObject *args) {
+#ifdef GL_AMX_BF16
+    return PyBool_FromLong(use_avx2 && have_amx_bf16());
+#else
+    return PyBool_FromLong(0);
+#endif
 }
 
 #define DEQUANT_ROWS 8 /* rows a thread takes at a time (bf16 on the portable path: its fp32 buffer's) */
@@ -2573,6 +2838,8 @@ static PyMethodDef methods[] = {
     {"matmul_many", py_matmul_many, METH_VARARGS, "Several matrices sharing one input, in one parallel call."},
     {"matmul_amx", py_matmul_amx, METH_VARARGS, "What matmul computes, on AMX tiles (many activation rows)."},
     {"amx", py_amx, METH_VARARGS, "Whether the AMX kernel runs here (for a ggml type, when given)."},
+    {"matmul_amx_bf16", py_matmul_amx_bf16, METH_VARARGS, "x @ W^T in bf16 on AMX tiles, W dequantized 32 rows at a time."},
+    {"amx_bf16", py_amx_bf16, METH_NOARGS, "Whether the AMX bf16 kernel runs here."},
     {"matmul_experts", py_matmul_experts, METH_VARARGS, "One row through each of several matrices of one type, in one call."},
     {"dequantize", py_dequantize, METH_VARARGS, "GGUF blocks -> fp32 rows, as gguf-py computes them."},
     {"rmsnorm", py_rmsnorm, METH_VARARGS, "RMSNorm of fp32 rows with an fp32 weight, in one call."},
