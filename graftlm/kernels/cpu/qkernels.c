@@ -1106,8 +1106,10 @@ AVX512BF16_FN static inline void bf16x32(__m512 lo, __m512 hi, uint16_t *y) {
     _mm512_storeu_si512(y, r);
 }
 
-/* 32 fp32 values (lo: 0..15, hi: 16..31) -> 32 bf16 in a register, as bf16x32 rounds them */
-AVX512BF16_FN static inline __m512i bf16x32_reg(__m512 lo, __m512 hi) {
+/* 32 fp32 values (lo: 0..15, hi: 16..31) -> 32 bf16 in a register, as bf16x32 rounds them; `finite`:
+   the caller knows none is a NaN (the block's scales are finite), and the NaN fix-up is left out */
+AVX512BF16_FN static inline __m512i bf16x32_reg(__m512 lo, __m512 hi, int finite) {
+    if (finite) return (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
     const __mmask32 nan = (__mmask32)_mm512_cmp_ps_mask(lo, lo, _CMP_UNORD_Q) |
                           ((__mmask32)_mm512_cmp_ps_mask(hi, hi, _CMP_UNORD_Q) << 16);
     return _mm512_mask_mov_epi16((__m512i)_mm512_cvtne2ps_pbh(hi, lo), nan, _mm512_set1_epi16(0x7fc0));
@@ -1127,13 +1129,19 @@ AVX512BF16_FN static inline void bytes_ps(__m256i v, int sgn, __m512 *lo, __m512
     *hi = _mm512_cvtepi32_ps(sgn ? _mm512_cvtepi8_epi32(b) : _mm512_cvtepu8_epi32(b));
 }
 
-AVX512BF16_FN static void dequant_row_bf16_avx512(int type, const uint8_t *w, int64_t k, uint16_t *y) {
-    const int64_t bb = block_bytes(type), nb = k / block_values(type);
+/* f16 -> f32 on F16C: f16_to_f32's value for every finite input and infinity (a NaN may differ in its
+   payload, and every NaN ends as 0x7fc0 here) */
+AVX512BF16_FN static inline float rdhc(const uint8_t *p) { return _cvtsh_ss(rd16(p)); }
+
+/* One block of `type` (a constant where dequant_row_bf16_avx512 inlines it: one loop per type, no
+   switch per block) as bf16 at y. */
+AVX512BF16_FN static inline __attribute__((always_inline)) void dequant_block_bf16(int type, const uint8_t *w,
+                                                                                   uint16_t *y) {
     const __m256i lo4 = _mm256_set1_epi8(15);
     const __m512 iota0 = _mm512_set_ps(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
     const __m512 iota1 = _mm512_add_ps(iota0, _mm512_set1_ps(16.0f)); /* the levels 0..31 */
     __m512 lo, hi;
-    for (int64_t b = 0; b < nb; b++, w += bb) {
+    {
         switch (type) {
             case T_Q4_0:
             case T_Q4_1:
@@ -1144,34 +1152,40 @@ AVX512BF16_FN static void dequant_row_bf16_avx512(int type, const uint8_t *w, in
                 const uint8_t *qs = legacy_layout(w, type, &q5, &has_min, &qh);
                 __m256i v = nibbles32(qs);
                 if (q5) v = _mm256_or_si256(v, _mm256_maskz_mov_epi8((__mmask32)qh, _mm256_set1_epi8(16)));
-                const __m512 d = _mm512_set1_ps(rdh(w));
+                const float df = rdhc(w), mf = has_min ? rdhc(w + 2) : 0.0f;
+                const int finite = isfinite(df) && isfinite(mf); /* then so is every level */
+                const __m512 d = _mm512_set1_ps(df);
                 if (has_min) { /* levels d * v + m */
-                    const __m512 m = _mm512_set1_ps(rdh(w + 2));
-                    lut32_store(v, bf16x32_reg(_mm512_add_ps(_mm512_mul_ps(d, iota0), m), _mm512_add_ps(_mm512_mul_ps(d, iota1), m)), y);
+                    const __m512 m = _mm512_set1_ps(mf);
+                    lut32_store(v, bf16x32_reg(_mm512_add_ps(_mm512_mul_ps(d, iota0), m), _mm512_add_ps(_mm512_mul_ps(d, iota1), m), finite), y);
                 } else { /* levels d * (v - 8), d * (v - 16) */
                     const __m512 off = _mm512_set1_ps(q5 ? 16.0f : 8.0f);
-                    lut32_store(v, bf16x32_reg(_mm512_mul_ps(d, _mm512_sub_ps(iota0, off)), _mm512_mul_ps(d, _mm512_sub_ps(iota1, off))), y);
+                    lut32_store(v, bf16x32_reg(_mm512_mul_ps(d, _mm512_sub_ps(iota0, off)), _mm512_mul_ps(d, _mm512_sub_ps(iota1, off)), finite), y);
                 }
-                y += 32;
                 break;
             }
             case T_Q8_0: {
-                const __m512 d = _mm512_set1_ps(rdh(w));
+                const float df = rdhc(w);
+                const __m512 d = _mm512_set1_ps(df);
                 bytes_ps(_mm256_loadu_si256((const __m256i *)(w + 2)), 1, &lo, &hi);
-                bf16x32(_mm512_mul_ps(lo, d), _mm512_mul_ps(hi, d), y);
-                y += 32;
+                _mm512_storeu_si512(y, bf16x32_reg(_mm512_mul_ps(lo, d), _mm512_mul_ps(hi, d), isfinite(df)));
                 break;
             }
             case T_Q4_K:
             case T_Q5_K: {
                 const int q5 = type == T_Q5_K;
-                const float d = rdh(w), dmin = rdh(w + 2);
-                uint8_t sc[8], mn[8];
-                k_scale_min(w + 4, sc, mn);
+                const float d = rdhc(w), dmin = rdhc(w + 2);
+                const int finite = isfinite(d) && isfinite(dmin); /* then so is every level */
+                uint8_t sm[16];
+                k_scale_min(w + 4, sm, sm + 8);
                 const uint8_t *qs = w + (q5 ? 48 : 16);
                 const __m256i qh = q5 ? _mm256_loadu_si256((const __m256i *)(w + 16)) : _mm256_setzero_si256();
+                /* ds[j] = d * sc[j], dm[j] = dmin * mn[j]: the same fp32 products, eight at a time */
                 float ds[8], dm[8];
-                for (int j = 0; j < 8; j++) ds[j] = d * (float)sc[j], dm[j] = dmin * (float)mn[j];
+                const __m128i smv = _mm_loadu_si128((const __m128i *)sm);
+                _mm256_storeu_ps(ds, _mm256_mul_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(smv))));
+                _mm256_storeu_ps(dm, _mm256_mul_ps(_mm256_set1_ps(dmin),
+                                                   _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(smv, 8)))));
                 for (int j = 0; j < 8; j++) { /* sub-block j: the low (j even) or high nibbles of 32 bytes */
                     const __m256i ql = _mm256_loadu_si256((const __m256i *)(qs + 32 * (j / 2)));
                     __m256i v = _mm256_and_si256((j & 1) ? _mm256_srli_epi16(ql, 4) : ql, lo4);
@@ -1180,14 +1194,17 @@ AVX512BF16_FN static void dequant_row_bf16_avx512(int type, const uint8_t *w, in
                                                                      _mm256_set1_epi8(16)));
                     const __m512 s = _mm512_set1_ps(ds[j]), m = _mm512_set1_ps(dm[j]); /* levels ds * v - dm */
                     const __m512 hi = q5 ? _mm512_sub_ps(_mm512_mul_ps(s, iota1), m) : _mm512_setzero_ps();
-                    lut32_store(v, bf16x32_reg(_mm512_sub_ps(_mm512_mul_ps(s, iota0), m), hi), y + 32 * j);
+                    lut32_store(v, bf16x32_reg(_mm512_sub_ps(_mm512_mul_ps(s, iota0), m), hi, finite), y + 32 * j);
                 }
-                y += 256;
                 break;
             }
             case T_Q6_K: {
-                const float d = rdh(w + 208);
-                const int8_t *sc = (const int8_t *)(w + 192);
+                const float d = rdhc(w + 208);
+                const int finite = isfinite(d);
+                /* ds[g] = d * sc[g]: the same fp32 products, sixteen at a time */
+                float ds[16];
+                _mm512_storeu_ps(ds, _mm512_mul_ps(_mm512_set1_ps(d), _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+                                                                          _mm_loadu_si128((const __m128i *)(w + 192))))));
                 const __m256i c32 = _mm256_set1_epi8(32);
                 for (int h = 0; h < 2; h++) {
                     __m256i q[4];
@@ -1195,16 +1212,34 @@ AVX512BF16_FN static void dequant_row_bf16_avx512(int type, const uint8_t *w, in
                     for (int r = 0; r < 4; r++) {
                         const int i = 128 * h + 32 * r; /* two groups of 16, a scale each */
                         bytes_ps(_mm256_sub_epi8(q[r], c32), 1, &lo, &hi);
-                        lo = _mm512_mul_ps(_mm512_set1_ps(d * (float)sc[i / 16]), lo);
-                        hi = _mm512_mul_ps(_mm512_set1_ps(d * (float)sc[i / 16 + 1]), hi);
-                        bf16x32(lo, hi, y + i);
+                        lo = _mm512_mul_ps(_mm512_set1_ps(ds[i / 16]), lo);
+                        hi = _mm512_mul_ps(_mm512_set1_ps(ds[i / 16 + 1]), hi);
+                        _mm512_storeu_si512(y + i, bf16x32_reg(lo, hi, finite));
                     }
                 }
-                y += 256;
                 break;
             }
         }
     }
+}
+
+AVX512BF16_FN static void dequant_row_bf16_avx512(int type, const uint8_t *w, int64_t k, uint16_t *y) {
+    const int64_t bb = block_bytes(type), bv = block_values(type), nb = k / bv;
+#define GL_DQ_ROW(T)                                                                                         \
+    case T:                                                                                                  \
+        for (int64_t b = 0; b < nb; b++) dequant_block_bf16(T, w + b * bb, y + b * bv);                      \
+        break;
+    switch (type) {
+        GL_DQ_ROW(T_Q4_0)
+        GL_DQ_ROW(T_Q4_1)
+        GL_DQ_ROW(T_Q5_0)
+        GL_DQ_ROW(T_Q5_1)
+        GL_DQ_ROW(T_Q8_0)
+        GL_DQ_ROW(T_Q4_K)
+        GL_DQ_ROW(T_Q5_K)
+        GL_DQ_ROW(T_Q6_K)
+    }
+#undef GL_DQ_ROW
 }
 
 static int have_avx512_bf16(void) {
@@ -1831,7 +1866,7 @@ static int amx_type(int type) { (void)type; return 0; }
 #define GL_AMX_BF16 1
 #define AMXBF_FN __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512bf16,avx2,fma,f16c")))
 #define AMXBF_BLOCK 32 /* W rows in the tile registers at a time: two tiles of 16 */
-#define AMXBF_UNIT_BYTES (256 << 10) /* W rows a thread dequantizes at a time: up to this many bytes of bf16 */
+#define AMXBF_UNIT_BYTES (512 << 10) /* W rows a thread dequantizes at a time: up to this many bytes of bf16 */
 
 /* have_amx() (AMX-TILE, AMX-INT8, the OS state and permission) plus AMX-BF16 and AVX-512 BF16 (the
    dequantization), on the AVX-512 path (use_vnni: not set_isa("portable") or set_vnni(False)) */
