@@ -82,11 +82,11 @@ QBLOCK_AMX_ROWS = {
 }
 # Where the CPU also has AMX-BF16 (qblocks.amx_bf16), rows above the one-row kernel's bound take the
 # int8 tile kernel only up to these many, and the bf16 tile kernel above: every row count up to 512, and
-# in every type, it beat the dequantize + bf16 GEMM path it replaces (by 5-35%), and it overtakes the
-# int8 tile kernel from 8 rows (Q4_1, Q5_1, Q6_K: no int8 tiles) to ~32 (Q4_K, Q5_K, Q4_0, Q5_0, Q8_0),
-# which stay about even with it up to 256 rows (`python bench/amx_bf16.py`; Intel AMX machine, 2
+# in every type, it beat the dequantize + bf16 GEMM path it replaces (by 5-35%), and since its
+# dequantization got faster it overtakes the int8 tile kernel from 8 rows (Q4_1, Q5_1, Q5_K, Q6_K: no
+# int8 tiles; Q4_0 past 6) to ~12 (Q4_K, Q5_0, Q8_0) (`python bench/amx_bf16.py`; Intel AMX machine, 2
 # threads: bench/results/amx_bf16-20261201.md).
-QBLOCK_AMX_INT8_ROWS = {Q.Q4_0: 24, Q.Q5_0: 24, Q.Q8_0: 24, Q.Q4_K: 24, Q.Q5_K: 24}
+QBLOCK_AMX_INT8_ROWS = {Q.Q4_0: 6, Q.Q5_0: 10, Q.Q8_0: 12, Q.Q4_K: 10}
 K_QUANTS = frozenset({Q.Q4_K, Q.Q5_K, Q.Q6_K})
 GEMM_SLICE_BYTES = 64 << 20  # dequantized weight held at once by the many-row int8 path
 
