@@ -51,10 +51,21 @@ class GatePair:
 
     def pair(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(x @ gate^T, x @ up^T), each contiguous [.., I]."""
-        both = (self.gate.prepared, self.up.prepared) if self.gate.layout == self.up.layout == "gguf" else ()
-        if both and x.shape[0] <= min(self.gate.kernel_rows, self.up.kernel_rows):
-            return tuple(qblocks.matmul_many(list(both), x))  # x quantized once, one call
-        return self.gate.matmul(x), self.up.matmul(x)
+        gate, up = self.gate, self.up
+        if gate.layout == up.layout == "gguf":
+            rows = x.shape[0]
+            if rows <= min(gate.kernel_rows, up.kernel_rows):
+                return tuple(
+                    qblocks.matmul_many([gate.prepared, up.prepared], x)
+                )  # x quantized once, one call
+            if (
+                gate.bf16_tiles
+                and up.bf16_tiles
+                and rows > max(gate.amx_rows, up.amx_rows)
+                and qblocks.amx_bf16()
+            ):
+                return tuple(qblocks.matmul_amx_bf16_many([gate.prepared, up.prepared], x))  # x rounded once
+        return gate.matmul(x), up.matmul(x)
 
     @property
     def nbytes(self) -> int:

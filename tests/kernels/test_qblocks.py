@@ -362,6 +362,28 @@ def test_amx_bf16_matmul_is_the_bf16_product(qtype: Q, m: int, n: int, k: int, t
 
 
 @needs_amx_bf16
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_amx_bf16_many_is_each_single_call_bit_for_bit(threads: int):
+    """Several matrices in one call (their rows split between the threads together) give each single
+    call's output exactly, whatever the thread count: every sum runs in one order."""
+    rng = np.random.default_rng(21)
+    k = 512
+    mats = [(Q.Q4_K, 70), (Q.Q5_0, 16), (Q.Q6_K, 3), (Q.Q4_K, 200)]
+    rows = [qblocks.as_rows(random_blocks(t, n, k, rng), t, n, k) for t, n in mats]
+    prepared = [qblocks.prepare(t, r, k) for (t, _), r in zip(mats, rows)]
+    x = torch.randn(37, k)
+    torch.set_num_threads(threads)
+    try:
+        many = qblocks.matmul_amx_bf16_many(prepared, x)
+        single = [qblocks.matmul_amx_bf16_prepared(p, x) for p in prepared]
+    finally:
+        torch.set_num_threads(1)
+    one_thread = [qblocks.matmul_amx_bf16_prepared(p, x) for p in prepared]
+    for a, b, c in zip(many, single, one_thread):
+        assert torch.equal(a, b) and torch.equal(a, c)
+
+
+@needs_amx_bf16
 def test_amx_bf16_non_finite_activations_propagate_as_in_the_gemm():
     """A NaN activation makes its row NaN; an infinite one gives +-Inf, or NaN against a zero weight:
     what the dequantize + GEMM path it replaces gives (unlike the int8 kernels' NaN rows)."""

@@ -2011,49 +2011,61 @@ AMXBF_FN static void amxbf_config(void) {
     _tile_loadconfig(&cfg);
 }
 
-/* out [m, n] = x [m, k] @ W^T in bf16 on the tile unit (k a multiple of 32): W's units of 32 rows split
-   between the threads. 0 when a buffer could not be allocated. */
-AMXBF_FN static int amxbf_matmul(int type, const uint8_t *w, int64_t row_bytes, int64_t n, int64_t k, const float *x,
-                                 int64_t m, float *out, int64_t ldo, int threads) {
+/* out_i [m, n_i] = x [m, k] @ W_i^T in bf16 on the tile unit (k a multiple of 32) for `count` matrices
+   that share x: x is rounded and laid out once, and the matrices' 16-row tiles, counted together, are
+   split evenly between the threads (to within one tile), each thread dequantizing its share in units of
+   up to AMXBF_UNIT_BYTES of bf16 that never cross from one matrix to the next. 0 when a buffer could
+   not be allocated. */
+AMXBF_FN static int amxbf_matmul(const mat_t *mat, int count, int64_t k, const float *x, int64_t m, int threads) {
     const int64_t tiles = (m + AMX_TILE - 1) / AMX_TILE;
-    /* rows per unit: a multiple of 32 whose bf16 fit in AMXBF_UNIT_BYTES (at least 32), no more than a
-       thread's share of n */
-    int nt = threads > 0 ? threads : 1;
-    int64_t unit = AMXBF_UNIT_BYTES / (2 * k) / AMXBF_BLOCK * AMXBF_BLOCK;
-    const int64_t share = ((n + nt - 1) / nt + AMXBF_BLOCK - 1) / AMXBF_BLOCK * AMXBF_BLOCK;
-    if (unit > share) unit = share;
+    int64_t unit = AMXBF_UNIT_BYTES / (2 * k) / AMXBF_BLOCK * AMXBF_BLOCK; /* rows: a multiple of 32 */
     if (unit < AMXBF_BLOCK) unit = AMXBF_BLOCK;
-    const int64_t units = (n + unit - 1) / unit;
+    const int64_t unit_tiles = unit / AMX_TILE;
+    int64_t first[MANY_MAX + 1]; /* matrix i's W tiles are first[i] .. first[i + 1] - 1 of all */
+    first[0] = 0;
+    for (int i = 0; i < count; i++) first[i + 1] = first[i] + (mat[i].n + AMX_TILE - 1) / AMX_TILE;
+    const int64_t total = first[count];
+    int nt = threads > 0 ? threads : 1;
     uint32_t *xv = aligned_alloc(64, (size_t)(tiles * (k / 32) * 1024));
     if (!xv) return 0;
     int failed = 0;
     amxbf_x_fill(xv, x, m, k, tiles, nt);
-    if (units < nt) nt = (int)units;
+    if (nt > total) nt = (int)total;
 #ifdef _OPENMP
 #pragma omp parallel num_threads(nt) if (nt > 1)
 #endif
     {
-        uint16_t *u = aligned_alloc(64, (size_t)(unit * k * 2)); /* the unit's rows in bf16 */
-        if (u) amxbf_config();
+        int64_t t = 0, nth = 1;
 #ifdef _OPENMP
-#pragma omp for schedule(static)
+        t = omp_get_thread_num(), nth = omp_get_num_threads();
 #endif
-        for (int64_t i = 0; i < units; i++) {
-            if (!u) {
+        const int64_t a = total * t / nth, b = total * (t + 1) / nth; /* this thread's tiles */
+        uint16_t *u = b > a ? aligned_alloc(64, (size_t)(unit * k * 2)) : NULL; /* a unit's rows in bf16 */
+        if (b > a && !u) {
 #ifdef _OPENMP
 #pragma omp atomic write
 #endif
-                failed = 1;
-                continue;
-            }
-            const int64_t n0 = i * unit, rows = n - n0 < unit ? n - n0 : unit;
-            for (int64_t r = 0; r < rows; r++) dequant_row_bf16_avx512(type, w + (n0 + r) * row_bytes, k, u + r * k);
-            const int64_t padded = (rows + AMX_TILE - 1) / AMX_TILE * AMX_TILE;
-            if (rows < padded) memset(u + rows * k, 0, (size_t)((padded - rows) * k * 2));
-            __asm__ volatile("" : : : "memory"); /* the rows land before _tile_loadd reads them */
-            amxbf_unit(u, k, rows, xv, tiles, m, out, ldo, n0);
+            failed = 1;
         }
-        if (u) _tile_release();
+        if (u) {
+            amxbf_config();
+            for (int i = 0; i < count; i++) {
+                const int64_t lo = a > first[i] ? a : first[i], hi = b < first[i + 1] ? b : first[i + 1];
+                const int type = mat[i].type;
+                const uint8_t *w = (const uint8_t *)mat[i].w;
+                for (int64_t t0 = lo; t0 < hi; t0 += unit_tiles) {
+                    const int64_t t1 = t0 + unit_tiles < hi ? t0 + unit_tiles : hi;
+                    const int64_t n0 = (t0 - first[i]) * AMX_TILE, n1 = (t1 - first[i]) * AMX_TILE;
+                    const int64_t rows = (n1 < mat[i].n ? n1 : mat[i].n) - n0;
+                    for (int64_t r = 0; r < rows; r++)
+                        dequant_row_bf16_avx512(type, w + (n0 + r) * mat[i].row_bytes, k, u + r * k);
+                    if (rows < n1 - n0) memset(u + rows * k, 0, (size_t)((n1 - n0 - rows) * k * 2));
+                    __asm__ volatile("" : : : "memory"); /* the rows land before _tile_loadd reads them */
+                    amxbf_unit(u, k, rows, xv, tiles, m, (float *)mat[i].out, mat[i].ldo, n0);
+                }
+            }
+            _tile_release();
+        }
         free(u);
     }
     free(xv);
@@ -2096,6 +2108,29 @@ static PyObject *py_amx(PyObject *self, PyObject *args) {
     return PyBool_FromLong(have_amx() && (type < 0 || amx_type(type)));
 }
 
+/* The bf16 tile kernel on checked matrices sharing x [m, k] (k > 0); an exception where it does not run. */
+static PyObject *run_amx_bf16(const mat_t *mat, int count, Py_ssize_t k, const float *x, Py_ssize_t m, int threads) {
+#ifdef GL_AMX_BF16
+    if (have_amx_bf16() && k % 32 == 0) {
+        int ok = 1;
+        if (m > 0 && k > 0) {
+            Py_BEGIN_ALLOW_THREADS
+            ok = amxbf_matmul(mat, count, k, x, m, threads);
+            Py_END_ALLOW_THREADS
+        } else if (k == 0) { /* no blocks per row: zeros, as the other kernels give */
+            for (int i = 0; i < count; i++)
+                for (Py_ssize_t t = 0; t < m; t++)
+                    memset((float *)mat[i].out + t * mat[i].ldo, 0, sizeof(float) * (size_t)mat[i].n);
+        }
+        if (!ok) return PyErr_NoMemory();
+        Py_RETURN_NONE;
+    }
+#endif
+    (void)mat, (void)count, (void)x, (void)m, (void)threads;
+    PyErr_Format(PyExc_ValueError, "no AMX bf16 kernel for k = %zd on this CPU", k);
+    return NULL;
+}
+
 /* matmul_amx_bf16(type, w_ptr, row_bytes, n, k, x_ptr, m, out_ptr, ldo, threads): x @ W^T with W
    dequantized to bf16 and x rounded to bf16, on the tile unit (where amx_bf16() is true) */
 static PyObject *py_matmul_amx_bf16(PyObject *self, PyObject *args) {
@@ -2106,25 +2141,35 @@ static PyObject *py_matmul_amx_bf16(PyObject *self, PyObject *args) {
                           &mat.ldo, &threads))
         return NULL;
     if (!mat_init(&mat, k)) return NULL;
-    int ok = 0;
-#ifdef GL_AMX_BF16
-    if (have_amx_bf16() && k % 32 == 0) {
-        if (m <= 0 || mat.n <= 0) Py_RETURN_NONE;
-        if (k == 0) { /* no blocks per row: zeros, as the other kernels give */
-            for (Py_ssize_t t = 0; t < m; t++) memset((float *)mat.out + t * mat.ldo, 0, sizeof(float) * (size_t)mat.n);
-            Py_RETURN_NONE;
-        }
-        Py_BEGIN_ALLOW_THREADS
-        ok = amxbf_matmul(mat.type, (const uint8_t *)mat.w, mat.row_bytes, mat.n, k, (const float *)xp, m,
-                          (float *)mat.out, mat.ldo, threads);
-        Py_END_ALLOW_THREADS
-        if (!ok) return PyErr_NoMemory();
-        Py_RETURN_NONE;
+    return run_amx_bf16(&mat, 1, k, (const float *)xp, m, threads);
+}
+
+/* matmul_amx_bf16_many(k, x_ptr, m, threads, specs): matmul_amx_bf16 for 1 to 8 matrices (specs of
+   (type, w_ptr, row_bytes, n, out_ptr, ldo), as matmul_many) sharing x [m, k], in one call */
+static PyObject *py_matmul_amx_bf16_many(PyObject *self, PyObject *args) {
+    Py_ssize_t k, xp, m;
+    int threads;
+    PyObject *specs;
+    if (!PyArg_ParseTuple(args, "nnniO", &k, &xp, &m, &threads, &specs)) return NULL;
+    PyObject *seq = PySequence_Fast(specs, "specs must be a sequence of (type, w_ptr, row_bytes, n, out_ptr, ldo)");
+    if (!seq) return NULL;
+    Py_ssize_t count = PySequence_Fast_GET_SIZE(seq);
+    mat_t mat[MANY_MAX];
+    if (count < 1 || count > MANY_MAX) {
+        Py_DECREF(seq);
+        PyErr_Format(PyExc_ValueError, "matmul_amx_bf16_many takes 1 to %d matrices, not %zd", MANY_MAX, count);
+        return NULL;
     }
-#endif
-    (void)ok;
-    PyErr_Format(PyExc_ValueError, "no AMX bf16 kernel for ggml type %d, k = %zd on this CPU", mat.type, k);
-    return NULL;
+    for (Py_ssize_t i = 0; i < count; i++) {
+        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, i), "innnnn", &mat[i].type, &mat[i].w, &mat[i].row_bytes,
+                              &mat[i].n, &mat[i].out, &mat[i].ldo) ||
+            !mat_init(&mat[i], k)) {
+            Py_DECREF(seq);
+            return NULL;
+        }
+    }
+    Py_DECREF(seq);
+    return run_amx_bf16(mat, (int)count, k, (const float *)xp, m, threads);
 }
 
 static PyObject *py_amx_bf16(PyObject *self, PyObject *args) {
@@ -2874,6 +2919,7 @@ static PyMethodDef methods[] = {
     {"matmul_amx", py_matmul_amx, METH_VARARGS, "What matmul computes, on AMX tiles (many activation rows)."},
     {"amx", py_amx, METH_VARARGS, "Whether the AMX kernel runs here (for a ggml type, when given)."},
     {"matmul_amx_bf16", py_matmul_amx_bf16, METH_VARARGS, "x @ W^T in bf16 on AMX tiles, W dequantized 32 rows at a time."},
+    {"matmul_amx_bf16_many", py_matmul_amx_bf16_many, METH_VARARGS, "matmul_amx_bf16 for several matrices sharing one input, in one call."},
     {"amx_bf16", py_amx_bf16, METH_NOARGS, "Whether the AMX bf16 kernel runs here."},
     {"matmul_experts", py_matmul_experts, METH_VARARGS, "One row through each of several matrices of one type, in one call."},
     {"dequantize", py_dequantize, METH_VARARGS, "GGUF blocks -> fp32 rows, as gguf-py computes them."},
