@@ -138,7 +138,8 @@ def machine_description() -> str:
 def run_bench(
     engine: Engine, prompt_tokens: int = 512, gen_tokens: int = 128, repeat: int = 3, seed: int = 0
 ) -> BenchResult:
-    """Median prefill and decode tok/s over `repeat` runs of a random prompt (after one warm-up).
+    """Median prefill and decode tok/s over `repeat` runs of a random prompt (after one warm-up run
+    of the whole prompt, as llama-bench warms up).
 
     The first generated token comes from the prefill's logits, so a decode rate needs at least two;
     where the context leaves room for fewer, this raises (a rate of 0 would read as a measurement)."""
@@ -150,7 +151,10 @@ def run_bench(
     vocab = engine.vocab_size or 1000
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(10, vocab - 1, (prompt_tokens,), generator=gen).tolist()
-    engine.generate(ids[: min(16, prompt_tokens)], max_new_tokens=2, ignore_eos=True)  # warm-up
+    # Warm-up: the whole prompt once, as llama-bench's warm-up runs its prompt test once; a short one
+    # left the first timed prefill paying for first touches of the weights it had not used (the
+    # memory map's page faults: an MoE's 16-token warm-up reaches about half its experts).
+    engine.generate(ids, max_new_tokens=2, ignore_eos=True)
     prefill, decode, generated = [], [], []
     for _ in range(repeat):
         r = engine.generate(ids, max_new_tokens=gen_tokens, ignore_eos=True, stop_token_ids=[])

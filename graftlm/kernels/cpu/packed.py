@@ -2,7 +2,7 @@
 
 | GGUF type            | layout            | decode kernel (few rows)         | prefill kernel (many rows)        |
 |----------------------|-------------------|----------------------------------|-----------------------------------|
-| Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K, where graftlm._qkernels is built | `gguf`: the GGUF blocks themselves, no copy | graftlm's C kernel on the blocks, activations int8 per block of 32 (256 for K-quants; graftlm/kernels/cpu/qblocks.py) | where the CPU has AMX, the tile kernel on the blocks up to `QBLOCK_AMX_ROWS` (64-256 rows, activations int8 per 32); above, `F.linear` on the blocks dequantized a slice at a time (as gguf-py does), in `gemm_dtype()` |
+| Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K, where graftlm._qkernels is built | `gguf`: the GGUF blocks themselves, no copy | graftlm's C kernel on the blocks, activations int8 per block of 32 (256 for K-quants; graftlm/kernels/cpu/qblocks.py) | where the CPU has AMX, the int8 tile kernel on the blocks up to `QBLOCK_AMX_ROWS` (64-256 rows, activations int8 per 32); where it also has AMX-BF16, that kernel only to `QBLOCK_AMX_INT8_ROWS` (6-12 rows) and the bf16 tile kernel above (the blocks dequantized to bf16 32 rows at a time in cache); elsewhere above, `F.linear` on the blocks dequantized a slice at a time (as gguf-py does), in `gemm_dtype()` |
 | Q4_0, Q4_1, Q4_K     | `int4` group 32   | `_weight_int4pack_mm_for_cpu`    | the same                          |
 | other quantized types| `int8` per row    | `_weight_int8pack_mm`            | `F.linear` on the int8 weights dequantized a slice at a time, in bf16 where the CPU has native bf16 (AVX-512 BF16, AMX), else fp32; with `int8_activations`, `torch._int_mm` (AMX/VNNI) on int8 activations per row |
 | F16, BF16            | `bf16`            | `F.linear`                       | `F.linear`                        |
@@ -12,7 +12,8 @@ Error bounds against dequantize-then-fp32 (tested in tests/kernels/test_packed.p
 tests/kernels/test_qblocks.py):
 - `gguf`: weights exact; C-kernel products round each block of 32 activations (256 for K-quants) to
   int8 with scale d = max|x|/127 (|error| <= sum over blocks of d/2 * sum |w|); many-row products exact in fp32
-  (bf16 activations where `gemm_dtype()` is bf16).
+  (bf16 activations where `gemm_dtype()` is bf16); the bf16 tile kernel: weights as `dequantize(...,
+  bf16)` rounds them, activations rounded to bf16, sums in fp32 (the same as the bf16 GEMM path).
 - `int4`: lossless in the 4-bit values; each group's scale and zero are rounded to bf16, a relative
   error of at most 2^-9 on each, and activations are rounded to bf16 (2^-9 relative).
 - `int8`: each row is requantized to int8 with scale max|w|/127: an absolute error of at most half
