@@ -1945,12 +1945,14 @@ AMXBF_FN static void amxbf_block(const uint16_t *u, int64_t k, int64_t rows, con
     _tile_zero(3);
     if (j + 1 < tiles && rows > AMX_TILE) {
         for (int64_t s = 0; s < steps; s++) {
+            /* each load just before the first product that reads it, so that the next step's loads
+               wait only on the products before them (tile registers are not renamed) */
             _tile_loadd(4, u + s * 32, stride);
             _tile_loadd(6, b0 + s * 256, 64);
-            _tile_loadd(5, u1 + s * 32, stride);
-            _tile_loadd(7, b1 + s * 256, 64);
             _tile_dpbf16ps(0, 4, 6);
+            _tile_loadd(7, b1 + s * 256, 64);
             _tile_dpbf16ps(1, 4, 7);
+            _tile_loadd(5, u1 + s * 32, stride);
             _tile_dpbf16ps(2, 5, 6);
             _tile_dpbf16ps(3, 5, 7);
         }
