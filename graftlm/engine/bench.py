@@ -123,7 +123,7 @@ def machine_description() -> str:
         pass
     from graftlm.kernels.cpu import qblocks
 
-    amx = "+amx" if qblocks.amx() else ""
+    amx = ("+amx" if qblocks.amx() else "") + ("+amx-bf16" if qblocks.amx_bf16() else "")
     vnni = ("+vnni" if qblocks.vnni() else "") + ("+bf16" if qblocks.bf16() else "")
     kernels = f"graftlm C kernels {qblocks.isa()}{vnni}{amx}" if qblocks.available() else "torch kernels only"
     gpus = (
