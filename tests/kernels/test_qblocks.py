@@ -338,7 +338,7 @@ def _amx_bf16(qtype: Q, rows: np.ndarray, x: torch.Tensor) -> torch.Tensor:
     [(1, 67, 768), (16, 67, 768), (37, 67, 768), (70, 40, 256), (37, 130, 4096)],
     # one activation row; a full tile; three tiles (a pair and one alone); five; W rows in units of
     # 64 (2 threads) with a 3-row unit, of 32 + 8 (a lone 16-row tile in the unit's second block),
-    # and, at k = 4096, units of 32 rows with a 2-row one left
+    # and, at k = 4096, units of 64 rows (512 KB of bf16) with a 2-row one left
 )
 @pytest.mark.parametrize("threads", [1, 2])
 def test_amx_bf16_matmul_is_the_bf16_product(qtype: Q, m: int, n: int, k: int, threads: int):
@@ -400,18 +400,80 @@ def test_amx_bf16_non_finite_activations_propagate_as_in_the_gemm():
 
 @needs_amx_bf16
 def test_amx_bf16_edges():
-    """k = 0 gives zeros; a type without a kernel is refused; the portable path turns it off."""
+    """k = 0 gives zeros; a type without a kernel is refused; the portable path and set_vnni(False)
+    turn it off, in Python and at the C entry."""
+    kernels = qblocks._qkernels
     prepared = qblocks.prepare(Q.Q8_0, np.zeros((20, 0), np.uint8), 0)
     assert torch.equal(qblocks.matmul_amx_bf16_prepared(prepared, torch.randn(3, 0)), torch.zeros(3, 20))
     rows = np.zeros((16, 84), dtype=np.uint8)  # Q2_K blocks: 84 bytes per 256 values
     with pytest.raises(ValueError, match="ggml type 10"):
-        qblocks._qkernels.matmul_amx_bf16(int(Q.Q2_K), rows.ctypes.data, 84, 16, 256, 0, 1, 0, 16, 1)
-    qblocks.set_isa("portable")
-    try:
-        assert not qblocks.amx_bf16()
-    finally:
-        qblocks.set_isa("avx2")
-    assert qblocks.amx_bf16()
+        kernels.matmul_amx_bf16(int(Q.Q2_K), rows.ctypes.data, 84, 16, 256, 0, 1, 0, 16, 1)
+    rows = qblocks.as_rows(random_blocks(Q.Q4_K, 20, 256, np.random.default_rng(2)), Q.Q4_K, 20, 256)
+    prepared = qblocks.prepare(Q.Q4_K, rows, 256)
+    for off, on in ((lambda: qblocks.set_isa("portable"), lambda: qblocks.set_isa("avx2")),
+                    (lambda: kernels.set_vnni(False), lambda: kernels.set_vnni(True))):  # fmt: skip
+        off()
+        try:
+            assert not qblocks.amx_bf16()
+            with pytest.raises(ValueError, match="does not run here"):
+                qblocks.matmul_amx_bf16_prepared(prepared, torch.randn(40, 256))
+        finally:
+            on()
+        assert qblocks.amx_bf16()
+
+
+@needs_amx_bf16
+@pytest.mark.parametrize("threads", [1, 3])
+def test_amx_bf16_writes_only_its_outputs(threads: int):
+    """Rows ldo apart in a larger buffer (sentinels around and between them stay), one W row, more
+    threads than tiles, and no activation rows (nothing written)."""
+    rng = np.random.default_rng(8)
+    k = 256
+    for n, m in ((1, 5), (17, 33), (40, 0)):
+        rows = qblocks.as_rows(random_blocks(Q.Q6_K, n, k, rng), Q.Q6_K, n, k)
+        x = torch.randn(max(m, 1), k)
+        ldo = n + 3
+        out = torch.full((m + 2, ldo), 7.0)
+        torch.set_num_threads(threads)
+        try:
+            qblocks._qkernels.matmul_amx_bf16(
+                int(Q.Q6_K),
+                rows.ctypes.data,
+                rows.shape[1],
+                n,
+                k,
+                x.data_ptr(),
+                m,
+                out.data_ptr(),
+                ldo,
+                threads,
+            )
+        finally:
+            torch.set_num_threads(1)
+        assert (out[:, n:] == 7.0).all() and (out[m:] == 7.0).all()
+        if m:
+            w = qblocks.dequantize(Q.Q6_K, rows, k, dtype=torch.bfloat16).double()
+            want = x[:m].to(torch.bfloat16).double() @ w.t()
+            scale = (x[:m].to(torch.bfloat16).double().abs() @ w.abs().t()).clamp_min(1e-30)
+            assert ((out[:m, :n].double() - want).abs() / scale).max() < 1e-5
+
+
+@needs_amx_bf16
+def test_amx_bf16_rounds_activations_as_torch():
+    """Against identity weights (Q8_0 blocks with d = 1, one value 1 per row) each output is one
+    activation as `.to(torch.bfloat16)` rounds it, bit for bit, for normal values of every size."""
+    k = 64
+    blocks = np.zeros((k, k // 32, 34), np.uint8)  # per block of 32: f16 d, then 32 int8 values
+    blocks[:, :, :2] = np.frombuffer(np.float16(1.0).tobytes(), np.uint8)
+    for i in range(k):
+        blocks[i, i // 32, 2 + i % 32] = 1
+    rows = qblocks.as_rows(blocks.reshape(k, -1), Q.Q8_0, k, k)
+    assert torch.equal(qblocks.dequantize(Q.Q8_0, rows, k), torch.eye(k))
+    bits = np.random.default_rng(3).integers(0x00800000, 0x7F800000, (48, k), dtype=np.int64)  # normal
+    x = torch.from_numpy((bits * np.where(np.arange(k) % 2, 1, -1)).astype(np.int32).view(np.float32))
+    x = torch.cat([x, torch.tensor([[1.0, 3.0e38, -1e-30, 0.0] * (k // 4)])])
+    got = qblocks.matmul_amx_bf16_prepared(qblocks.prepare(Q.Q8_0, rows, k), x)
+    assert torch.equal(got, x.to(torch.bfloat16).float())
 
 
 @needs_amx_bf16
@@ -447,6 +509,44 @@ def test_packed_matrices_take_the_bf16_tiles_above_the_int8_ones(monkeypatch):
         finally:
             qblocks.set_isa("avx2")
         assert calls == [mat.amx_rows + 1, 300]
+
+
+@needs_amx_bf16
+def test_gate_pairs_take_one_bf16_call_and_follow_a_switch_off(monkeypatch):
+    """An expert's gate and up: one `matmul_amx_bf16_many` call above the int8 tiles' bound, equal to
+    the two single products bit for bit; after set_vnni(False), the int8 tiles' own band, then the
+    GEMM path, with the same results as the matrices alone."""
+    from graftlm.kernels.cpu.packed import PackedMatrix
+    from graftlm.ops.packed import GatePair
+
+    n, k = 40, 512
+    rng = np.random.default_rng(9)
+    gate, up = (
+        PackedMatrix(
+            "gguf", n, k, qblocks.as_rows(random_blocks(Q.Q4_K, n, k, rng), Q.Q4_K, n, k), source_type="Q4_K"
+        )
+        for _ in range(2)
+    )
+    pair = GatePair(gate, up)
+    calls = []
+    real = qblocks.matmul_amx_bf16_many
+    monkeypatch.setattr(qblocks, "matmul_amx_bf16_many", lambda p, x: calls.append(x.shape[0]) or real(p, x))
+    for m in (gate.amx_rows, gate.amx_rows + 1, 200):
+        x = torch.randn(m, k)
+        g, u = pair.pair(x)
+        assert torch.equal(g, gate.matmul(x)) and torch.equal(u, up.matmul(x))
+    assert calls == [gate.amx_rows + 1, 200]
+    qblocks._qkernels.set_vnni(False)
+    try:
+        for m in (gate.amx_band, 200):
+            x = torch.randn(m, k)
+            g, u = pair.pair(x)
+            assert torch.equal(g, gate.matmul(x)) and torch.equal(u, up.matmul(x))
+        x = torch.randn(gate.amx_band, k)
+        assert torch.equal(gate.matmul(x), qblocks.matmul_amx_prepared(gate.prepared, x))
+    finally:
+        qblocks._qkernels.set_vnni(True)
+    assert calls == [gate.amx_rows + 1, 200]
 
 
 @needs_amx

@@ -158,6 +158,7 @@ class PackedMatrix:
     kernel_rows: int = field(default=0, init=False)
     amx_rows: int = field(default=0, init=False)  # up to this many rows: the int8 tile kernel (0: none)
     bf16_tiles: bool = field(default=False, init=False)  # above amx_rows: the bf16 tile kernel
+    amx_band: int = field(default=0, init=False)  # the int8 tile kernel's own bound, should bf16 go off
 
     def __post_init__(self) -> None:
         if self.layout == "gguf":
@@ -167,6 +168,7 @@ class PackedMatrix:
             self.kernel_rows = qblock_rows(qtype)
             if qtype in QBLOCK_AMX_ROWS and qblocks.amx(qtype):
                 self.kernel_rows, self.amx_rows = QBLOCK_AMX_ROWS[qtype]
+                self.amx_band = self.amx_rows
                 if qblocks.amx_bf16() and self.k % 32 == 0:
                     self.bf16_tiles = True
                     self.amx_rows = max(self.kernel_rows, QBLOCK_AMX_INT8_ROWS.get(qtype, 0))
@@ -184,8 +186,11 @@ class PackedMatrix:
                 return qblocks.matmul_prepared(self.prepared, x)
             if x.shape[0] <= self.amx_rows:
                 return qblocks.matmul_amx_prepared(self.prepared, x)
-            if self.bf16_tiles and qblocks.amx_bf16():  # (set_isa may have turned it off since)
-                return qblocks.matmul_amx_bf16_prepared(self.prepared, x)
+            if self.bf16_tiles:
+                if qblocks.amx_bf16():
+                    return qblocks.matmul_amx_bf16_prepared(self.prepared, x)
+                if x.shape[0] <= self.amx_band:  # set_vnni(False) since: the int8 tiles' own band
+                    return qblocks.matmul_amx_prepared(self.prepared, x)
             qtype = Q[self.source_type]
             return _sliced_gemm(
                 x,

@@ -170,8 +170,8 @@ def matmul_amx_bf16_prepared(prepared: tuple[int, int, int, int, int], x: torch.
     """x @ W^T on the tile unit in bf16 (where `amx_bf16()`): W dequantized to bf16 32 rows at a time
     (the values `dequantize(..., torch.bfloat16)` gives), x rounded to bf16 as `.to(torch.bfloat16)`
     rounds it, every sum in fp32 -- the products of the dequantize + bf16 GEMM path, in one pass with
-    no dequantized copy in memory; ahead of the int8 tile kernel from a few dozen rows up
-    (bench/amx_bf16.py)."""
+    no dequantized copy in memory (bf16 subnormals, |x| < 2^-126, count as zero on the tile unit);
+    ahead of the int8 tile kernel from 8-12 rows up (bench/amx_bf16.py)."""
     return _run_prepared(_qkernels.matmul_amx_bf16, prepared, x)
 
 

@@ -1859,7 +1859,8 @@ static int amx_type(int type) { (void)type; return 0; }
    its own (the values `dequantize(..., bf16)` gives: the blocks' fp32 values, rounded to nearest even),
    and multiplies them by the activations rounded to bf16 (as `.to(torch.bfloat16)` rounds), every sum in
    fp32 over the whole row in the tile registers (TDPBF16PS). The same products as the dequantize +
-   bf16 GEMM path computes, in another order: no per-block scaling on the vector units (the int8 tile
+   bf16 GEMM path computes, in another order (except that TDPBF16PS takes bf16 subnormals, |x| <
+   2^-126, as zero): no per-block scaling on the vector units (the int8 tile
    kernel's cost), no second pass over a dequantized copy in memory, no reordered copy of the weights. */
 
 #if defined(GL_AMX) && defined(GL_BF16)
@@ -1869,14 +1870,15 @@ static int amx_type(int type) { (void)type; return 0; }
 #define AMXBF_UNIT_BYTES (512 << 10) /* W rows a thread dequantizes at a time: up to this many bytes of bf16 */
 
 /* have_amx() (AMX-TILE, AMX-INT8, the OS state and permission) plus AMX-BF16 and AVX-512 BF16 (the
-   dequantization), on the AVX-512 path (use_vnni: not set_isa("portable") or set_vnni(False)) */
+   dequantization), on the AVX2 path with its AVX-512 kernels (not after set_isa("portable") or
+   set_vnni(False)) */
 static int cpu_amx_bf16 = -1; /* the CPU's AMX-BF16 bit (cpuid is slow under a hypervisor: asked once) */
 static int have_amx_bf16(void) {
     if (cpu_amx_bf16 < 0) {
         unsigned a, b, c, d;
         cpu_amx_bf16 = __get_cpuid_count(7, 0, &a, &b, &c, &d) && ((d >> 22) & 1);
     }
-    return use_vnni && cpu_bf16 && cpu_amx_bf16 && have_amx();
+    return use_avx2 && use_vnni && cpu_bf16 && cpu_amx_bf16 && have_amx();
 }
 
 /* 16 fp32 -> 16 bf16, rounded as to_bf16 (nearest even; NaN -> 0x7fc0) */
@@ -2027,6 +2029,7 @@ AMXBF_FN static int amxbf_matmul(const mat_t *mat, int count, int64_t k, const f
     first[0] = 0;
     for (int i = 0; i < count; i++) first[i + 1] = first[i] + (mat[i].n + AMX_TILE - 1) / AMX_TILE;
     const int64_t total = first[count];
+    if (total == 0) return 1; /* no rows at all */
     int nt = threads > 0 ? threads : 1;
     uint32_t *xv = aligned_alloc(64, (size_t)(tiles * (k / 32) * 1024));
     if (!xv) return 0;
@@ -2129,7 +2132,10 @@ static PyObject *run_amx_bf16(const mat_t *mat, int count, Py_ssize_t k, const f
     }
 #endif
     (void)mat, (void)count, (void)x, (void)m, (void)threads;
-    PyErr_Format(PyExc_ValueError, "no AMX bf16 kernel for k = %zd on this CPU", k);
+    PyErr_Format(PyExc_ValueError,
+                 "the AMX bf16 kernel does not run here (it needs AMX-BF16 and AVX-512 BF16, the AVX2 path with "
+                 "its AVX-512 kernels on, and k a multiple of 32; k = %zd)",
+                 k);
     return NULL;
 }
 
