@@ -181,18 +181,7 @@ def matmul_amx_bf16_many(
     """`matmul_amx_bf16_prepared` for several matrices of width K sharing x [M, K] (an expert's gate
     and up), in one C call: x rounded once, the matrices' rows split evenly between the threads.
     Each output is the one the single call gives, bit for bit (every sum runs in one order)."""
-    k = x.shape[-1]
-    if x.dim() != 2 or x.device.type != "cpu" or any(p[4] != k for p in prepared):
-        raise ValueError(
-            f"x must be a CPU matrix [M, K] with K the matrices' width {sorted({p[4] for p in prepared})}, "
-            f"not {tuple(x.shape)} on {x.device}"
-        )
-    x = x.to(torch.float32).contiguous()
-    m = x.shape[0]
-    outs = [torch.empty(m, p[3], dtype=torch.float32) for p in prepared]
-    specs = [(p[0], p[1], p[2], p[3], out.data_ptr(), p[3]) for p, out in zip(prepared, outs)]
-    _qkernels.matmul_amx_bf16_many(k, x.data_ptr(), m, torch.get_num_threads(), specs)
-    return outs
+    return _run_many(_qkernels.matmul_amx_bf16_many, prepared, x)
 
 
 def _run_prepared(kernel, prepared: tuple[int, int, int, int, int], x: torch.Tensor) -> torch.Tensor:
@@ -209,6 +198,10 @@ def _run_prepared(kernel, prepared: tuple[int, int, int, int, int], x: torch.Ten
 def matmul_many(prepared: list[tuple[int, int, int, int, int]], x: torch.Tensor) -> list[torch.Tensor]:
     """x [M, K] through several matrices checked by `prepare` (all of width K), in one C call: one
     quantization of x per block size and one parallel region -> fp32 [M, N] for each matrix."""
+    return _run_many(_qkernels.matmul_many, prepared, x)
+
+
+def _run_many(kernel, prepared: list[tuple[int, int, int, int, int]], x: torch.Tensor) -> list[torch.Tensor]:
     k = x.shape[-1]
     if x.dim() != 2 or x.device.type != "cpu" or any(p[4] != k for p in prepared):
         raise ValueError(
@@ -219,7 +212,7 @@ def matmul_many(prepared: list[tuple[int, int, int, int, int]], x: torch.Tensor)
     m = x.shape[0]
     outs = [torch.empty(m, p[3], dtype=torch.float32) for p in prepared]
     specs = [(p[0], p[1], p[2], p[3], out.data_ptr(), p[3]) for p, out in zip(prepared, outs)]
-    _qkernels.matmul_many(k, x.data_ptr(), m, torch.get_num_threads(), specs)
+    kernel(k, x.data_ptr(), m, torch.get_num_threads(), specs)
     return outs
 
 

@@ -1377,45 +1377,59 @@ static PyObject *run_matmuls(mat_t *mat, int count, Py_ssize_t k, const float *x
     Py_RETURN_NONE;
 }
 
+/* The arguments (type, w_ptr, row_bytes, n, k, x_ptr, m, out_ptr, ldo, threads) of a call on one
+   matrix, checked into mat; 0 with an exception set. */
+static int parse_one(PyObject *args, mat_t *mat, Py_ssize_t *k, Py_ssize_t *xp, Py_ssize_t *m, int *threads) {
+    return PyArg_ParseTuple(args, "innnnnnnni", &mat->type, &mat->w, &mat->row_bytes, &mat->n, k, xp, m, &mat->out,
+                            &mat->ldo, threads) &&
+           mat_init(mat, *k);
+}
+
 /* matmul(type, w_ptr, row_bytes, n, k, x_ptr, m, out_ptr, ldo, threads): out[i, j] = x[i] . W[j] */
 static PyObject *py_matmul(PyObject *self, PyObject *args) {
     int threads;
     mat_t mat;
     Py_ssize_t k, xp, m;
-    if (!PyArg_ParseTuple(args, "innnnnnnni", &mat.type, &mat.w, &mat.row_bytes, &mat.n, &k, &xp, &m, &mat.out,
-                          &mat.ldo, &threads))
-        return NULL;
-    if (!mat_init(&mat, k)) return NULL;
+    if (!parse_one(args, &mat, &k, &xp, &m, &threads)) return NULL;
     return run_matmuls(&mat, 1, k, (const float *)xp, m, threads);
 }
 
 /* matmul_many(k, x_ptr, m, threads, specs): several matrices that share one input x [m, k], in one
    parallel region: specs is a sequence of (type, w_ptr, row_bytes, n, out_ptr, ldo), at most MANY_MAX,
    each computed as matmul computes it. A decode step's q/k/v or gate/up projections in one call. */
-static PyObject *py_matmul_many(PyObject *self, PyObject *args) {
-    Py_ssize_t k, xp, m;
-    int threads;
+/* The arguments (k, x_ptr, m, threads, specs) of a call on several matrices sharing x: 1 to MANY_MAX
+   specs (type, w_ptr, row_bytes, n, out_ptr, ldo), each checked into mat; the count, or 0 with an
+   exception set. */
+static int parse_many(PyObject *args, const char *name, mat_t *mat, Py_ssize_t *k, Py_ssize_t *xp, Py_ssize_t *m,
+                      int *threads) {
     PyObject *specs;
-    if (!PyArg_ParseTuple(args, "nnniO", &k, &xp, &m, &threads, &specs)) return NULL;
+    if (!PyArg_ParseTuple(args, "nnniO", k, xp, m, threads, &specs)) return 0;
     PyObject *seq = PySequence_Fast(specs, "specs must be a sequence of (type, w_ptr, row_bytes, n, out_ptr, ldo)");
-    if (!seq) return NULL;
+    if (!seq) return 0;
     Py_ssize_t count = PySequence_Fast_GET_SIZE(seq);
-    mat_t mat[MANY_MAX];
     if (count < 1 || count > MANY_MAX) {
         Py_DECREF(seq);
-        PyErr_Format(PyExc_ValueError, "matmul_many takes 1 to %d matrices, not %zd", MANY_MAX, count);
-        return NULL;
+        PyErr_Format(PyExc_ValueError, "%s takes 1 to %d matrices, not %zd", name, MANY_MAX, count);
+        return 0;
     }
     for (Py_ssize_t i = 0; i < count; i++) {
         if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, i), "innnnn", &mat[i].type, &mat[i].w, &mat[i].row_bytes,
                               &mat[i].n, &mat[i].out, &mat[i].ldo) ||
-            !mat_init(&mat[i], k)) {
+            !mat_init(&mat[i], *k)) {
             Py_DECREF(seq);
-            return NULL;
+            return 0;
         }
     }
     Py_DECREF(seq);
-    return run_matmuls(mat, (int)count, k, (const float *)xp, m, threads);
+    return (int)count;
+}
+
+static PyObject *py_matmul_many(PyObject *self, PyObject *args) {
+    Py_ssize_t k, xp, m;
+    int threads;
+    mat_t mat[MANY_MAX];
+    const int count = parse_many(args, "matmul_many", mat, &k, &xp, &m, &threads);
+    return count ? run_matmuls(mat, count, k, (const float *)xp, m, threads) : NULL;
 }
 
 /* matmul_experts(type, ptrs_ptr, count, row_bytes, n, k, x_ptr, x_rows, out_ptr, threads[, sets]):
@@ -2084,10 +2098,7 @@ static PyObject *py_matmul_amx(PyObject *self, PyObject *args) {
     int threads;
     mat_t mat;
     Py_ssize_t k, xp, m;
-    if (!PyArg_ParseTuple(args, "innnnnnnni", &mat.type, &mat.w, &mat.row_bytes, &mat.n, &k, &xp, &m, &mat.out,
-                          &mat.ldo, &threads))
-        return NULL;
-    if (!mat_init(&mat, k)) return NULL;
+    if (!parse_one(args, &mat, &k, &xp, &m, &threads)) return NULL;
     if (!have_amx() || !amx_type(mat.type)) {
         PyErr_Format(PyExc_ValueError, "no AMX kernel for ggml type %d on this CPU", mat.type);
         return NULL;
@@ -2145,10 +2156,7 @@ static PyObject *py_matmul_amx_bf16(PyObject *self, PyObject *args) {
     int threads;
     mat_t mat;
     Py_ssize_t k, xp, m;
-    if (!PyArg_ParseTuple(args, "innnnnnnni", &mat.type, &mat.w, &mat.row_bytes, &mat.n, &k, &xp, &m, &mat.out,
-                          &mat.ldo, &threads))
-        return NULL;
-    if (!mat_init(&mat, k)) return NULL;
+    if (!parse_one(args, &mat, &k, &xp, &m, &threads)) return NULL;
     return run_amx_bf16(&mat, 1, k, (const float *)xp, m, threads);
 }
 
@@ -2157,27 +2165,9 @@ static PyObject *py_matmul_amx_bf16(PyObject *self, PyObject *args) {
 static PyObject *py_matmul_amx_bf16_many(PyObject *self, PyObject *args) {
     Py_ssize_t k, xp, m;
     int threads;
-    PyObject *specs;
-    if (!PyArg_ParseTuple(args, "nnniO", &k, &xp, &m, &threads, &specs)) return NULL;
-    PyObject *seq = PySequence_Fast(specs, "specs must be a sequence of (type, w_ptr, row_bytes, n, out_ptr, ldo)");
-    if (!seq) return NULL;
-    Py_ssize_t count = PySequence_Fast_GET_SIZE(seq);
     mat_t mat[MANY_MAX];
-    if (count < 1 || count > MANY_MAX) {
-        Py_DECREF(seq);
-        PyErr_Format(PyExc_ValueError, "matmul_amx_bf16_many takes 1 to %d matrices, not %zd", MANY_MAX, count);
-        return NULL;
-    }
-    for (Py_ssize_t i = 0; i < count; i++) {
-        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, i), "innnnn", &mat[i].type, &mat[i].w, &mat[i].row_bytes,
-                              &mat[i].n, &mat[i].out, &mat[i].ldo) ||
-            !mat_init(&mat[i], k)) {
-            Py_DECREF(seq);
-            return NULL;
-        }
-    }
-    Py_DECREF(seq);
-    return run_amx_bf16(mat, (int)count, k, (const float *)xp, m, threads);
+    const int count = parse_many(args, "matmul_amx_bf16_many", mat, &k, &xp, &m, &threads);
+    return count ? run_amx_bf16(mat, count, k, (const float *)xp, m, threads) : NULL;
 }
 
 static PyObject *py_amx_bf16(PyObject *self, PyObject *args) {
