@@ -1,15 +1,17 @@
 """Two builds of graftlm's C kernels, interleaved in one process: whole prefills and per-matrix products.
 
     python bench/ab_builds.py MODEL.gguf --base REV [--threads 2] [--runs 9] [--prompt-tokens 512]
-                                         [--matrices]
+                                         [--matrices | --matrices-only]
 
 This machine's speed drifts by up to 2-3x within minutes, so two runs one after the other do not
 compare builds. This script builds `graftlm/_qkernels` as it was at git revision REV (in a temporary
 worktree) and loads it beside the working tree's build, then alternates them in one process on one
 loaded model: each round runs a 512-token prefill with the old build, then with the new. It prints
-both series and their medians. With --matrices it also times the tile kernel (`matmul_amx`) on every
-expert matrix of each shape, streaming through all of them as a prefill does (cold weights), at 16
-and 48 rows. Build the working tree first (`python setup.py build_ext --inplace`). Which kernel a
+both series and their medians. With --matrices it also times the tile kernels on every expert
+matrix of each shape, streaming through all of them as a prefill does (cold weights): the int8 one
+(`matmul_amx`) at 16 and 48 rows and, where both builds have it and the CPU has AMX-BF16, the bf16
+one (`matmul_amx_bf16`) at 1 row (its dequantization alone, nearly), 48 and 512; --matrices-only
+skips the prefills (for an old build that lacks a kernel the routing picks). Build the working tree first (`python setup.py build_ext --inplace`). Which kernel a
 product takes is the working tree's choice (graftlm/kernels/cpu/packed.py), so an old build that
 lacks a kernel the new routing picks raises rather than compares.
 """
@@ -86,26 +88,32 @@ def prefills(llm, builds: dict[str, ModuleType], runs: int, tokens: int) -> None
 def tile_products(llm, builds: dict[str, ModuleType], runs: int) -> None:
     groups: dict[tuple, list] = {}
     for m in matrices(llm.model):
-        if m.amx_rows:
+        if m.amx_band:
             groups.setdefault((m.source_type, m.n, m.k), []).append(m)
+    kernels = [("matmul_amx", (16, 48))]
+    if qblocks.amx_bf16() and all(hasattr(module, "matmul_amx_bf16") for module in builds.values()):
+        kernels.append(("matmul_amx_bf16", (1, 48, 512)))
     threads = torch.get_num_threads()
-    print("tile kernel per matrix, us (median of rounds over every matrix of the shape):")
-    for rows in (16, 48):
-        for (kind, n, k), group in groups.items():
-            if len(group) < 8:  # not an expert shape
-                continue
-            x, out = torch.randn(rows, k), torch.empty(rows, n)
-            times: dict[str, list[float]] = {name: [] for name in builds}
-            for _ in range(runs):
-                for name, module in builds.items():
-                    t = time.perf_counter()
-                    for m in group:
-                        module.matmul_amx(*m.prepared, x.data_ptr(), rows, out.data_ptr(), n, threads)
-                    times[name].append((time.perf_counter() - t) / len(group))
-            old, new = (statistics.median(times[name]) * 1e6 for name in builds)
-            print(
-                f"  {rows:3d} rows, {kind} {n} x {k} ({len(group)} matrices): old {old:.0f}, new {new:.0f} ({old / new:.2f}x)"
-            )
+    print("tile kernels per matrix, us (median of rounds over every matrix of the shape):")
+    for kernel, row_counts in kernels:
+        for rows in row_counts:
+            for (kind, n, k), group in groups.items():
+                if len(group) < 8:  # not an expert shape
+                    continue
+                x, out = torch.randn(rows, k), torch.empty(rows, n)
+                times: dict[str, list[float]] = {name: [] for name in builds}
+                for _ in range(runs):
+                    for name, module in builds.items():
+                        fn = getattr(module, kernel)
+                        t = time.perf_counter()
+                        for m in group:
+                            fn(*m.prepared, x.data_ptr(), rows, out.data_ptr(), n, threads)
+                        times[name].append((time.perf_counter() - t) / len(group))
+                old, new = (statistics.median(times[name]) * 1e6 for name in builds)
+                print(
+                    f"  {kernel}, {rows:3d} rows, {kind} {n} x {k} ({len(group)} matrices): "
+                    f"old {old:.0f}, new {new:.0f} ({old / new:.2f}x)"
+                )
 
 
 def main() -> None:
@@ -115,7 +123,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--runs", type=int, default=9)
     ap.add_argument("--prompt-tokens", type=int, default=512)
-    ap.add_argument("--matrices", action="store_true", help="also time the tile kernel per expert matrix")
+    what = ap.add_mutually_exclusive_group()
+    what.add_argument("--matrices", action="store_true", help="also time the tile kernels per expert matrix")
+    what.add_argument("--matrices-only", action="store_true", help="time the tile kernels only, no prefills")
     args = ap.parse_args()
     if qblocks._qkernels is None:
         raise SystemExit("the working tree's extension is not built: python setup.py build_ext --inplace")
@@ -124,8 +134,9 @@ def main() -> None:
         builds = {"old": load_extension(build_at(args.base, Path(tmp))), "new": qblocks._qkernels}
         llm = graftlm.load(args.model, rules="auto", progress=False)
         print(f"{args.model}: old = {args.base}, new = the working tree; {args.threads} threads")
-        prefills(llm, builds, args.runs, args.prompt_tokens)
-        if args.matrices:
+        if not args.matrices_only:
+            prefills(llm, builds, args.runs, args.prompt_tokens)
+        if args.matrices or args.matrices_only:
             tile_products(llm, builds, args.runs)
         qblocks._qkernels = builds["new"]
 

@@ -26,19 +26,11 @@ import torch
 from graftlm.kernels.cpu import packed, qblocks
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
+from qblocks import EXPERT_SHAPES  # noqa: E402  (bench/qblocks.py: bench/ is not a package)
+
 from tests.weights.blocks import random_blocks  # noqa: E402  (the tests' valid random blocks)
 
 Q = gguf.GGMLQuantizationType
-SHAPES = (  # (type, N, K): a gate/up pair, down projections, an attention matrix
-    (Q.Q4_K, 2816, 2048),
-    (Q.Q5_K, 2048, 1536),
-    (Q.Q6_K, 2048, 1280),
-    (Q.Q4_0, 2816, 2048),
-    (Q.Q4_1, 2048, 1408),
-    (Q.Q5_0, 2048, 1408),
-    (Q.Q5_1, 2048, 1408),
-    (Q.Q8_0, 2048, 1408),
-)
 
 
 def paths(qtype: Q, rows: np.ndarray, x: torch.Tensor) -> dict:
@@ -82,7 +74,7 @@ def main() -> None:
     rng = np.random.default_rng(0)
     mats = [
         (qtype, qblocks.as_rows(random_blocks(qtype, n, k, rng, scales=(1e-3, 1e-2)), qtype, n, k))
-        for qtype, n, k in SHAPES
+        for qtype, n, k in EXPERT_SHAPES
     ]
     for threads in args.threads:
         torch.set_num_threads(threads)

@@ -1,13 +1,17 @@
-"""A 512-token prefill with the AMX tile kernel on and off, alternating in one process.
+"""A 512-token prefill with the AMX tile kernels as routed and routed otherwise, alternating in one process.
 
-    python bench/amx_prefill.py MODEL.gguf [--threads 2] [--runs 7] [--prompt-tokens 512] [--band ROWS]
+    python bench/amx_prefill.py MODEL.gguf [--threads 2] [--runs 7] [--prompt-tokens 512]
+                                           [--band ROWS | --int8]
 
 Loads MODEL with rules="auto", then times prefills alternately with every GGUF matrix routed as
-`PackedMatrix` routes it where the CPU has AMX (graftlm/kernels/cpu/packed.py QBLOCK_AMX_ROWS) and
-with the tile kernel off (the one-row kernel up to `qblock_rows()`, the dequantize + GEMM path above),
-after one untimed prefill, and prints both series and their medians. On a CPU without AMX both
-series run the same path. With `--band ROWS` the second series keeps the tile kernel on and widens
-every matrix's band to ROWS rows instead (whether the band's upper bounds still hold).
+`PackedMatrix` routes it where the CPU has AMX (graftlm/kernels/cpu/packed.py: the int8 tile kernel
+up to QBLOCK_AMX_ROWS, or where the CPU has AMX-BF16 up to QBLOCK_AMX_INT8_ROWS and the bf16 tile
+kernel above) and with the tile kernels off (the one-row kernel up to `qblock_rows()`, the
+dequantize + GEMM path above), after one untimed prefill, and prints both series and their medians.
+On a CPU without AMX both series run the same path. The second series instead:
+- `--band ROWS`: the int8 tile kernel up to ROWS rows, no bf16 tiles (whether a band's bounds hold);
+- `--int8`: the int8 tile kernel to its own QBLOCK_AMX_ROWS bound and dequantize + GEMM above, no
+  bf16 tiles (the routing before the bf16 tile kernel).
 """
 
 from __future__ import annotations
@@ -43,22 +47,26 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--runs", type=int, default=7)
     ap.add_argument("--prompt-tokens", type=int, default=512)
-    ap.add_argument("--band", type=int, help="compare with the tile kernel up to this many rows, not off")
+    mode = ap.add_mutually_exclusive_group()
+    mode.add_argument("--band", type=int, help="compare with the int8 tile kernel up to this many rows")
+    mode.add_argument("--int8", action="store_true", help="compare with the int8 tile kernel's own band")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     llm = graftlm.load(args.model, rules="auto", progress=False)
     mats = matrices(llm.model)
-    on = {id(m): (m.kernel_rows, m.amx_rows) for m in mats}
+    # each matrix's (kernel_rows, amx_rows, bf16_tiles); amx_band: whether it takes the tile kernels
+    on = {id(m): (m.kernel_rows, m.amx_rows, m.bf16_tiles) for m in mats}
     if args.band:
-        other = f"band{args.band}"
-        alt = {id(m): (m.kernel_rows, args.band) if m.amx_rows else on[id(m)] for m in mats}
+        other, alt = f"band{args.band}", {id(m): (m.kernel_rows, args.band, False) for m in mats}
+    elif args.int8:
+        other, alt = "int8", {id(m): (m.kernel_rows, m.amx_band, False) for m in mats}
     else:
         other = "off"
-        alt = {
-            id(m): (packed.qblock_rows(packed.Q[m.source_type]), 0) if m.amx_rows else on[id(m)] for m in mats
-        }
+        alt = {id(m): (packed.qblock_rows(packed.Q[m.source_type]), 0, False) for m in mats}
+    alt = {id(m): alt[id(m)] if m.amx_band else on[id(m)] for m in mats}
     print(
-        f"{sum(1 for m in mats if m.amx_rows)} of {len(mats)} matrices take the tile kernel (amx: {qblocks.amx()})"
+        f"{sum(1 for m in mats if m.amx_band)} of {len(mats)} matrices take the tile kernels "
+        f"(amx: {qblocks.amx()}, amx-bf16: {qblocks.amx_bf16()})"
     )
     ids = torch.randint(10, 1000, (args.prompt_tokens,), generator=torch.Generator().manual_seed(0)).tolist()
     llm.engine.prefill(ids)
@@ -67,7 +75,7 @@ def main() -> None:
         pairs = [("amx", on), (other, alt)]
         for name, setting in pairs if i % 2 == 0 else pairs[::-1]:  # alternate which goes first
             for m in mats:
-                m.kernel_rows, m.amx_rows = setting[id(m)]
+                m.kernel_rows, m.amx_rows, m.bf16_tiles = setting[id(m)]
             start = time.perf_counter()
             llm.engine.prefill(ids)
             runs[name].append(args.prompt_tokens / (time.perf_counter() - start))

@@ -30,6 +30,18 @@ sys.path.insert(0, str(Path(__file__).parents[1]))
 from tests.weights.blocks import random_blocks  # noqa: E402  (the tests' valid random blocks)
 
 Q = gguf.GGMLQuantizationType
+# Expert-sized matrices (a gate/up pair's 2816 x 2048, a down projection's 2048 x 1408), each type the
+# tile kernels take (bench/amx_bf16.py times them too)
+EXPERT_SHAPES = (
+    (Q.Q4_K, 2816, 2048),
+    (Q.Q5_K, 2048, 1536),
+    (Q.Q6_K, 2048, 1280),
+    (Q.Q4_0, 2816, 2048),
+    (Q.Q4_1, 2048, 1408),
+    (Q.Q5_0, 2048, 1408),
+    (Q.Q5_1, 2048, 1408),
+    (Q.Q8_0, 2048, 1408),
+)
 
 
 def kernel_s(qtype: Q, rows: np.ndarray, x: torch.Tensor) -> float:
@@ -117,18 +129,8 @@ def prefill(rng: np.random.Generator) -> None:
         + (" AMX tile kernel ms (GOPS) |" if amx else "")
     )
     print("|---|---|---|---|---|---|" + ("---|" if amx else ""))
-    # Expert-sized matrices (a gate/up pair's 2816 x 2048, a down projection's 2048 x 1408), each type
-    # the tile kernel takes and Q6_K; the row counts bracket packed.py's QBLOCK_AMX_ROWS bounds.
-    for qtype, n, k in (
-        (Q.Q4_K, 2816, 2048),
-        (Q.Q5_K, 2048, 1536),
-        (Q.Q6_K, 2048, 1280),
-        (Q.Q4_0, 2816, 2048),
-        (Q.Q4_1, 2048, 1408),
-        (Q.Q5_0, 2048, 1408),
-        (Q.Q5_1, 2048, 1408),
-        (Q.Q8_0, 2048, 1408),
-    ):
+    # the row counts bracket packed.py's QBLOCK_AMX_ROWS bounds
+    for qtype, n, k in EXPERT_SHAPES:
         rows = qblocks.as_rows(random_blocks(qtype, n, k, rng, scales=(1e-3, 1e-2)), qtype, n, k)
         for m in (2, 4, 8, 16, 48, 128, 192, 256, 512):
             x = torch.randn(m, k)

@@ -2,7 +2,7 @@
 
 | GGUF type            | layout            | decode kernel (few rows)         | prefill kernel (many rows)        |
 |----------------------|-------------------|----------------------------------|-----------------------------------|
-| Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K, where graftlm._qkernels is built | `gguf`: the GGUF blocks themselves, no copy | graftlm's C kernel on the blocks, activations int8 per block of 32 (256 for K-quants; graftlm/kernels/cpu/qblocks.py) | where the CPU has AMX, the int8 tile kernel on the blocks up to `QBLOCK_AMX_ROWS` (64-256 rows, activations int8 per 32); where it also has AMX-BF16, that kernel only to `QBLOCK_AMX_INT8_ROWS` (6-12 rows) and the bf16 tile kernel above (the blocks dequantized to bf16 32 rows at a time in cache); elsewhere above, `F.linear` on the blocks dequantized a slice at a time (as gguf-py does), in `gemm_dtype()` |
+| Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K, where graftlm._qkernels is built | `gguf`: the GGUF blocks themselves, no copy | graftlm's C kernel on the blocks, activations int8 per block of 32 (256 for K-quants; graftlm/kernels/cpu/qblocks.py) | where the CPU has AMX, the int8 tile kernel on the blocks up to `QBLOCK_AMX_ROWS` (64-256 rows, activations int8 per 32); where it also has AMX-BF16, that kernel only to `QBLOCK_AMX_INT8_ROWS` (6-12 rows) and the bf16 tile kernel above (the blocks dequantized to bf16 into the core's cache, a unit of rows at a time); elsewhere above, `F.linear` on the blocks dequantized a slice at a time (as gguf-py does), in `gemm_dtype()` |
 | Q4_0, Q4_1, Q4_K     | `int4` group 32   | `_weight_int4pack_mm_for_cpu`    | the same                          |
 | other quantized types| `int8` per row    | `_weight_int8pack_mm`            | `F.linear` on the int8 weights dequantized a slice at a time, in bf16 where the CPU has native bf16 (AVX-512 BF16, AMX), else fp32; with `int8_activations`, `torch._int_mm` (AMX/VNNI) on int8 activations per row |
 | F16, BF16            | `bf16`            | `F.linear`                       | `F.linear`                        |
@@ -82,8 +82,9 @@ QBLOCK_AMX_ROWS = {
     Q.Q6_K: (6, 64),
 }
 # Where the CPU also has AMX-BF16 (qblocks.amx_bf16), rows above the one-row kernel's bound take the
-# int8 tile kernel only up to these many, and the bf16 tile kernel above: every row count up to 512, and
-# in every type, it beat the dequantize + bf16 GEMM path it replaces (by 5-35%), and since its
+# int8 tile kernel only up to these many, and the bf16 tile kernel above: at every row count up to 512,
+# in every type but Q5_1 at 512 rows (0.88x), it was ahead of the dequantize + bf16 GEMM path it replaces
+# (1.01-2.2x), and since its
 # dequantization got faster it overtakes the int8 tile kernel from 8 rows (Q4_1, Q5_1, Q5_K, Q6_K: no
 # int8 tiles; Q4_0 past 6) to ~12 (Q4_K, Q5_0, Q8_0) (`python bench/amx_bf16.py`; Intel AMX machine, 2
 # threads: bench/results/amx_bf16-20261201.md).

@@ -11,7 +11,7 @@ dequantization to bf16 takes AVX-512 BF16 (`bf16()`; the same values). Where the
 Linux grants the tile state), `matmul_amx_prepared` computes the same products for many rows on the
 tile unit, with activations rounded per block of 32 for every type (`amx()` says whether it runs), and
 where it also has AMX-BF16, `matmul_amx_bf16_prepared` multiplies in bf16 on the tile unit, the weights
-dequantized 32 rows at a time into the core's cache (`amx_bf16()`).
+dequantized into the core's cache up to 512 KB of rows at a time (`amx_bf16()`).
 
 Where the extension is missing (no compiler at install) or `GRAFTLM_CPU_KERNELS=torch`, `available()`
 is False and graftlm repacks weights for torch's kernels instead (graftlm/kernels/cpu/packed.py).
@@ -167,8 +167,8 @@ def matmul_amx_prepared(prepared: tuple[int, int, int, int, int], x: torch.Tenso
 
 
 def matmul_amx_bf16_prepared(prepared: tuple[int, int, int, int, int], x: torch.Tensor) -> torch.Tensor:
-    """x @ W^T on the tile unit in bf16 (where `amx_bf16()`): W dequantized to bf16 32 rows at a time
-    (the values `dequantize(..., torch.bfloat16)` gives), x rounded to bf16 as `.to(torch.bfloat16)`
+    """x @ W^T on the tile unit in bf16 (where `amx_bf16()`): W dequantized to bf16 into cache, a unit
+    of rows at a time (the values `dequantize(..., torch.bfloat16)` gives), x rounded to bf16 as `.to(torch.bfloat16)`
     rounds it, every sum in fp32 -- the products of the dequantize + bf16 GEMM path, in one pass with
     no dequantized copy in memory (bf16 subnormals, |x| < 2^-126, count as zero on the tile unit);
     ahead of the int8 tile kernel from 8-12 rows up (bench/amx_bf16.py)."""

@@ -1394,9 +1394,6 @@ static PyObject *py_matmul(PyObject *self, PyObject *args) {
     return run_matmuls(&mat, 1, k, (const float *)xp, m, threads);
 }
 
-/* matmul_many(k, x_ptr, m, threads, specs): several matrices that share one input x [m, k], in one
-   parallel region: specs is a sequence of (type, w_ptr, row_bytes, n, out_ptr, ldo), at most MANY_MAX,
-   each computed as matmul computes it. A decode step's q/k/v or gate/up projections in one call. */
 /* The arguments (k, x_ptr, m, threads, specs) of a call on several matrices sharing x: 1 to MANY_MAX
    specs (type, w_ptr, row_bytes, n, out_ptr, ldo), each checked into mat; the count, or 0 with an
    exception set. */
@@ -1424,6 +1421,9 @@ static int parse_many(PyObject *args, const char *name, mat_t *mat, Py_ssize_t *
     return (int)count;
 }
 
+/* matmul_many(k, x_ptr, m, threads, specs): several matrices that share one input x [m, k], in one
+   parallel region: specs is a sequence of (type, w_ptr, row_bytes, n, out_ptr, ldo), at most MANY_MAX,
+   each computed as matmul computes it. A decode step's q/k/v or gate/up projections in one call. */
 static PyObject *py_matmul_many(PyObject *self, PyObject *args) {
     Py_ssize_t k, xp, m;
     int threads;
@@ -1869,8 +1869,8 @@ static int amx_type(int type) { (void)type; return 0; }
 /* ---------------------------------------------------------------- AMX bf16 (many activation rows) */
 
 /* Where the CPU also has AMX-BF16 and AVX-512 BF16, products with many activation rows can instead run
-   on the tile unit in bf16: each thread dequantizes 32 W rows at a time straight to bf16 into a buffer of
-   its own (the values `dequantize(..., bf16)` gives: the blocks' fp32 values, rounded to nearest even),
+   on the tile unit in bf16: each thread dequantizes its W rows, up to AMXBF_UNIT_BYTES at a time,
+   straight to bf16 into a buffer of its own that stays in cache (the values `dequantize(..., bf16)` gives: the blocks' fp32 values, rounded to nearest even),
    and multiplies them by the activations rounded to bf16 (as `.to(torch.bfloat16)` rounds), every sum in
    fp32 over the whole row in the tile registers (TDPBF16PS). The same products as the dequantize +
    bf16 GEMM path computes, in another order (except that TDPBF16PS takes bf16 subnormals, |x| <
@@ -2008,7 +2008,7 @@ AMXBF_FN static void amxbf_block(const uint16_t *u, int64_t k, int64_t rows, con
     }
 }
 
-/* The `rows` W rows from n0 held in u (rounded up to 32 with zero rows) times every activation tile:
+/* The `rows` W rows from n0 held in u (rounded up to a multiple of 16 with zero rows) times every activation tile:
    for each pair of activation tiles, each block of 32 W rows in turn, so that the pair's activations are
    read from memory once per unit and from cache by the unit's other blocks. */
 AMXBF_FN static void amxbf_unit(const uint16_t *u, int64_t k, int64_t rows, const uint32_t *xv, int64_t tiles,
@@ -2124,7 +2124,8 @@ static PyObject *py_amx(PyObject *self, PyObject *args) {
     return PyBool_FromLong(have_amx() && (type < 0 || amx_type(type)));
 }
 
-/* The bf16 tile kernel on checked matrices sharing x [m, k] (k > 0); an exception where it does not run. */
+/* The bf16 tile kernel on checked matrices sharing x [m, k] (zeros for k = 0); an exception where it does not
+   run. */
 static PyObject *run_amx_bf16(const mat_t *mat, int count, Py_ssize_t k, const float *x, Py_ssize_t m, int threads) {
 #ifdef GL_AMX_BF16
     if (have_amx_bf16() && k % 32 == 0) {
@@ -2172,7 +2173,7 @@ static PyObject *py_matmul_amx_bf16_many(PyObject *self, PyObject *args) {
 
 static PyObject *py_amx_bf16(PyObject *self, PyObject *args) {
 #ifdef GL_AMX_BF16
-    return PyBool_FromLong(use_avx2 && have_amx_bf16());
+    return PyBool_FromLong(have_amx_bf16());
 #else
     return PyBool_FromLong(0);
 #endif
@@ -2916,7 +2917,7 @@ static PyMethodDef methods[] = {
     {"matmul_many", py_matmul_many, METH_VARARGS, "Several matrices sharing one input, in one parallel call."},
     {"matmul_amx", py_matmul_amx, METH_VARARGS, "What matmul computes, on AMX tiles (many activation rows)."},
     {"amx", py_amx, METH_VARARGS, "Whether the AMX kernel runs here (for a ggml type, when given)."},
-    {"matmul_amx_bf16", py_matmul_amx_bf16, METH_VARARGS, "x @ W^T in bf16 on AMX tiles, W dequantized 32 rows at a time."},
+    {"matmul_amx_bf16", py_matmul_amx_bf16, METH_VARARGS, "x @ W^T in bf16 on AMX tiles, W dequantized into cache a unit of rows at a time."},
     {"matmul_amx_bf16_many", py_matmul_amx_bf16_many, METH_VARARGS, "matmul_amx_bf16 for several matrices sharing one input, in one call."},
     {"amx_bf16", py_amx_bf16, METH_NOARGS, "Whether the AMX bf16 kernel runs here."},
     {"matmul_experts", py_matmul_experts, METH_VARARGS, "One row through each of several matrices of one type, in one call."},
