@@ -22,7 +22,7 @@ from graftlm.cli.common import add_budget_args
 from graftlm.errors import GraftError, RuleError
 from graftlm.inject import InjectionPlan, load_rules, plan
 from graftlm.inject.apply import check_device
-from graftlm.inject.placement import _gpu_bytes, plan_placement
+from graftlm.inject.placement import gpu_bytes, plan_placement
 from graftlm.kernels.cpu.packed import auto_layout
 from graftlm.ops.base import as_dtype
 from graftlm.weights.gguf_source import GGUFSource
@@ -87,7 +87,7 @@ def _held_bytes(entry: dict, rule: Any, module: nn.Module | None, source: Any, i
     if layout in _WEIGHT_BYTES:
         return int(entry["numel"] * _WEIGHT_BYTES[layout])
     if op in _INT4:
-        return _gpu_bytes(module, entry["path"], "int4", itemsize)
+        return gpu_bytes(module, entry["path"], "int4", itemsize)
     if not isinstance(source, GGUFSource):
         return plain
     total = 0

@@ -130,7 +130,7 @@ def _tensor_gpu_bytes(
     return p.numel() * 5 // 8 if k % 32 == 0 and n % 8 == 0 else p.numel() * 2
 
 
-def _gpu_bytes(module: nn.Module, prefix: str, weights: str, itemsize: int) -> int:
+def gpu_bytes(module: nn.Module, prefix: str, weights: str, itemsize: int) -> int:
     seen: set[int] = set()  # tied weights count once
     total = 0
     for path, sub in module.named_modules(prefix=prefix):
@@ -172,10 +172,10 @@ def plan_placement(
         if match and isinstance(module._modules.get("experts"), nn.Module):
             moe[int(match.group(1))] = (type(module).__name__, module.experts)
     expert_bytes = {
-        i: _gpu_bytes(experts, f"model.layers.{i}.mlp.experts", gpu_weights, itemsize)
+        i: gpu_bytes(experts, f"model.layers.{i}.mlp.experts", gpu_weights, itemsize)
         for i, (_, experts) in moe.items()
     }
-    dense = _gpu_bytes(model, "", gpu_weights, itemsize) - sum(expert_bytes.values())
+    dense = gpu_bytes(model, "", gpu_weights, itemsize) - sum(expert_bytes.values())
     what = "embeddings, attention, norms, routers, shared experts and lm_head"
     at = str(dtype).removeprefix("torch.") + (", linear weights int4" if gpu_weights == "int4" else "")
     if dense > budget:
