@@ -9,6 +9,7 @@ one matmul over its rows. Experts nobody picked cost nothing, and there is no pe
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +17,47 @@ from torch import nn
 
 from graftlm.kernels.cpu.packed import scratch
 from graftlm.ops.base import InjectedModule, gated
+
+
+@dataclass
+class Routing:
+    """A layer's (token, expert) pairs sorted by expert: pairs[start:end] of expert e are rows
+    xs[start:end], (start, end) = spans[e] (empty for experts nobody picked)."""
+
+    xs: torch.Tensor  # [valid, H]: the token row of each pair, grouped by expert
+    spans: list[tuple[int, int]]
+    order: torch.Tensor  # pair i of the sorted order is pair order[i] of top_k_index.reshape(-1)
+    rows: torch.Tensor  # [valid]: the token of each sorted pair
+
+
+def route(x: torch.Tensor, top_k_index: torch.Tensor, num_experts: int) -> Routing:
+    """x's rows sorted into (token, expert) pairs grouped by expert. Indices equal to `num_experts`
+    (HF's padding value) are left out."""
+    k = top_k_index.shape[-1]
+    flat = top_k_index.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=num_experts + 1)
+    ends = counts.cumsum(0).tolist()
+    rows = order // k  # token of each (token, expert) pair, grouped by expert
+    valid = ends[num_experts - 1]  # pairs with a real expert come first after sorting
+    if torch.is_grad_enabled():  # (an out= argument takes no part in autograd)
+        xs = x.index_select(0, rows[:valid])
+    else:
+        xs = torch.index_select(x, 0, rows[:valid], out=_temporary("xs", valid, x))
+    starts = [0, *ends[: num_experts - 1]]
+    return Routing(xs, list(zip(starts, ends[:num_experts])), order[:valid], rows[:valid])
+
+
+def combine(
+    x: torch.Tensor, routing: Routing, out: torch.Tensor, top_k_weights: torch.Tensor
+) -> torch.Tensor:
+    """sum over each token's pairs of weight * out[pair]: the layer's output, like x. `out` [valid, H]
+    holds each sorted pair's expert output (it is scaled in place where it can be)."""
+    weights = top_k_weights.reshape(-1)[routing.order, None]
+    in_place = weights.dtype == out.dtype and not torch.is_grad_enabled()
+    result = torch.zeros_like(x)
+    result.index_add_(0, routing.rows, out.mul_(weights) if in_place else (out * weights).to(x.dtype))
+    return result
 
 
 def grouped_apply(
@@ -30,26 +72,12 @@ def grouped_apply(
     Indices equal to `num_experts` (HF's padding value) are skipped. `expert_fn(e, rows)` maps the
     rows routed to expert e to its outputs, of x's width.
     """
-    tokens, k = top_k_index.shape
-    flat = top_k_index.reshape(-1)
-    order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=num_experts + 1)
-    ends = counts.cumsum(0).tolist()
-    rows = order // k  # token of each (token, expert) pair, grouped by expert
-    valid = ends[num_experts - 1]  # pairs with a real expert come first after sorting
-    if torch.is_grad_enabled():  # (an out= argument takes no part in autograd)
-        xs = x.index_select(0, rows[:valid])
-    else:
-        xs = torch.index_select(x, 0, rows[:valid], out=_temporary("xs", valid, x))
-    out = _temporary("out", valid, x)  # every row is some expert's: no zeroing
-    for e in counts[:num_experts].nonzero().flatten().tolist():
-        start, end = ends[e] - int(counts[e]), ends[e]
-        out[start:end] = expert_fn(e, xs[start:end])
-    weights = top_k_weights.reshape(-1)[order[:valid], None]
-    in_place = weights.dtype == out.dtype and not torch.is_grad_enabled()
-    result = torch.zeros_like(x)
-    result.index_add_(0, rows[:valid], out.mul_(weights) if in_place else (out * weights).to(x.dtype))
-    return result
+    routing = route(x, top_k_index, num_experts)
+    out = _temporary("out", routing.xs.shape[0], x)  # every row is some expert's: no zeroing
+    for e, (start, end) in enumerate(routing.spans):
+        if end > start:
+            out[start:end] = expert_fn(e, routing.xs[start:end])
+    return combine(x, routing, out, top_k_weights)
 
 
 def _temporary(name: str, rows: int, like: torch.Tensor) -> torch.Tensor:

@@ -14,6 +14,7 @@ import torch
 from graftlm.kernels.cpu import qblocks
 from graftlm.kernels.cpu.packed import PackedMatrix, pack
 from graftlm.ops.base import gated
+from graftlm.ops.experts import _temporary, combine, route
 from graftlm.ops.packed import GatePair, PackedExperts
 from graftlm.weights.source import QuantizedTensor
 
@@ -27,6 +28,7 @@ class ExpertsCPU(PackedExperts, name="experts.cpu"):
         super().__init__(key, source, config, orig_module, **kwargs)
         self.int8_activations = int8_activations
         self._batched: tuple | None = None  # see after_load
+        self._tile_rows: list[int] | None = None  # see after_load
         if self.device.type != "cpu":
             raise ValueError(f"experts.cpu at {key!r} runs on the CPU, not {self.device}")
 
@@ -50,6 +52,14 @@ class ExpertsCPU(PackedExperts, name="experts.cpu"):
         specs = [self._spec(sets) for sets in (gate_up, [self.down])]
         if None not in specs:
             self._batched = tuple(specs)
+        # A prefill runs the experts with more rows than the int8 tiles take (per expert: the most of
+        # its three matrices' bounds) in two C calls, on the bf16 tiles: every such expert's gate and
+        # up, then every such expert's down. That needs the file's gate and up apart, and every matrix
+        # on the bf16 tiles; the other experts run one by one.
+        self._tile_rows = None
+        pairs = [(p, d) for p, d in zip(self.gate_up, self.down) if isinstance(p, GatePair)]
+        if len(pairs) == self.num_experts and all(m.bf16_tiles for p, d in pairs for m in (p.gate, p.up, d)):
+            self._tile_rows = [max(p.gate.amx_rows, p.up.amx_rows, d.amx_rows) for p, d in pairs]
 
     @staticmethod
     def _spec(sets: list[list]) -> tuple | None:
@@ -67,10 +77,19 @@ class ExpertsCPU(PackedExperts, name="experts.cpu"):
         )
 
     def unload(self) -> None:
-        self._batched = None
+        self._batched = self._tile_rows = None
         super().unload()
 
     def forward(self, hidden_states, top_k_index, top_k_weights):
+        if (
+            self._tile_rows is not None
+            and hidden_states.shape[0] > 1
+            and hidden_states.device.type == "cpu"
+            and top_k_index.device.type == "cpu"
+            and not torch.is_grad_enabled()
+            and qblocks.amx_bf16()
+        ):
+            return self._prefill(hidden_states, top_k_index, top_k_weights)
         if (
             self._batched is None
             or hidden_states.shape[0] != 1
@@ -108,3 +127,40 @@ class ExpertsCPU(PackedExperts, name="experts.cpu"):
         )  # fmt: skip
         y = (down * weights[:, None].float()).sum(0, keepdim=True)
         return y if self.out_device is None else y.to(self.out_device)
+
+    def _prefill(self, hidden_states, top_k_index, top_k_weights):
+        """Many tokens: the experts above their int8-tile bound in two grouped bf16 tile calls (every
+        such expert's gate and up, the activation over each run of them, then every such expert's
+        down), the others one by one; the same kernels as the per-expert path, so the same products."""
+        x = hidden_states.to(torch.float32).contiguous()
+        routing = route(x, top_k_index, self.num_experts)
+        xs, valid, inter = routing.xs, routing.xs.shape[0], self.intermediate_dim
+        out = _temporary("out", valid, x)
+        gate = _temporary("gate", valid, x.new_empty(0, inter))
+        up = _temporary("up", valid, x.new_empty(0, inter))
+        gate_up, runs, small = [], [], []  # runs: [start, end, experts] of consecutive tile experts
+        for e, (start, end) in enumerate(routing.spans):
+            if end == start:
+                continue
+            if end - start <= self._tile_rows[e]:
+                small.append(e)
+                continue
+            pair, rows = self.gate_up[e], xs[start:end]
+            gate_up += [(pair.gate.prepared, rows, gate[start:end]), (pair.up.prepared, rows, up[start:end])]
+            if runs and runs[-1][1] == start:
+                runs[-1][1] = end
+                runs[-1][2].append(e)
+            else:
+                runs.append([start, end, [e]])
+        qblocks.matmul_amx_bf16_grouped(gate_up)
+        down = []
+        for start, end, experts in runs:  # one activation per run (the views below keep each alive)
+            h = gated(self.act_fn, gate[start:end], up[start:end])
+            for e in experts:
+                s, t = routing.spans[e]
+                down.append((self.down[e].prepared, h[s - start : t - start], out[s:t]))
+        qblocks.matmul_amx_bf16_grouped(down)
+        for e in small:
+            start, end = routing.spans[e]
+            out[start:end] = self._expert(e, xs[start:end])
+        return self.to_out(combine(x, routing, out, top_k_weights), hidden_states)

@@ -384,6 +384,37 @@ def test_amx_bf16_many_is_each_single_call_bit_for_bit(threads: int):
 
 
 @needs_amx_bf16
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_amx_bf16_grouped_is_each_single_call_bit_for_bit(threads: int):
+    """Matrices with activations of their own in one call (some sharing theirs, one with none, outputs
+    that are column slices of a wider buffer) give each single call's output exactly, and write
+    nothing else."""
+    rng = np.random.default_rng(22)
+    k = 512
+    mats = [(Q.Q4_K, 70), (Q.Q5_0, 16), (Q.Q6_K, 3), (Q.Q4_K, 200), (Q.Q8_0, 40), (Q.Q4_0, 33)]
+    rows = [qblocks.as_rows(random_blocks(t, n, k, rng), t, n, k) for t, n in mats]
+    prepared = [qblocks.prepare(t, r, k) for (t, _), r in zip(mats, rows)]
+    xs = [torch.randn(m, k) for m in (37, 1, 0, 70)]
+    use = [0, 0, 1, 3, 2, 3]  # which x each matrix takes (0 and 0: a shared rounding; 2 has no rows)
+    wide = torch.full((70, 400), 7.0)  # matrix 3's and 5's outputs side by side, with a gap
+    outs = [torch.full((xs[use[i]].shape[0], n), 7.0) for i, (_, n) in enumerate(mats)]
+    outs[3], outs[5] = wide[:, 10:210], wide[:, 250:283]
+    torch.set_num_threads(threads)
+    try:
+        qblocks.matmul_amx_bf16_grouped([(p, xs[use[i]], outs[i]) for i, p in enumerate(prepared)])
+    finally:
+        torch.set_num_threads(1)
+    for i, p in enumerate(prepared):
+        assert torch.equal(outs[i], qblocks.matmul_amx_bf16_prepared(p, xs[use[i]])), i
+    assert (wide[:, :10] == 7.0).all() and (wide[:, 210:250] == 7.0).all() and (wide[:, 283:] == 7.0).all()
+    qblocks.matmul_amx_bf16_grouped([])  # nothing to do
+    with pytest.raises(ValueError, match="contiguous fp32"):
+        qblocks.matmul_amx_bf16_grouped([(prepared[0], xs[0], torch.empty(37, 71))])
+    with pytest.raises(ValueError, match="contiguous fp32"):
+        qblocks.matmul_amx_bf16_grouped([(prepared[0], xs[0].t().contiguous().t(), outs[0])])
+
+
+@needs_amx_bf16
 def test_amx_bf16_non_finite_activations_propagate_as_in_the_gemm():
     """A NaN activation makes its row NaN; an infinite one gives +-Inf, or NaN against a zero weight:
     what the dequantize + GEMM path it replaces gives (unlike the int8 kernels' NaN rows)."""

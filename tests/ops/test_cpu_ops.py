@@ -170,3 +170,38 @@ def test_linear_cpu_direct_path_writes_float32_whatever_the_default_dtype(quanti
         finally:
             torch.set_default_dtype(default)
     assert got.dtype == torch.float32 and torch.equal(got, want)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_experts_prefill_in_grouped_tile_calls_equals_expert_by_expert(quantized, threads):
+    """A prefill's experts above the int8 tiles' bound run in two grouped bf16 tile calls (where the
+    CPU has the tiles): the per-expert path's output bit for bit, for experts above, at and below the
+    bound, experts nobody picked, and HF's padding index."""
+    name, paths = quantized
+    if name == "llama":
+        pytest.skip("dense")
+    if not qblocks.amx_bf16():
+        pytest.skip("no AMX bf16 tiles here")
+    for qtype in ("q4_0", "q8_0"):
+        fast = graftlm.load(paths[qtype], rules=CPU_RULES, progress=False)
+        op = next(m for m in fast.model.modules() if isinstance(m, ExpertsCPU))
+        assert op._tile_rows is not None
+        bound, experts = op._tile_rows[0], op.num_experts
+        g = torch.Generator().manual_seed(5)
+        tokens, k = 3 * bound + 5, 2
+        x = torch.randn(tokens, op.hidden_dim, generator=g)
+        index = torch.randint(2, experts, (tokens, k), generator=g)
+        index[:, 0] = 0  # expert 0: every token (above the bound)
+        index[:bound, 1] = 1  # expert 1: exactly the bound (expert by expert)
+        index[-1, 1] = experts  # padding: skipped
+        weights = torch.rand(tokens, k, generator=g)
+        torch.set_num_threads(threads)
+        try:
+            with torch.inference_mode():
+                grouped = op(x, index, weights)
+                saved, op._tile_rows = op._tile_rows, None
+                one_by_one = op(x, index, weights)
+                op._tile_rows = saved
+        finally:
+            torch.set_num_threads(1)
+        assert torch.equal(grouped, one_by_one), (name, qtype)

@@ -184,6 +184,41 @@ def matmul_amx_bf16_many(
     return _run_many(_qkernels.matmul_amx_bf16_many, prepared, x)
 
 
+def matmul_amx_bf16_grouped(
+    products: list[tuple[tuple[int, int, int, int, int], torch.Tensor, torch.Tensor]],
+) -> None:
+    """out = x @ W^T, as `matmul_amx_bf16_prepared` computes it, for each (prepared W [N, K], x [M, K],
+    out [M, N]) of `products` (all of one width K), in one C call: a prefill's routed experts, every
+    expert with its rows. x is fp32 and contiguous; out is an fp32 view with contiguous rows (a slice of
+    a bigger buffer's rows or columns). Consecutive products with the same x round it once. Each output
+    is the single call's, bit for bit; the threads take units of rows as they come free."""
+    if not products:
+        return
+    k = products[0][0][4]
+    specs = []
+    for prepared, x, out in products:
+        m, n = x.shape[0], prepared[3]
+        if (
+            prepared[4] != k
+            or x.dim() != 2
+            or x.shape[1] != k
+            or x.dtype != torch.float32
+            or not x.is_contiguous()
+            or out.shape != (m, n)
+            or out.dtype != torch.float32
+            or out.stride(1) != 1
+            or (m > 1 and out.stride(0) < n)
+            or x.device.type != "cpu"
+            or out.device.type != "cpu"
+        ):
+            raise ValueError(
+                f"each product needs a contiguous fp32 CPU x [M, {k}] and an fp32 out [M, {n}] with contiguous "
+                f"rows, not x {x.dtype} {tuple(x.shape)} and out {out.dtype} {tuple(out.shape)}"
+            )
+        specs.append((*prepared[:4], x.data_ptr(), m, out.data_ptr(), max(out.stride(0), n)))
+    _qkernels.matmul_amx_bf16_grouped(k, torch.get_num_threads(), specs)
+
+
 def _run_prepared(kernel, prepared: tuple[int, int, int, int, int], x: torch.Tensor) -> torch.Tensor:
     n, k = prepared[3], prepared[4]
     if x.dim() != 2 or x.shape[1] != k or x.device.type != "cpu":

@@ -1904,31 +1904,24 @@ AMXBF_FN static inline __m256i amxbf_round16(__m512 v) {
     return _mm512_cvtepi32_epi16(r);
 }
 
-/* x [m, k] fp32 rounded to bf16 in the tile layout: per tile of 16 activation rows (j) and step of 32
-   values (s), 16 rows of 64 bytes, row p holding values 2p and 2p + 1 of each of the 16 activation rows
-   (a pair per 32-bit word); rows past m are zero. The tiles are split between the threads. */
-AMXBF_FN static void amxbf_x_fill(uint32_t *xv, const float *x, int64_t m, int64_t k, int64_t tiles, int nt) {
+/* Activation tile j of x [m, k] fp32, rounded to bf16 in the tile layout: per step of 32 values (s),
+   16 rows of 64 bytes, row p holding values 2p and 2p + 1 of each of the tile's 16 activation rows (a
+   pair per 32-bit word); rows past m are zero. */
+AMXBF_FN static void amxbf_x_tile(uint32_t *xv, const float *x, int64_t m, int64_t k, int64_t j) {
     const int64_t steps = k / 32;
-    if (nt > tiles) nt = (int)tiles;
-    (void)nt;
     const __m512i col = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
                                            _mm512_set1_epi32(16));
-#ifdef _OPENMP
-#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1 && tiles > 1)
-#endif
-    for (int64_t j = 0; j < tiles; j++) {
-        for (int64_t c = 0; c < AMX_TILE; c++) {
-            const int64_t t = j * AMX_TILE + c;
-            for (int64_t s = 0; s < steps; s++) {
-                __m512i v = _mm512_setzero_si512();
-                if (t < m) {
-                    const float *xs = x + t * k + s * 32;
-                    v = _mm512_inserti64x4(_mm512_castsi256_si512(amxbf_round16(_mm512_loadu_ps(xs))),
-                                           amxbf_round16(_mm512_loadu_ps(xs + 16)), 1);
-                }
-                /* the 16 pairs into column c of the step's 16 x 16 words */
-                _mm512_i32scatter_epi32(xv + (j * steps + s) * 256 + c, col, v, 4);
+    for (int64_t c = 0; c < AMX_TILE; c++) {
+        const int64_t t = j * AMX_TILE + c;
+        for (int64_t s = 0; s < steps; s++) {
+            __m512i v = _mm512_setzero_si512();
+            if (t < m) {
+                const float *xs = x + t * k + s * 32;
+                v = _mm512_inserti64x4(_mm512_castsi256_si512(amxbf_round16(_mm512_loadu_ps(xs))),
+                                       amxbf_round16(_mm512_loadu_ps(xs + 16)), 1);
             }
+            /* the 16 pairs into column c of the step's 16 x 16 words */
+            _mm512_i32scatter_epi32(xv + s * 256 + c, col, v, 4);
         }
     }
 }
@@ -2029,66 +2022,114 @@ AMXBF_FN static void amxbf_config(void) {
     _tile_loadconfig(&cfg);
 }
 
-/* out_i [m, n_i] = x [m, k] @ W_i^T in bf16 on the tile unit (k a multiple of 32) for `count` matrices
-   that share x: x is rounded and laid out once, and the matrices' 16-row tiles, counted together, are
-   split evenly between the threads (to within one tile), each thread dequantizing its share in units of
-   up to AMXBF_UNIT_BYTES of bf16 that never cross from one matrix to the next. 0 when a buffer could
-   not be allocated. */
-AMXBF_FN static int amxbf_matmul(const mat_t *mat, int count, int64_t k, const float *x, int64_t m, int threads) {
-    const int64_t tiles = (m + AMX_TILE - 1) / AMX_TILE;
-    int64_t unit = AMXBF_UNIT_BYTES / (2 * k) / AMXBF_BLOCK * AMXBF_BLOCK; /* rows: a multiple of 32 */
-    if (unit < AMXBF_BLOCK) unit = AMXBF_BLOCK;
-    const int64_t unit_tiles = unit / AMX_TILE;
-    int64_t first[MANY_MAX + 1]; /* matrix i's W tiles are first[i] .. first[i + 1] - 1 of all */
-    first[0] = 0;
-    for (int i = 0; i < count; i++) first[i + 1] = first[i] + (mat[i].n + AMX_TILE - 1) / AMX_TILE;
-    const int64_t total = first[count];
-    if (total == 0) return 1; /* no rows at all */
+/* The activations of a call's products: x [m, k] fp32, laid out in `tiles` tiles at xv (amxbf_x_tile). */
+typedef struct {
+    const float *x;
+    int64_t m, tiles;
+    uint32_t *xv;
+} amxbf_x_t;
+
+/* One unit of work: W tiles t0 .. t1 - 1 of matrix i */
+typedef struct {
+    int i;
+    int64_t t0, t1;
+} amxbf_unit_t;
+
+#define AMXBF_MIN_UNIT_TILES 4 /* 64 W rows: fewer would read the activations from memory too often */
+
+/* out_i [m_i, n_i] = x_i [m_i, k] @ W_i^T in bf16 on the tile unit (k a multiple of 32) for `count`
+   matrices, matrix i taking activations xs[grp[i]] (several matrices may share them: an expert's gate
+   and up). In one parallel region: every x is rounded and laid out once, then the threads take units of
+   a matrix's W rows, up to AMXBF_UNIT_BYTES of bf16 each, from a shared counter (so that a thread the
+   machine slows down takes fewer), each dequantizing its unit into a buffer of its own. Every output is
+   computed by one thread in one order, whatever the thread count or the units: the result does not
+   depend on them. 0 when a buffer could not be allocated. */
+AMXBF_FN static int amxbf_run(const mat_t *mat, const int *grp, int count, amxbf_x_t *xs, int groups, int64_t k,
+                              int threads) {
+    const int64_t steps = k / 32;
+    int64_t xtiles = 0, wtiles = 0;
+    for (int g = 0; g < groups; g++) xs[g].tiles = (xs[g].m + AMX_TILE - 1) / AMX_TILE, xtiles += xs[g].tiles;
+    for (int i = 0; i < count; i++)
+        if (xs[grp[i]].m > 0) wtiles += (mat[i].n + AMX_TILE - 1) / AMX_TILE;
+    if (wtiles == 0) return 1; /* nothing to compute */
     int nt = threads > 0 ? threads : 1;
-    uint32_t *xv = aligned_alloc(64, (size_t)(tiles * (k / 32) * 1024));
-    if (!xv) return 0;
+    /* unit rows: as many as AMXBF_UNIT_BYTES of bf16 hold (a multiple of 32), fewer where that would leave
+       fewer than 4 units a thread, but at least AMXBF_MIN_UNIT_TILES tiles */
+    int64_t unit_tiles = AMXBF_UNIT_BYTES / (2 * k) / AMXBF_BLOCK * AMXBF_BLOCK / AMX_TILE;
+    const int64_t share = (wtiles / (4 * nt) + 1) / 2 * 2;
+    if (share < unit_tiles) unit_tiles = share;
+    if (unit_tiles < AMXBF_MIN_UNIT_TILES) unit_tiles = AMXBF_MIN_UNIT_TILES;
+    int64_t units = 0;
+    for (int i = 0; i < count; i++)
+        if (xs[grp[i]].m > 0) units += ((mat[i].n + AMX_TILE - 1) / AMX_TILE + unit_tiles - 1) / unit_tiles;
+    uint32_t *xv = aligned_alloc(64, (size_t)(xtiles * steps * 1024 + 64));
+    amxbf_unit_t *unit = malloc(sizeof *unit * (size_t)units);
+    int64_t *xfirst = malloc(sizeof *xfirst * (size_t)(groups + 1)); /* group g's x tiles: xfirst[g] .. */
+    if (!xv || !unit || !xfirst) {
+        free(xv), free(unit), free(xfirst);
+        return 0;
+    }
+    xfirst[0] = 0;
+    for (int g = 0; g < groups; g++) xs[g].xv = xv + xfirst[g] * steps * 256, xfirst[g + 1] = xfirst[g] + xs[g].tiles;
+    units = 0;
+    for (int i = 0; i < count; i++) {
+        if (xs[grp[i]].m <= 0) continue;
+        const int64_t tiles = (mat[i].n + AMX_TILE - 1) / AMX_TILE;
+        for (int64_t t0 = 0; t0 < tiles; t0 += unit_tiles)
+            unit[units].i = i, unit[units].t0 = t0, unit[units++].t1 = t0 + unit_tiles < tiles ? t0 + unit_tiles : tiles;
+    }
     int failed = 0;
-    amxbf_x_fill(xv, x, m, k, tiles, nt);
-    if (nt > total) nt = (int)total;
+    if (nt > units && nt > xtiles) nt = (int)(units > xtiles ? units : xtiles);
+    (void)nt;
 #ifdef _OPENMP
 #pragma omp parallel num_threads(nt) if (nt > 1)
 #endif
     {
-        int64_t t = 0, nth = 1;
 #ifdef _OPENMP
-        t = omp_get_thread_num(), nth = omp_get_num_threads();
+#pragma omp for schedule(static)
 #endif
-        const int64_t a = total * t / nth, b = total * (t + 1) / nth; /* this thread's tiles */
-        uint16_t *u = b > a ? aligned_alloc(64, (size_t)(unit * k * 2)) : NULL; /* a unit's rows in bf16 */
-        if (b > a && !u) {
+        for (int64_t c = 0; c < xtiles; c++) { /* tile c of all: group g's tile c - xfirst[g] */
+            int g = 0;
+            while (xfirst[g + 1] <= c) g++;
+            amxbf_x_tile(xs[g].xv + (c - xfirst[g]) * steps * 256, xs[g].x, xs[g].m, k, c - xfirst[g]);
+        }
+        uint16_t *u = aligned_alloc(64, (size_t)(unit_tiles * AMX_TILE * k * 2)); /* a unit's rows in bf16 */
+        if (!u) {
 #ifdef _OPENMP
 #pragma omp atomic write
 #endif
             failed = 1;
-        }
-        if (u) {
+        } else {
             amxbf_config();
-            for (int i = 0; i < count; i++) {
-                const int64_t lo = a > first[i] ? a : first[i], hi = b < first[i + 1] ? b : first[i + 1];
-                const int type = mat[i].type;
-                const uint8_t *w = (const uint8_t *)mat[i].w;
-                for (int64_t t0 = lo; t0 < hi; t0 += unit_tiles) {
-                    const int64_t t1 = t0 + unit_tiles < hi ? t0 + unit_tiles : hi;
-                    const int64_t n0 = (t0 - first[i]) * AMX_TILE, n1 = (t1 - first[i]) * AMX_TILE;
-                    const int64_t rows = (n1 < mat[i].n ? n1 : mat[i].n) - n0;
-                    for (int64_t r = 0; r < rows; r++)
-                        dequant_row_bf16_avx512(type, w + (n0 + r) * mat[i].row_bytes, k, u + r * k);
-                    if (rows < n1 - n0) memset(u + rows * k, 0, (size_t)((n1 - n0 - rows) * k * 2));
-                    __asm__ volatile("" : : : "memory"); /* the rows land before _tile_loadd reads them */
-                    amxbf_unit(u, k, rows, xv, tiles, m, (float *)mat[i].out, mat[i].ldo, n0);
-                }
-            }
-            _tile_release();
         }
+#ifdef _OPENMP
+#pragma omp for schedule(dynamic, 1)
+#endif
+        for (int64_t q = 0; q < units; q++) {
+            if (!u) continue; /* (another thread may still do its units: the call fails as a whole) */
+            const mat_t *mq = &mat[unit[q].i];
+            const amxbf_x_t *xq = &xs[grp[unit[q].i]];
+            const int64_t n0 = unit[q].t0 * AMX_TILE, n1 = unit[q].t1 * AMX_TILE;
+            const int64_t rows = (n1 < mq->n ? n1 : mq->n) - n0;
+            const uint8_t *w = (const uint8_t *)mq->w;
+            for (int64_t r = 0; r < rows; r++)
+                dequant_row_bf16_avx512(mq->type, w + (n0 + r) * mq->row_bytes, k, u + r * k);
+            if (rows < n1 - n0) memset(u + rows * k, 0, (size_t)((n1 - n0 - rows) * k * 2));
+            __asm__ volatile("" : : : "memory"); /* the rows land before _tile_loadd reads them */
+            amxbf_unit(u, k, rows, xq->xv, xq->tiles, xq->m, (float *)mq->out, mq->ldo, n0);
+        }
+        if (u) _tile_release();
         free(u);
     }
-    free(xv);
+    free(xv), free(unit), free(xfirst);
     return !failed;
+}
+
+/* out_i [m, n_i] = x [m, k] @ W_i^T on the tile unit for `count` matrices that share x (amxbf_run) */
+AMXBF_FN static int amxbf_matmul(const mat_t *mat, int count, int64_t k, const float *x, int64_t m, int threads) {
+    int grp[MANY_MAX] = {0};
+    amxbf_x_t xs = {x, m, 0, NULL};
+    return amxbf_run(mat, grp, count, &xs, 1, k, threads);
 }
 #endif
 
@@ -2169,6 +2210,85 @@ static PyObject *py_matmul_amx_bf16_many(PyObject *self, PyObject *args) {
     mat_t mat[MANY_MAX];
     const int count = parse_many(args, "matmul_amx_bf16_many", mat, &k, &xp, &m, &threads);
     return count ? run_amx_bf16(mat, count, k, (const float *)xp, m, threads) : NULL;
+}
+
+/* matmul_amx_bf16_grouped(k, threads, specs): matmul_amx_bf16 for any number of matrices [n, k], each
+   with its own activations: specs is a sequence of (type, w_ptr, row_bytes, n, x_ptr, m, out_ptr, ldo),
+   out [m, n] (rows ldo apart) = x [m, k] @ W^T; consecutive specs with the same x_ptr and m share one
+   rounding of x. A prefill's routed experts (every expert's gate and up, or every expert's down) in one
+   call. Each output is the single call's, bit for bit. */
+static PyObject *py_matmul_amx_bf16_grouped(PyObject *self, PyObject *args) {
+    Py_ssize_t k;
+    int threads;
+    PyObject *specs;
+    if (!PyArg_ParseTuple(args, "niO", &k, &threads, &specs)) return NULL;
+    PyObject *seq = PySequence_Fast(specs, "specs must be a sequence of (type, w_ptr, row_bytes, n, x_ptr, m, "
+                                           "out_ptr, ldo)");
+    if (!seq) return NULL;
+    const Py_ssize_t count = PySequence_Fast_GET_SIZE(seq);
+    if (count > INT_MAX / 2) {
+        Py_DECREF(seq);
+        return PyErr_Format(PyExc_ValueError, "too many matrices: %zd", count);
+    }
+    mat_t *mat = PyMem_Calloc((size_t)count + 1, sizeof *mat);
+    int *grp = PyMem_Calloc((size_t)count + 1, sizeof *grp);
+#ifdef GL_AMX_BF16
+    amxbf_x_t *xs = PyMem_Calloc((size_t)count + 1, sizeof *xs);
+#else
+    void *xs = PyMem_Calloc(1, 1);
+#endif
+    PyObject *result = NULL;
+    if (!mat || !grp || !xs) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    int groups = 0;
+    Py_ssize_t prev_x = 0, prev_m = -1;
+    for (Py_ssize_t i = 0; i < count; i++) {
+        Py_ssize_t xp, m;
+        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, i), "innnnnnn", &mat[i].type, &mat[i].w,
+                              &mat[i].row_bytes, &mat[i].n, &xp, &m, &mat[i].out, &mat[i].ldo) ||
+            !mat_init(&mat[i], k))
+            goto done;
+        if (m < 0) {
+            PyErr_Format(PyExc_ValueError, "matrix %zd: m = %zd", i, m);
+            goto done;
+        }
+        if (i == 0 || xp != prev_x || m != prev_m) {
+#ifdef GL_AMX_BF16
+            xs[groups].x = (const float *)xp, xs[groups].m = m;
+#endif
+            groups++;
+        }
+        grp[i] = groups - 1, prev_x = xp, prev_m = m;
+    }
+#ifdef GL_AMX_BF16
+    if (have_amx_bf16() && k % 32 == 0) {
+        int ok = 1;
+        if (k > 0 && count > 0) {
+            Py_BEGIN_ALLOW_THREADS
+            ok = amxbf_run(mat, grp, (int)count, xs, groups, k, threads);
+            Py_END_ALLOW_THREADS
+        } else { /* no blocks per row: zeros, as the other kernels give */
+            for (Py_ssize_t i = 0; i < count; i++)
+                for (Py_ssize_t t = 0; t < xs[grp[i]].m; t++)
+                    memset((float *)mat[i].out + t * mat[i].ldo, 0, sizeof(float) * (size_t)mat[i].n);
+        }
+        if (!ok)
+            PyErr_NoMemory();
+        else
+            result = Py_NewRef(Py_None);
+        goto done;
+    }
+#endif
+    PyErr_Format(PyExc_ValueError,
+                 "the AMX bf16 kernel does not run here (it needs AMX-BF16 and AVX-512 BF16, the AVX2 path with "
+                 "its AVX-512 kernels on, and k a multiple of 32; k = %zd)",
+                 k);
+done:
+    PyMem_Free(mat), PyMem_Free(grp), PyMem_Free(xs);
+    Py_DECREF(seq);
+    return result;
 }
 
 static PyObject *py_amx_bf16(PyObject *self, PyObject *args) {
@@ -2919,6 +3039,7 @@ static PyMethodDef methods[] = {
     {"amx", py_amx, METH_VARARGS, "Whether the AMX kernel runs here (for a ggml type, when given)."},
     {"matmul_amx_bf16", py_matmul_amx_bf16, METH_VARARGS, "x @ W^T in bf16 on AMX tiles, W dequantized into cache a unit of rows at a time."},
     {"matmul_amx_bf16_many", py_matmul_amx_bf16_many, METH_VARARGS, "matmul_amx_bf16 for several matrices sharing one input, in one call."},
+    {"matmul_amx_bf16_grouped", py_matmul_amx_bf16_grouped, METH_VARARGS, "matmul_amx_bf16 for many matrices, each with its own input, in one call."},
     {"amx_bf16", py_amx_bf16, METH_NOARGS, "Whether the AMX bf16 kernel runs here."},
     {"matmul_experts", py_matmul_experts, METH_VARARGS, "One row through each of several matrices of one type, in one call."},
     {"dequantize", py_dequantize, METH_VARARGS, "GGUF blocks -> fp32 rows, as gguf-py computes them."},
