@@ -1133,6 +1133,16 @@ AVX512BF16_FN static inline void bytes_ps(__m256i v, int sgn, __m512 *lo, __m512
    payload, and every NaN ends as 0x7fc0 here) */
 AVX512BF16_FN static inline float rdhc(const uint8_t *p) { return _cvtsh_ss(rd16(p)); }
 
+/* ds[j] = d * sc[j], dm[j] = dmin * mn[j] for the eight sub-blocks of a Q4_K/Q5_K block at w: the same
+   fp32 products as the per-value path, eight at a time */
+AVX512BF16_FN static inline void k_scales_ps(const uint8_t *w, float d, float dmin, float *ds, float *dm) {
+    uint8_t sm[16];
+    k_scale_min(w + 4, sm, sm + 8);
+    const __m128i smv = _mm_loadu_si128((const __m128i *)sm);
+    _mm256_storeu_ps(ds, _mm256_mul_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(smv))));
+    _mm256_storeu_ps(dm, _mm256_mul_ps(_mm256_set1_ps(dmin), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(smv, 8)))));
+}
+
 /* One block of `type` (a constant where dequant_row_bf16_avx512 inlines it: one loop per type, no
    switch per block) as bf16 at y. */
 AVX512BF16_FN static inline __attribute__((always_inline)) void dequant_block_bf16(int type, const uint8_t *w,
@@ -1171,30 +1181,42 @@ AVX512BF16_FN static inline __attribute__((always_inline)) void dequant_block_bf
                 _mm512_storeu_si512(y, bf16x32_reg(_mm512_mul_ps(lo, d), _mm512_mul_ps(hi, d), isfinite(df)));
                 break;
             }
-            case T_Q4_K:
-            case T_Q5_K: {
-                const int q5 = type == T_Q5_K;
+            case T_Q4_K: { /* sub-blocks 2c and 2c + 1 (the low and high nibbles of 32 bytes): their two
+                              16-level tables in one register, one widening of the bytes for both */
                 const float d = rdhc(w), dmin = rdhc(w + 2);
                 const int finite = isfinite(d) && isfinite(dmin); /* then so is every level */
-                uint8_t sm[16];
-                k_scale_min(w + 4, sm, sm + 8);
-                const uint8_t *qs = w + (q5 ? 48 : 16);
-                const __m256i qh = q5 ? _mm256_loadu_si256((const __m256i *)(w + 16)) : _mm256_setzero_si256();
-                /* ds[j] = d * sc[j], dm[j] = dmin * mn[j]: the same fp32 products, eight at a time */
                 float ds[8], dm[8];
-                const __m128i smv = _mm_loadu_si128((const __m128i *)sm);
-                _mm256_storeu_ps(ds, _mm256_mul_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(smv))));
-                _mm256_storeu_ps(dm, _mm256_mul_ps(_mm256_set1_ps(dmin),
-                                                   _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(smv, 8)))));
+                k_scales_ps(w, d, dmin, ds, dm);
+                const __m512i m4 = _mm512_set1_epi16(15), high = _mm512_set1_epi16(16);
+                for (int c = 0; c < 4; c++) { /* levels ds * v - dm */
+                    const __m512 l0 = _mm512_sub_ps(_mm512_mul_ps(_mm512_set1_ps(ds[2 * c]), iota0), _mm512_set1_ps(dm[2 * c]));
+                    const __m512 l1 =
+                        _mm512_sub_ps(_mm512_mul_ps(_mm512_set1_ps(ds[2 * c + 1]), iota0), _mm512_set1_ps(dm[2 * c + 1]));
+                    const __m512i table = bf16x32_reg(l0, l1, finite); /* words 0-15: 2c's, 16-31: 2c + 1's */
+                    const __m512i q = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(w + 16 + 32 * c)));
+                    _mm512_storeu_si512(y + 64 * c, _mm512_permutexvar_epi16(_mm512_and_si512(q, m4), table));
+                    _mm512_storeu_si512(y + 64 * c + 32,
+                                        _mm512_permutexvar_epi16(_mm512_or_si512(_mm512_srli_epi16(q, 4), high), table));
+                }
+                break;
+            }
+            case T_Q5_K: {
+                const float d = rdhc(w), dmin = rdhc(w + 2);
+                const int finite = isfinite(d) && isfinite(dmin); /* then so is every level */
+                const uint8_t *qs = w + 48;
+                const __m256i qh = _mm256_loadu_si256((const __m256i *)(w + 16));
+                float ds[8], dm[8];
+                k_scales_ps(w, d, dmin, ds, dm);
                 for (int j = 0; j < 8; j++) { /* sub-block j: the low (j even) or high nibbles of 32 bytes */
                     const __m256i ql = _mm256_loadu_si256((const __m256i *)(qs + 32 * (j / 2)));
                     __m256i v = _mm256_and_si256((j & 1) ? _mm256_srli_epi16(ql, 4) : ql, lo4);
-                    if (q5) /* bit j of qh's byte l: value l's fifth bit */
-                        v = _mm256_or_si256(v, _mm256_maskz_mov_epi8(_mm256_test_epi8_mask(qh, _mm256_set1_epi8((char)(1 << j))),
-                                                                     _mm256_set1_epi8(16)));
+                    /* bit j of qh's byte l: value l's fifth bit */
+                    v = _mm256_or_si256(v, _mm256_maskz_mov_epi8(_mm256_test_epi8_mask(qh, _mm256_set1_epi8((char)(1 << j))),
+                                                                 _mm256_set1_epi8(16)));
                     const __m512 s = _mm512_set1_ps(ds[j]), m = _mm512_set1_ps(dm[j]); /* levels ds * v - dm */
-                    const __m512 hi = q5 ? _mm512_sub_ps(_mm512_mul_ps(s, iota1), m) : _mm512_setzero_ps();
-                    lut32_store(v, bf16x32_reg(_mm512_sub_ps(_mm512_mul_ps(s, iota0), m), hi, finite), y + 32 * j);
+                    lut32_store(v, bf16x32_reg(_mm512_sub_ps(_mm512_mul_ps(s, iota0), m),
+                                               _mm512_sub_ps(_mm512_mul_ps(s, iota1), m), finite),
+                                y + 32 * j);
                 }
                 break;
             }
