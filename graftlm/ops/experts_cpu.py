@@ -52,14 +52,17 @@ class ExpertsCPU(PackedExperts, name="experts.cpu"):
         specs = [self._spec(sets) for sets in (gate_up, [self.down])]
         if None not in specs:
             self._batched = tuple(specs)
-        # A prefill runs the experts with more rows than the int8 tiles take (per expert: the most of
-        # its three matrices' bounds) in two C calls, on the bf16 tiles: every such expert's gate and
-        # up, then every such expert's down. That needs the file's gate and up apart, and every matrix
-        # on the bf16 tiles; the other experts run one by one.
+        # A prefill runs the experts with more rows than the one-row C kernel takes (per expert: the
+        # most of its three matrices' bounds, 2-4 rows) in two C calls, on the bf16 tiles: every such
+        # expert's gate and up, then every such expert's down. That needs the file's gate and up
+        # apart, and every matrix on the bf16 tiles; the other experts run one by one. Taken one by
+        # one, 5-10 rows run faster on the int8 tiles (bench/amx_bf16.py); in the grouped calls the
+        # bf16 tiles win there too (Qwen2-MoE-shape prefill 1.05-1.07x against grouping only above
+        # the int8 tiles' bound, 2 threads, in one process, alternating; DeepSeek shape 0.95-1.05x).
         self._tile_rows = None
         pairs = [(p, d) for p, d in zip(self.gate_up, self.down) if isinstance(p, GatePair)]
         if len(pairs) == self.num_experts and all(m.bf16_tiles for p, d in pairs for m in (p.gate, p.up, d)):
-            self._tile_rows = [max(p.gate.amx_rows, p.up.amx_rows, d.amx_rows) for p, d in pairs]
+            self._tile_rows = [max(p.gate.kernel_rows, p.up.kernel_rows, d.kernel_rows) for p, d in pairs]
 
     @staticmethod
     def _spec(sets: list[list]) -> tuple | None:
@@ -129,9 +132,9 @@ class ExpertsCPU(PackedExperts, name="experts.cpu"):
         return y if self.out_device is None else y.to(self.out_device)
 
     def _prefill(self, hidden_states, top_k_index, top_k_weights):
-        """Many tokens: the experts above their int8-tile bound in two grouped bf16 tile calls (every
-        such expert's gate and up, the activation over each run of them, then every such expert's
-        down), the others one by one; the same kernels as the per-expert path, so the same products."""
+        """Many tokens: the experts above the one-row kernel's bound in two grouped bf16 tile calls
+        (every such expert's gate and up, the activation over each run of them, then every such
+        expert's down), the others one by one."""
         x = hidden_states.to(torch.float32).contiguous()
         routing = route(x, top_k_index, self.num_experts)
         xs, valid, inter = routing.xs, routing.xs.shape[0], self.intermediate_dim
