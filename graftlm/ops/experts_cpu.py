@@ -2,8 +2,12 @@
 
 Where the layout keeps the file's blocks (`gguf`), each expert's gate and up projections stay the
 file's two tensors (a GatePair; no concatenated copy), else they are one repacked [2I, H] matrix; its
-down projection is [H, I]. The kernels and error bounds are those of graftlm/kernels/cpu/packed.py.
-Routing of (token, expert) pairs is shared with `experts.torch` (graftlm/ops/experts.py).
+down projection is [H, I]. The kernels and error bounds are those of graftlm/kernels/cpu/packed.py,
+with two shortcuts that call the C kernels directly: a decode step's experts in two `matmul_experts`
+calls, and, where the CPU has AMX bf16 tiles, a prefill's experts above the one-row kernel's bound
+in two grouped bf16 tile calls per layer (the bf16 tile kernel's error bound, from 3-5 rows up,
+where the matrices one by one would take the int8 tiles up to 6-12 rows). Routing of (token,
+expert) pairs is shared with `experts.torch` (graftlm/ops/experts.py).
 """
 
 from __future__ import annotations
