@@ -22,10 +22,15 @@ def _keep_freed_memory() -> bool:
     trimmed past 2x that threshold), so every prefill page-faults its large temporaries (GEMM outputs,
     the activation's output, the experts' rows) in again, zeroed: ~60,000 faults, ~250 MB, each
     Qwen2-MoE-shape 512-token prefill here. Kept instead (allocations up to 32 MB from the heap, and up
-    to 1 GiB of freed heap kept), a warm prefill faults ~1,000 pages. Peak memory is unchanged: the
-    memory kept is what the peak touched. Not where the user tunes malloc (any MALLOC_* variable) or
-    set GRAFTLM_MALLOC=system; glibc only (musl and other platforms keep their own policy)."""
-    if os.environ.get("GRAFTLM_MALLOC") == "system" or any(k.startswith("MALLOC_") for k in os.environ):
+    to 1 GiB of freed heap kept per malloc arena), a warm prefill faults ~1,000 pages. Peak memory is
+    unchanged: the memory kept is what the peak touched. Not where the user tunes malloc (any MALLOC_*
+    variable, or glibc.malloc tunables in GLIBC_TUNABLES) or set GRAFTLM_MALLOC=system; glibc only
+    (musl and other platforms keep their own policy)."""
+    if (
+        os.environ.get("GRAFTLM_MALLOC") == "system"
+        or any(k.startswith("MALLOC_") for k in os.environ)
+        or "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", "")
+    ):
         return False
     import ctypes
     import platform

@@ -50,7 +50,9 @@ print(graftlm.MALLOC_TUNED_BY_GRAFTLM, faults < 1000)
 
 def _malloc_probe(**extra: str) -> str:
     env = {
-        k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GRAFTLM_MALLOC"
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("MALLOC_") and k not in ("GRAFTLM_MALLOC", "GLIBC_TUNABLES")
     } | extra
     return subprocess.run(
         [sys.executable, "-c", MALLOC_PROBE], env=env, capture_output=True, text=True, check=True
@@ -69,3 +71,4 @@ def test_freed_memory_is_kept_for_the_next_prefill():
     assert _malloc_probe() == "True True"
     assert _malloc_probe(GRAFTLM_MALLOC="system") == "False False"
     assert _malloc_probe(MALLOC_ARENA_MAX="4").startswith("False")
+    assert _malloc_probe(GLIBC_TUNABLES="glibc.malloc.trim_threshold=131072").startswith("False")

@@ -93,6 +93,7 @@ class ExpertsCPU(PackedExperts, name="experts.cpu"):
             and hidden_states.shape[0] > 1
             and hidden_states.device.type == "cpu"
             and top_k_index.device.type == "cpu"
+            and top_k_weights.device.type == "cpu"
             and not torch.is_grad_enabled()
             and qblocks.amx_bf16()
         ):

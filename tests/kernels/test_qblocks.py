@@ -415,6 +415,33 @@ def test_amx_bf16_grouped_is_each_single_call_bit_for_bit(threads: int):
 
 
 @needs_amx_bf16
+def test_amx_bf16_entries_refuse_bad_specs_and_absurd_thread_counts():
+    """A negative n, a spec that is not a tuple, and a spec list that an argument's __index__ empties
+    while it is parsed give exceptions; 2**30 threads give the product (no overflow in the split)."""
+    kernels, k = qblocks._qkernels, 256
+    rows = qblocks.as_rows(random_blocks(Q.Q4_K, 20, k, np.random.default_rng(9)), Q.Q4_K, 20, k)
+    p = qblocks.prepare(Q.Q4_K, rows, k)
+    x, out = torch.randn(5, k), torch.empty(5, 20)
+    kernels.matmul_amx_bf16(*p, x.data_ptr(), 5, out.data_ptr(), 20, 1 << 30)
+    assert torch.equal(out, qblocks.matmul_amx_bf16_prepared(p, x))
+    spec = (*p[:4], x.data_ptr(), 5, out.data_ptr(), 20)
+    with pytest.raises(ValueError, match="negative"):
+        kernels.matmul_amx_bf16_grouped(k, 1, [(*p[:3], -1, x.data_ptr(), 5, out.data_ptr(), 20)])
+    with pytest.raises(TypeError, match="tuple"):
+        kernels.matmul_amx_bf16_grouped(k, 1, [list(spec)])
+    specs = [spec, spec]
+
+    class Shrinks:
+        def __index__(self):
+            specs.clear()
+            return 5
+
+    specs[0] = (*p[:4], x.data_ptr(), Shrinks(), out.data_ptr(), 20)
+    kernels.matmul_amx_bf16_grouped(k, 1, specs)  # parses its own copy: no crash
+    assert torch.equal(out, qblocks.matmul_amx_bf16_prepared(p, x))
+
+
+@needs_amx_bf16
 def test_amx_bf16_non_finite_activations_propagate_as_in_the_gemm():
     """A NaN activation makes its row NaN; an infinite one gives +-Inf, or NaN against a zero weight:
     what the dequantize + GEMM path it replaces gives (unlike the int8 kernels' NaN rows)."""

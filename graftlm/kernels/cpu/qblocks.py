@@ -191,13 +191,14 @@ def matmul_amx_bf16_grouped(
     out [M, N]) of `products` (all of one width K), in one C call: a prefill's routed experts, every
     expert with its rows. x is fp32 and contiguous; out is an fp32 view with contiguous rows (a slice of
     a bigger buffer's rows or columns). Consecutive products with the same x round it once. Each output
-    is the single call's, bit for bit; the threads take units of rows as they come free."""
+    is the single call's, bit for bit; the threads take units of rows as they come free. The outputs
+    must not overlap (the threads write them at once)."""
     if not products:
         return
     k = products[0][0][4]
     specs = []
     for prepared, x, out in products:
-        m, n = x.shape[0], prepared[3]
+        m, n = (x.shape[0] if x.dim() == 2 else -1), prepared[3]
         if (
             prepared[4] != k
             or x.dim() != 2

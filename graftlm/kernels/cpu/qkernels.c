@@ -1352,6 +1352,10 @@ typedef struct {
 /* Checks one matrix (a ValueError if it does not fit) and picks its kernels. */
 static int mat_init(mat_t *mat, Py_ssize_t k) {
     if (!check_matrix(mat->type, k, mat->row_bytes)) return 0;
+    if (mat->n < 0) {
+        PyErr_SetString(PyExc_ValueError, "n is negative");
+        return 0;
+    }
     if (mat->ldo < mat->n) {
         PyErr_SetString(PyExc_ValueError, "ldo is smaller than n");
         return 0;
@@ -1423,16 +1427,22 @@ static int parse_many(PyObject *args, const char *name, mat_t *mat, Py_ssize_t *
                       int *threads) {
     PyObject *specs;
     if (!PyArg_ParseTuple(args, "nnniO", k, xp, m, threads, &specs)) return 0;
-    PyObject *seq = PySequence_Fast(specs, "specs must be a sequence of (type, w_ptr, row_bytes, n, out_ptr, ldo)");
+    PyObject *seq = PySequence_Tuple(specs); /* a copy: parsing an item cannot change it under us */
     if (!seq) return 0;
-    Py_ssize_t count = PySequence_Fast_GET_SIZE(seq);
+    Py_ssize_t count = PyTuple_GET_SIZE(seq);
     if (count < 1 || count > MANY_MAX) {
         Py_DECREF(seq);
         PyErr_Format(PyExc_ValueError, "%s takes 1 to %d matrices, not %zd", name, MANY_MAX, count);
         return 0;
     }
     for (Py_ssize_t i = 0; i < count; i++) {
-        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, i), "innnnn", &mat[i].type, &mat[i].w, &mat[i].row_bytes,
+        PyObject *spec = PyTuple_GET_ITEM(seq, i);
+        if (!PyTuple_Check(spec)) {
+            Py_DECREF(seq);
+            PyErr_Format(PyExc_TypeError, "%s: each spec is a tuple (type, w_ptr, row_bytes, n, out_ptr, ldo)", name);
+            return 0;
+        }
+        if (!PyArg_ParseTuple(spec, "innnnn", &mat[i].type, &mat[i].w, &mat[i].row_bytes,
                               &mat[i].n, &mat[i].out, &mat[i].ldo) ||
             !mat_init(&mat[i], *k)) {
             Py_DECREF(seq);
@@ -2075,10 +2085,11 @@ AMXBF_FN static int amxbf_run(const mat_t *mat, const int *grp, int count, amxbf
         if (xs[grp[i]].m > 0) wtiles += (mat[i].n + AMX_TILE - 1) / AMX_TILE;
     if (wtiles == 0) return 1; /* nothing to compute */
     int nt = threads > 0 ? threads : 1;
+    if (nt > wtiles) nt = (int)wtiles; /* (and 4 * nt below stays far from overflow) */
     /* unit rows: as many as AMXBF_UNIT_BYTES of bf16 hold (a multiple of 32), fewer where that would leave
        fewer than 4 units a thread, but at least AMXBF_MIN_UNIT_TILES tiles */
     int64_t unit_tiles = AMXBF_UNIT_BYTES / (2 * k) / AMXBF_BLOCK * AMXBF_BLOCK / AMX_TILE;
-    const int64_t share = (wtiles / (4 * nt) + 1) / 2 * 2;
+    const int64_t share = (wtiles / (4 * (int64_t)nt) + 1) / 2 * 2;
     if (share < unit_tiles) unit_tiles = share;
     if (unit_tiles < AMXBF_MIN_UNIT_TILES) unit_tiles = AMXBF_MIN_UNIT_TILES;
     int64_t units = 0;
@@ -2244,10 +2255,9 @@ static PyObject *py_matmul_amx_bf16_grouped(PyObject *self, PyObject *args) {
     int threads;
     PyObject *specs;
     if (!PyArg_ParseTuple(args, "niO", &k, &threads, &specs)) return NULL;
-    PyObject *seq = PySequence_Fast(specs, "specs must be a sequence of (type, w_ptr, row_bytes, n, x_ptr, m, "
-                                           "out_ptr, ldo)");
+    PyObject *seq = PySequence_Tuple(specs); /* a copy: parsing an item cannot change it under us */
     if (!seq) return NULL;
-    const Py_ssize_t count = PySequence_Fast_GET_SIZE(seq);
+    const Py_ssize_t count = PyTuple_GET_SIZE(seq);
     if (count > INT_MAX / 2) {
         Py_DECREF(seq);
         return PyErr_Format(PyExc_ValueError, "too many matrices: %zd", count);
@@ -2268,7 +2278,13 @@ static PyObject *py_matmul_amx_bf16_grouped(PyObject *self, PyObject *args) {
     Py_ssize_t prev_x = 0, prev_m = -1;
     for (Py_ssize_t i = 0; i < count; i++) {
         Py_ssize_t xp, m;
-        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, i), "innnnnnn", &mat[i].type, &mat[i].w,
+        PyObject *spec = PyTuple_GET_ITEM(seq, i);
+        if (!PyTuple_Check(spec)) {
+            PyErr_SetString(PyExc_TypeError,
+                            "each spec is a tuple (type, w_ptr, row_bytes, n, x_ptr, m, out_ptr, ldo)");
+            goto done;
+        }
+        if (!PyArg_ParseTuple(spec, "innnnnnn", &mat[i].type, &mat[i].w,
                               &mat[i].row_bytes, &mat[i].n, &xp, &m, &mat[i].out, &mat[i].ldo) ||
             !mat_init(&mat[i], k))
             goto done;
