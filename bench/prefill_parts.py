@@ -7,13 +7,15 @@ alternating rounds (this machine's speed drifts within minutes, so the two are i
 call into graftlm's C kernels is timed by name (the tile kernel `matmul_amx`, `dequantize`, ...),
 as are torch's GEMMs (`linear`: the many-row bf16 path) and SDPA; "other" is the rest (Python, the
 experts' glue, small torch ops). Prints the median time of each part per thread count and the
-speed-up from one thread to two.
+speed-up from one thread to two, and the median minor page faults per prefill (`GRAFTLM_MALLOC=system`
+shows glibc's own policy: a Qwen2-MoE-shape prefill then faults tens of thousands of pages).
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import resource
 import statistics
 import time
 
@@ -72,9 +74,13 @@ def main() -> None:
         for threads in (1, 2):
             torch.set_num_threads(threads)
             spent.clear()
+            faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             start = time.perf_counter()
             llm.engine.prefill(ids)
             total = time.perf_counter() - start
+            parts[threads, "minor page faults"].append(
+                resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
+            )
             parts[threads, "other"].append(total - sum(spent.values()))
             parts[threads, "total"].append(total)
             for name, seconds in spent.items():
@@ -82,9 +88,11 @@ def main() -> None:
     print(f"{args.model}, {args.prompt_tokens}-token prefill, medians of {args.rounds} interleaved rounds")
     print("| part | one thread ms | two threads ms | speed-up |")
     print("|---|---|---|---|")
-    for name in sorted({name for _, name in parts}, key=lambda n: (n == "total", n)):
+    for name in sorted({name for _, name in parts} - {"minor page faults"}, key=lambda n: (n == "total", n)):
         one, two = (statistics.median(parts[t, name]) if parts[t, name] else 0.0 for t in (1, 2))
         print(f"| {name} | {one * 1e3:.0f} | {two * 1e3:.0f} | {one / two if two else 0:.2f}x |")
+    one, two = (statistics.median(parts[t, "minor page faults"]) for t in (1, 2))
+    print(f"minor page faults per prefill (median): {one:.0f} at one thread, {two:.0f} at two")
 
 
 if __name__ == "__main__":

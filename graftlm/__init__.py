@@ -21,7 +21,7 @@ def _keep_freed_memory() -> bool:
     """glibc's malloc hands blocks of 128 KB-32 MB back to the OS when they are freed (mmap, and a heap
     trimmed past 2x that threshold), so every prefill page-faults its large temporaries (GEMM outputs,
     the activation's output, the experts' rows) in again, zeroed: ~60,000 faults, ~250 MB, each
-    Qwen2-MoE-shape 512-token prefill here. Kept instead (allocations up to 32 MB from the heap, and up
+    Qwen2-MoE-shape 512-token prefill here (`bench/prefill_parts.py` counts them). Kept instead (allocations up to 32 MB from the heap, and up
     to 1 GiB of freed heap kept per malloc arena), a warm prefill faults ~1,000 pages. Peak memory is
     unchanged: the memory kept is what the peak touched. Not where the user tunes malloc (any MALLOC_*
     variable, or glibc.malloc tunables in GLIBC_TUNABLES) or set GRAFTLM_MALLOC=system; glibc only

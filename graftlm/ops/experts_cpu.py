@@ -62,7 +62,8 @@ class ExpertsCPU(PackedExperts, name="experts.cpu"):
         # apart, and every matrix on the bf16 tiles; the other experts run one by one. Taken one by
         # one, 5-10 rows run faster on the int8 tiles (bench/amx_bf16.py); in the grouped calls the
         # bf16 tiles win there too (Qwen2-MoE-shape prefill 1.05-1.07x against grouping only above
-        # the int8 tiles' bound, 2 threads, in one process, alternating; DeepSeek shape 0.95-1.05x).
+        # the int8 tiles' bound, 2 threads, in one process, alternating; DeepSeek shape 0.95-1.05x:
+        # `python bench/amx_prefill.py MODEL --group-above 10`).
         self._tile_rows = None
         pairs = [(p, d) for p, d in zip(self.gate_up, self.down) if isinstance(p, GatePair)]
         if len(pairs) == self.num_experts and all(m.bf16_tiles for p, d in pairs for m in (p.gate, p.up, d)):

@@ -179,9 +179,12 @@ def matmul_amx_bf16_many(
     prepared: list[tuple[int, int, int, int, int]], x: torch.Tensor
 ) -> list[torch.Tensor]:
     """`matmul_amx_bf16_prepared` for several matrices of width K sharing x [M, K] (an expert's gate
-    and up), in one C call: x rounded once, the matrices' rows split evenly between the threads.
+    and up), in one grouped call: x rounded once, the matrices' rows shared out between the threads.
     Each output is the one the single call gives, bit for bit (every sum runs in one order)."""
-    return _run_many(_qkernels.matmul_amx_bf16_many, prepared, x)
+    x = _shared_x(prepared, x)
+    outs = [torch.empty(x.shape[0], p[3], dtype=torch.float32) for p in prepared]
+    matmul_amx_bf16_grouped([(p, x, out) for p, out in zip(prepared, outs)])
+    return outs
 
 
 def matmul_amx_bf16_grouped(
@@ -237,18 +240,23 @@ def matmul_many(prepared: list[tuple[int, int, int, int, int]], x: torch.Tensor)
     return _run_many(_qkernels.matmul_many, prepared, x)
 
 
-def _run_many(kernel, prepared: list[tuple[int, int, int, int, int]], x: torch.Tensor) -> list[torch.Tensor]:
+def _shared_x(prepared: list[tuple[int, int, int, int, int]], x: torch.Tensor) -> torch.Tensor:
+    """x [M, K] checked against the matrices' width K, as contiguous fp32."""
     k = x.shape[-1]
     if x.dim() != 2 or x.device.type != "cpu" or any(p[4] != k for p in prepared):
         raise ValueError(
             f"x must be a CPU matrix [M, K] with K the matrices' width {sorted({p[4] for p in prepared})}, "
             f"not {tuple(x.shape)} on {x.device}"
         )
-    x = x.to(torch.float32).contiguous()
+    return x.to(torch.float32).contiguous()
+
+
+def _run_many(kernel, prepared: list[tuple[int, int, int, int, int]], x: torch.Tensor) -> list[torch.Tensor]:
+    x = _shared_x(prepared, x)
     m = x.shape[0]
     outs = [torch.empty(m, p[3], dtype=torch.float32) for p in prepared]
     specs = [(p[0], p[1], p[2], p[3], out.data_ptr(), p[3]) for p, out in zip(prepared, outs)]
-    kernel(k, x.data_ptr(), m, torch.get_num_threads(), specs)
+    kernel(x.shape[1], x.data_ptr(), m, torch.get_num_threads(), specs)
     return outs
 
 

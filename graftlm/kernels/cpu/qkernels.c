@@ -1909,6 +1909,13 @@ static int amx_type(int type) { (void)type; return 0; }
    2^-126, as zero): no per-block scaling on the vector units (the int8 tile
    kernel's cost), no second pass over a dequantized copy in memory, no reordered copy of the weights. */
 
+/* The activations of a call's products: x [m, k] fp32, laid out in `tiles` tiles at xv (amxbf_x_tile). */
+typedef struct {
+    const float *x;
+    int64_t m, tiles;
+    uint32_t *xv;
+} amxbf_x_t;
+
 #if defined(GL_AMX) && defined(GL_BF16)
 #define GL_AMX_BF16 1
 #define AMXBF_FN __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512bf16,avx2,fma,f16c")))
@@ -2054,13 +2061,6 @@ AMXBF_FN static void amxbf_config(void) {
     _tile_loadconfig(&cfg);
 }
 
-/* The activations of a call's products: x [m, k] fp32, laid out in `tiles` tiles at xv (amxbf_x_tile). */
-typedef struct {
-    const float *x;
-    int64_t m, tiles;
-    uint32_t *xv;
-} amxbf_x_t;
-
 /* One unit of work: W tiles t0 .. t1 - 1 of matrix i */
 typedef struct {
     int i;
@@ -2158,12 +2158,6 @@ AMXBF_FN static int amxbf_run(const mat_t *mat, const int *grp, int count, amxbf
     return !failed;
 }
 
-/* out_i [m, n_i] = x [m, k] @ W_i^T on the tile unit for `count` matrices that share x (amxbf_run) */
-AMXBF_FN static int amxbf_matmul(const mat_t *mat, int count, int64_t k, const float *x, int64_t m, int threads) {
-    int grp[MANY_MAX] = {0};
-    amxbf_x_t xs = {x, m, 0, NULL};
-    return amxbf_run(mat, grp, count, &xs, 1, k, threads);
-}
 #endif
 
 /* matmul_amx(type, w_ptr, row_bytes, n, k, x_ptr, m, out_ptr, ldo, threads): what matmul computes, on the
@@ -2198,26 +2192,27 @@ static PyObject *py_amx(PyObject *self, PyObject *args) {
     return PyBool_FromLong(have_amx() && (type < 0 || amx_type(type)));
 }
 
-/* The bf16 tile kernel on checked matrices sharing x [m, k] (zeros for k = 0); an exception where it does not
-   run. */
-static PyObject *run_amx_bf16(const mat_t *mat, int count, Py_ssize_t k, const float *x, Py_ssize_t m, int threads) {
+/* The bf16 tile kernel on checked matrices, matrix i taking activations xs[grp[i]] (amxbf_run; zeros for
+   k = 0); an exception where it does not run. */
+static PyObject *run_amx_bf16(const mat_t *mat, const int *grp, int count, amxbf_x_t *xs, int groups,
+                              Py_ssize_t k, int threads) {
 #ifdef GL_AMX_BF16
     if (have_amx_bf16() && k % 32 == 0) {
         int ok = 1;
-        if (m > 0 && k > 0) {
+        if (k > 0) {
             Py_BEGIN_ALLOW_THREADS
-            ok = amxbf_matmul(mat, count, k, x, m, threads);
+            ok = amxbf_run(mat, grp, count, xs, groups, k, threads);
             Py_END_ALLOW_THREADS
-        } else if (k == 0) { /* no blocks per row: zeros, as the other kernels give */
+        } else { /* no blocks per row: zeros, as the other kernels give */
             for (int i = 0; i < count; i++)
-                for (Py_ssize_t t = 0; t < m; t++)
+                for (int64_t t = 0; t < xs[grp[i]].m; t++)
                     memset((float *)mat[i].out + t * mat[i].ldo, 0, sizeof(float) * (size_t)mat[i].n);
         }
         if (!ok) return PyErr_NoMemory();
         Py_RETURN_NONE;
     }
 #endif
-    (void)mat, (void)count, (void)x, (void)m, (void)threads;
+    (void)mat, (void)grp, (void)count, (void)xs, (void)groups, (void)threads;
     PyErr_Format(PyExc_ValueError,
                  "the AMX bf16 kernel does not run here (it needs AMX-BF16 and AVX-512 BF16, the AVX2 path with "
                  "its AVX-512 kernels on, and k a multiple of 32; k = %zd)",
@@ -2232,17 +2227,10 @@ static PyObject *py_matmul_amx_bf16(PyObject *self, PyObject *args) {
     mat_t mat;
     Py_ssize_t k, xp, m;
     if (!parse_one(args, &mat, &k, &xp, &m, &threads)) return NULL;
-    return run_amx_bf16(&mat, 1, k, (const float *)xp, m, threads);
-}
-
-/* matmul_amx_bf16_many(k, x_ptr, m, threads, specs): matmul_amx_bf16 for 1 to 8 matrices (specs of
-   (type, w_ptr, row_bytes, n, out_ptr, ldo), as matmul_many) sharing x [m, k], in one call */
-static PyObject *py_matmul_amx_bf16_many(PyObject *self, PyObject *args) {
-    Py_ssize_t k, xp, m;
-    int threads;
-    mat_t mat[MANY_MAX];
-    const int count = parse_many(args, "matmul_amx_bf16_many", mat, &k, &xp, &m, &threads);
-    return count ? run_amx_bf16(mat, count, k, (const float *)xp, m, threads) : NULL;
+    if (m < 0) return PyErr_Format(PyExc_ValueError, "m = %zd", m);
+    int grp = 0;
+    amxbf_x_t xs = {(const float *)xp, m, 0, NULL};
+    return run_amx_bf16(&mat, &grp, 1, &xs, 1, k, threads);
 }
 
 /* matmul_amx_bf16_grouped(k, threads, specs): matmul_amx_bf16 for any number of matrices [n, k], each
@@ -2264,11 +2252,7 @@ static PyObject *py_matmul_amx_bf16_grouped(PyObject *self, PyObject *args) {
     }
     mat_t *mat = PyMem_Calloc((size_t)count + 1, sizeof *mat);
     int *grp = PyMem_Calloc((size_t)count + 1, sizeof *grp);
-#ifdef GL_AMX_BF16
     amxbf_x_t *xs = PyMem_Calloc((size_t)count + 1, sizeof *xs);
-#else
-    void *xs = PyMem_Calloc(1, 1);
-#endif
     PyObject *result = NULL;
     if (!mat || !grp || !xs) {
         PyErr_NoMemory();
@@ -2292,37 +2276,10 @@ static PyObject *py_matmul_amx_bf16_grouped(PyObject *self, PyObject *args) {
             PyErr_Format(PyExc_ValueError, "matrix %zd: m = %zd", i, m);
             goto done;
         }
-        if (i == 0 || xp != prev_x || m != prev_m) {
-#ifdef GL_AMX_BF16
-            xs[groups].x = (const float *)xp, xs[groups].m = m;
-#endif
-            groups++;
-        }
+        if (i == 0 || xp != prev_x || m != prev_m) xs[groups].x = (const float *)xp, xs[groups++].m = m;
         grp[i] = groups - 1, prev_x = xp, prev_m = m;
     }
-#ifdef GL_AMX_BF16
-    if (have_amx_bf16() && k % 32 == 0) {
-        int ok = 1;
-        if (k > 0 && count > 0) {
-            Py_BEGIN_ALLOW_THREADS
-            ok = amxbf_run(mat, grp, (int)count, xs, groups, k, threads);
-            Py_END_ALLOW_THREADS
-        } else { /* no blocks per row: zeros, as the other kernels give */
-            for (Py_ssize_t i = 0; i < count; i++)
-                for (Py_ssize_t t = 0; t < xs[grp[i]].m; t++)
-                    memset((float *)mat[i].out + t * mat[i].ldo, 0, sizeof(float) * (size_t)mat[i].n);
-        }
-        if (!ok)
-            PyErr_NoMemory();
-        else
-            result = Py_NewRef(Py_None);
-        goto done;
-    }
-#endif
-    PyErr_Format(PyExc_ValueError,
-                 "the AMX bf16 kernel does not run here (it needs AMX-BF16 and AVX-512 BF16, the AVX2 path with "
-                 "its AVX-512 kernels on, and k a multiple of 32; k = %zd)",
-                 k);
+    result = run_amx_bf16(mat, grp, (int)count, xs, groups, k, threads);
 done:
     PyMem_Free(mat), PyMem_Free(grp), PyMem_Free(xs);
     Py_DECREF(seq);
@@ -3076,7 +3033,6 @@ static PyMethodDef methods[] = {
     {"matmul_amx", py_matmul_amx, METH_VARARGS, "What matmul computes, on AMX tiles (many activation rows)."},
     {"amx", py_amx, METH_VARARGS, "Whether the AMX kernel runs here (for a ggml type, when given)."},
     {"matmul_amx_bf16", py_matmul_amx_bf16, METH_VARARGS, "x @ W^T in bf16 on AMX tiles, W dequantized into cache a unit of rows at a time."},
-    {"matmul_amx_bf16_many", py_matmul_amx_bf16_many, METH_VARARGS, "matmul_amx_bf16 for several matrices sharing one input, in one call."},
     {"matmul_amx_bf16_grouped", py_matmul_amx_bf16_grouped, METH_VARARGS, "matmul_amx_bf16 for many matrices, each with its own input, in one call."},
     {"amx_bf16", py_amx_bf16, METH_NOARGS, "Whether the AMX bf16 kernel runs here."},
     {"matmul_experts", py_matmul_experts, METH_VARARGS, "One row through each of several matrices of one type, in one call."},
